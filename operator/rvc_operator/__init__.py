@@ -1,0 +1,1 @@
+"""rvc_operator: kopf controller for RVCExperiment resources."""

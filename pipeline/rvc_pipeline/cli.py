@@ -1,0 +1,160 @@
+"""`rvc-pipeline`: one sub-command per step, `run` (every step of the manifest, locally), `infer`, `demo`.
+
+Exit codes: 0 success, 2 bad spec or bad input (permanent), 3 missing weights (permanent),
+1 anything else (may be transient). The operator uses them to decide whether to retry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .spec import STEP_ORDER, Experiment, SpecError, load_manifest
+
+log = logging.getLogger("rvc_pipeline")
+
+# step name -> "module:function"; modules are imported lazily so that `--help` stays fast and
+# importing the spec never imports torch.
+STEPS: dict[str, str] = {
+    "preprocess": "rvc_pipeline.preprocess:run",
+    "f0": "rvc_pipeline.f0:run",
+    "features": "rvc_pipeline.features:run",
+    "train": "rvc_pipeline.train:run",
+    "index": "rvc_pipeline.index:run",
+}
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NO_WEIGHTS = 0, 1, 2, 3
+
+
+def step_function(step: str) -> Callable[..., dict[str, Any]]:
+    mod, _, fn = STEPS[step].partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def run_steps(exp: Experiment, steps: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """The local runner: every requested step in recipe order, each through the I/O shell."""
+    from .stepio import run_step
+
+    todo = [s for s in STEP_ORDER if s in (steps or exp.spec.steps)]
+    summaries = []
+    for s in todo:
+        t0 = time.time()
+        log.info("== %s: %s", exp.name, s)
+        summary = run_step(exp, s, step_function(s), force=force)
+        summaries.append(summary)
+        state = "skipped (already complete)" if summary.get("skipped") else f"done in {time.time() - t0:.1f}s"
+        log.info("== %s: %s %s", exp.name, s, state)
+    return summaries
+
+
+def _print_summary(summaries: list[dict[str, Any]]) -> None:
+    for s in summaries:
+        keys = [k for k in s if k not in ("step", "experiment", "files", "skipped_files", "per_file")]
+        short = {k: s[k] for k in keys if not isinstance(s[k], (list, dict))}
+        print(f"{s.get('step', '?'):>10}: " + ", ".join(f"{k}={v}" for k, v in short.items()))
+
+
+def _classify(e: BaseException) -> int:
+    from .stepio import StepFailed
+    from .storage import StorageError
+    from .weights import WeightsNotFound
+
+    if isinstance(e, WeightsNotFound):
+        return EXIT_NO_WEIGHTS
+    if isinstance(e, (SpecError, StepFailed)):
+        return EXIT_BAD_INPUT
+    if isinstance(e, StorageError):
+        return EXIT_ERROR
+    return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rvc-pipeline", description=__doc__.splitlines()[0])
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for s in STEP_ORDER:
+        p = sub.add_parser(s, help=f"run step '{s}' of the manifest")
+        p.add_argument("--spec", required=True, help="RVCExperiment manifest (YAML)")
+        p.add_argument("--force", action="store_true", help="rerun even if already complete")
+        p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p = sub.add_parser("run", help="run every step of the manifest in order (one-click training)")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--steps", help="comma-separated subset of steps")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("validate", help="check a manifest and print the resolved spec")
+    p.add_argument("--spec", required=True)
+    p = sub.add_parser("infer", help="convert a recording with a trained model")
+    _add_infer_args(p)
+    p = sub.add_parser("demo", help="generate a small voice set and run one-click training on CPU")
+    p.add_argument("--workdir", default=".", help="checkout folder; artifacts go to <workdir>/logs/")
+    p.add_argument("--name", default="demo")
+    p.add_argument("--epochs", type=int, default=2)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.cmd == "validate":
+            exp = load_manifest(args.spec)
+            print(json.dumps({"name": exp.name, "spec": exp.spec.model_dump(by_alias=True)}, indent=2))
+            return EXIT_OK
+        if args.cmd == "infer":
+            from .infer import main_infer
+
+            return main_infer(args)
+        if args.cmd == "demo":
+            from .demo import main_demo
+
+            return main_demo(args)
+        exp = load_manifest(args.spec)
+        steps = [args.cmd] if args.cmd in STEP_ORDER else (args.steps.split(",") if args.steps else None)
+        if steps:
+            bad = [s for s in steps if s not in STEP_ORDER]
+            if bad:
+                raise SpecError(f"--steps: unknown step(s) {bad}; allowed values: {list(STEP_ORDER)}")
+        summaries = run_steps(exp, steps, force=args.force)
+        if args.json:
+            print(json.dumps(summaries, indent=1, default=str))
+        else:
+            _print_summary(summaries)
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print("interrupted; completed steps keep their markers, rerun to continue", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - top-level: one clear line, classified exit code
+        code = _classify(e)
+        if args.verbose or code == EXIT_ERROR:
+            log.exception("failed")
+        print(f"error: {e}", file=sys.stderr)
+        return code
+
+
+def _add_infer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="exported model .pth (RVC small-model format)")
+    p.add_argument("--input", required=True, help="recording to convert (any format ffmpeg reads)")
+    p.add_argument("--output", required=True, help="output WAV")
+    p.add_argument("--index", help="added_*.index file (optional)")
+    p.add_argument("--embedder", default="hubert_base.pt", help="HuBERT checkpoint (path, s3:// or name)")
+    p.add_argument("--pitch", type=float, default=0.0, help="transpose in semitones")
+    p.add_argument("--f0-method", default="pm", choices=["pm", "harvest", "dio", "crepe", "rmvpe"])
+    p.add_argument("--rmvpe", help="rmvpe.pt for --f0-method rmvpe")
+    p.add_argument("--index-rate", type=float, default=0.75)
+    p.add_argument("--protect", type=float, default=0.33)
+    p.add_argument("--filter-radius", type=int, default=3)
+    p.add_argument("--rms-mix-rate", type=float, default=0.25)
+    p.add_argument("--resample-sr", type=int, default=0, help="output sample rate (0 = model's)")
+    p.add_argument("--sid", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--demo-random-weights", action="store_true",
+                   help="DEMO ONLY: random HuBERT if the embedder is missing")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Progress reporting: a JSON-lines log in the experiment folder, tqdm bars, and the Pushgateway.
+
+Every event is one JSON object per line in logs/<exp>/progress.jsonl with at least `time`, `step`
+and `event`. The operator and dashboards read training progress from it (and from the Pushgateway
+when one is configured). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("rvc_pipeline")
+
+PROGRESS_FILE = "progress.jsonl"
+
+
+class Reporter:
+    """Writes progress events for one experiment and one step."""
+
+    def __init__(self, exp_dir: Path, experiment: str, step: str, pushgateway: str | None = None):
+        self.exp_dir = Path(exp_dir)
+        self.experiment = experiment
+        self.step = step
+        self.pushgateway = pushgateway or os.environ.get("RVC_PUSHGATEWAY") or None
+        self._push_failed = False
+
+    def event(self, event: str, **fields: Any) -> dict[str, Any]:
+        rec = {"time": round(time.time(), 3), "experiment": self.experiment, "step": self.step,
+               "event": event, **fields}
+        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.exp_dir / PROGRESS_FILE, "a") as f:
+            f.write(json.dumps(rec, default=_jsonable) + "\n")
+        numeric = {k: float(v) for k, v in fields.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numeric:
+            self.push(numeric)
+        return rec
+
+    def push(self, values: dict[str, float]) -> None:
+        """Push gauges rvc_<name>{experiment,step} to the Pushgateway (best effort, logged once)."""
+        if not self.pushgateway or self._push_failed:
+            return
+        try:
+            from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+
+            reg = CollectorRegistry()
+            for k, v in values.items():
+                g = Gauge(f"rvc_{_metric_name(k)}", f"RVC pipeline progress: {k}", ["experiment", "step"],
+                          registry=reg)
+                g.labels(self.experiment, self.step).set(v)
+            push_to_gateway(self.pushgateway, job=f"rvc-{self.experiment}-{self.step}", registry=reg,
+                            timeout=5)
+        except Exception as e:  # noqa: BLE001 - metrics must never fail a step
+            self._push_failed = True
+            log.warning("pushgateway %s unreachable, progress stays in %s only: %s", self.pushgateway,
+                        PROGRESS_FILE, e)
+
+    def bar(self, it: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterator[T]:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover
+            yield from it
+            return
+        disable = os.environ.get("RVC_NO_PROGRESS") == "1"
+        yield from tqdm(it, total=total, desc=desc or self.step, unit=unit, file=sys.stderr,
+                        disable=disable, mininterval=1.0, dynamic_ncols=True)
+
+
+def _metric_name(k: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in k).strip("_").lower()
+
+
+def _jsonable(o: Any) -> Any:
+    try:
+        return float(o)
+    except (TypeError, ValueError):
+        return str(o)
+
+
+def read_events(path: Path, step: str | None = None) -> list[dict[str, Any]]:
+    """Read progress.jsonl, skipping a torn last line."""
+    out = []
+    if not Path(path).exists():
+        return out
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if step is None or rec.get("step") == step:
+            out.append(rec)
+    return out

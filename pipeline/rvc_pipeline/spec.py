@@ -1,0 +1,403 @@
+"""The RVCExperiment spec: one typed model read by the pipeline, the operator and the CRD generator.
+
+Field names are camelCase in YAML (Kubernetes convention) and snake_case in Python.
+Importing this module must never import torch (the operator image has no torch).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "rvc-operator.dev"
+API_VERSION = "v1alpha1"
+KIND = "RVCExperiment"
+PLURAL = "rvcexperiments"
+SINGULAR = "rvcexperiment"
+SHORT_NAMES = ["rvcx", "rvcexp"]
+
+STEP_ORDER: tuple[str, ...] = ("preprocess", "f0", "features", "train", "index")
+"""The steps of the recipe in the order they run. One-click training runs all of them."""
+
+SAMPLE_RATES: dict[str, int] = {"32k": 32000, "40k": 40000, "48k": 48000}
+F0_METHODS: tuple[str, ...] = ("pm", "harvest", "dio", "crepe", "rmvpe")
+
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
+
+
+class SpecError(ValueError):
+    """A manifest that does not describe a valid experiment. The message names the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+
+class Device(str, Enum):
+    gpu = "gpu"
+    cpu = "cpu"
+
+
+class DatasetSpec(_Model):
+    source: str = Field(
+        description="Folder of voice recordings: a local path or s3://bucket/prefix/. Only files directly "
+        "inside it are used (not sub-folders); any format ffmpeg reads."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+class StorageSpec(_Model):
+    uri: str = Field(
+        description="Where artifacts go: a local folder or s3://bucket/prefix. "
+        "An experiment writes to <uri>/logs/<experiment>/."
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph, moto). Empty means AWS.",
+    )
+    region: str | None = Field(default=None, description="S3 region name.")
+    credentials_secret: str | None = Field(
+        default=None,
+        description="Name of a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, mounted into the "
+        "step pods as environment variables (operator only).",
+    )
+
+
+class ModelSpec(_Model):
+    version: Literal["v1", "v2"] = Field(
+        default="v2", description="RVC model version: v1 (256-d HuBERT layer 9) or v2 (768-d layer 12)."
+    )
+    sample_rate: Literal["32k", "40k", "48k"] = Field(
+        default="40k", description="Target sample rate of the model: 32k, 40k or 48k."
+    )
+    pitch_guidance: bool = Field(
+        default=True, description="Use pitch (f0). Without it the model is lighter but unfit for singing."
+    )
+    speaker_id: int = Field(default=0, ge=0, le=108, description="Speaker id written to the filelist.")
+
+    @property
+    def sr(self) -> int:
+        return SAMPLE_RATES[self.sample_rate]
+
+    @property
+    def feature_dim(self) -> int:
+        return 256 if self.version == "v1" else 768
+
+
+class SlicerSpec(_Model):
+    threshold_db: float = Field(default=-42.0, le=0, description="Silence threshold in dB (RMS).")
+    min_length_ms: int = Field(default=1500, ge=1, description="Minimum length of a sliced clip in ms.")
+    min_interval_ms: int = Field(default=400, ge=1, description="Minimum silence length to cut at, in ms.")
+    hop_size_ms: int = Field(default=15, ge=1, description="Frame hop of the RMS analysis in ms.")
+    max_sil_kept_ms: int = Field(default=500, ge=0, description="Longest silence kept around a cut, in ms.")
+
+    @model_validator(mode="after")
+    def _order(self) -> SlicerSpec:
+        if not self.min_length_ms >= self.min_interval_ms >= self.hop_size_ms:
+            raise ValueError(
+                "need minLengthMs >= minIntervalMs >= hopSizeMs "
+                f"(got {self.min_length_ms}, {self.min_interval_ms}, {self.hop_size_ms})"
+            )
+        if self.max_sil_kept_ms < self.hop_size_ms:
+            raise ValueError("maxSilKeptMs must be >= hopSizeMs")
+        return self
+
+
+class PreprocessSpec(_Model):
+    segment_seconds: float = Field(
+        default=3.7, gt=0.5, le=30.0, description="Piece length in seconds before overlap (RVC 'per')."
+    )
+    overlap_seconds: float = Field(default=0.3, ge=0.0, lt=5.0, description="Overlap between pieces.")
+    high_pass: Literal["lfilter", "filtfilt", "none"] = Field(
+        default="lfilter",
+        description="48 Hz order-5 Butterworth high-pass: lfilter (causal, as RVC) or filtfilt "
+        "(zero-phase, as the original workflow document says), or none.",
+    )
+    max_peak: float = Field(
+        default=2.5, gt=0, description="Pieces whose peak exceeds this are skipped (RVC: 2.5)."
+    )
+    slicer: SlicerSpec = Field(default_factory=SlicerSpec, description="Silence slicer parameters.")
+
+    @model_validator(mode="after")
+    def _overlap(self) -> PreprocessSpec:
+        if self.overlap_seconds >= self.segment_seconds:
+            raise ValueError("overlapSeconds must be smaller than segmentSeconds")
+        return self
+
+
+class F0Spec(_Model):
+    method: Literal["pm", "harvest", "dio", "crepe", "rmvpe"] = Field(
+        default="pm",
+        description="Pitch extractor: pm (Parselmouth), harvest or dio (PyWorld), crepe (torchcrepe), "
+        "rmvpe (needs rmvpeCheckpoint).",
+    )
+    rmvpe_checkpoint: str | None = Field(
+        default=None, description="URI of rmvpe.pt (S3 or path); required for method rmvpe."
+    )
+    crepe_model: Literal["full", "tiny"] = Field(default="full", description="CREPE capacity.")
+
+
+class FeaturesSpec(_Model):
+    embedder: str = Field(
+        default="hubert_base.pt",
+        description="HuBERT/ContentVec checkpoint: a fairseq hubert_base.pt or a Hugging Face model "
+        "folder, as s3:// URI, path, or bare file name looked up in the weights cache.",
+    )
+    batch_seconds: float = Field(
+        default=60.0, gt=0, description="Audio seconds per forward batch (bounds memory)."
+    )
+    half_precision: bool = Field(default=True, description="Use fp16/bf16 on GPUs.")
+
+
+class TrainSpec(_Model):
+    batch_size: int = Field(default=4, ge=1, le=1024, description="Batch size per GPU.")
+    epochs: int = Field(default=20, ge=1, le=100000, description="Total epochs to train.")
+    save_every_epoch: int = Field(default=5, ge=1, description="Save G_/D_ checkpoints every N epochs.")
+    save_latest_only: bool = Field(
+        default=False, description="Keep only G_2333333.pth/D_2333333.pth (overwritten each save)."
+    )
+    save_every_weights: bool = Field(
+        default=False, description="Also export the small model at every save."
+    )
+    pretrained_g: str | None = Field(
+        default=None,
+        description="URI of the pretrained generator. Default: RVC's file name for the model, e.g. "
+        "pretrained_v2/f0G40k.pth, looked up in the weights cache.",
+    )
+    pretrained_d: str | None = Field(default=None, description="URI of the pretrained discriminator.")
+    from_scratch: bool = Field(
+        default=False, description="Train from random initialisation instead of pretrained weights."
+    )
+    resume_from: str | None = Field(
+        default=None,
+        description="Start from this G_*.pth checkpoint URI (its D_ sibling is used too), also one of "
+        "another experiment. Ignored once this experiment has checkpoints of its own.",
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        default="auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
+    )
+    learning_rate: float = Field(default=1e-4, gt=0, description="AdamW learning rate.")
+    lr_decay: float = Field(default=0.999875, gt=0, le=1, description="Per-epoch exponential decay.")
+    seed: int = Field(default=1234, description="Random seed.")
+    gpus: int = Field(default=1, ge=1, le=64, description="GPUs per node (torch DDP).")
+    data_workers: int = Field(default=2, ge=0, le=64, description="DataLoader worker processes.")
+    cache_data_in_gpu: bool = Field(default=False, description="Keep the whole dataset on the GPU.")
+    max_steps_per_epoch: int | None = Field(
+        default=None, ge=1, description="Cap steps per epoch (tests and quick demos)."
+    )
+
+
+class IndexSpec(_Model):
+    kmeans_threshold: int = Field(
+        default=200_000, ge=1000, description="Above this many vectors, reduce to 10000 k-means centroids."
+    )
+    add_batch_size: int = Field(default=8192, ge=1, description="Vectors per add batch.")
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class ResourcesSpec(_Model):
+    device: Device = Field(
+        default=Device.gpu, description="gpu: GPU steps request nvidia.com/gpu; cpu: the CPU fallback."
+    )
+    parallelism: int = Field(
+        default=0, ge=0, le=256, description="Worker processes for CPU-bound steps; 0 = all cores."
+    )
+    cpu: str | None = Field(default=None, description="CPU request of step pods, e.g. '4'.")
+    memory: str | None = Field(default=None, description="Memory request and limit of step pods, e.g. 16Gi.")
+    node_selector: dict[str, str] | None = Field(
+        default=None, description="nodeSelector for step pods (default: the operator's GPU pool selector)."
+    )
+    tolerations: list[Toleration] | None = Field(default=None, description="Tolerations for step pods.")
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="Affinity for step pods (Kubernetes Affinity object)."
+    )
+    priority_class_name: str | None = Field(default=None, description="PriorityClass of step pods.")
+    queue_name: str | None = Field(
+        default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on Jobs."
+    )
+    image: str | None = Field(default=None, description="Override the pipeline image of step pods.")
+
+
+class MetricsSpec(_Model):
+    pushgateway: str | None = Field(
+        default=None, description="Prometheus Pushgateway URL; steps push progress there when set."
+    )
+
+
+class ExperimentSpec(_Model):
+    """spec of an RVCExperiment."""
+
+    experiment_name: str | None = Field(
+        default=None,
+        description="Name of the experiment folder logs/<name>/. Default: metadata.name.",
+    )
+    dataset: DatasetSpec = Field(description="Where the voice recordings are.")
+    storage: StorageSpec = Field(description="Where artifacts are written.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Model version, rate and pitch.")
+    preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec, description="Step 2a options.")
+    f0: F0Spec = Field(default_factory=F0Spec, description="Step 2b pitch options.")
+    features: FeaturesSpec = Field(default_factory=FeaturesSpec, description="Step 2b HuBERT options.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Step 3 training options.")
+    index: IndexSpec = Field(default_factory=IndexSpec, description="Step 4 faiss index options.")
+    steps: list[Literal["preprocess", "f0", "features", "train", "index"]] = Field(
+        default_factory=lambda: list(STEP_ORDER),
+        description="Steps to run, in recipe order. Default: all (one-click training).",
+    )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Where step pods run.")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Progress reporting.")
+    weights_cache: str | None = Field(
+        default=None,
+        description="Folder or s3:// prefix searched for weights given as bare names "
+        "(hubert_base.pt, rmvpe.pt, pretrained_v2/f0G40k.pth).",
+    )
+    demo_random_weights: bool = Field(
+        default=False,
+        description="DEMO ONLY: when HuBERT or pretrained weights cannot be found, use random "
+        "initialisation. The pipeline runs end to end but the voice is not meaningful.",
+    )
+
+    @field_validator("experiment_name")
+    @classmethod
+    def _exp_name(cls, v: str | None) -> str | None:
+        if v is not None and not _NAME_RE.match(v):
+            raise ValueError("must be lower-case letters, digits, '-', '_' or '.' (a folder name)")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one step")
+        if len(set(v)) != len(v):
+            raise ValueError("must not repeat a step")
+        return sorted(v, key=STEP_ORDER.index)
+
+    @model_validator(mode="after")
+    def _cross(self) -> ExperimentSpec:
+        if self.f0.method == "rmvpe" and not self.f0.rmvpe_checkpoint and self.model.pitch_guidance:
+            # rmvpe.pt may also be found by name in the weights cache, so this is not an error here.
+            self.f0.rmvpe_checkpoint = "rmvpe.pt"
+        if self.train.save_every_epoch > self.train.epochs:
+            self.train.save_every_epoch = self.train.epochs
+        return self
+
+    # convenience ---------------------------------------------------------------------------------
+    @property
+    def gpu(self) -> bool:
+        return self.resources.device == "gpu"
+
+    def default_pretrained(self, which: Literal["G", "D"]) -> str:
+        """RVC's pretrained file name for this model, e.g. pretrained_v2/f0G40k.pth."""
+        folder = "pretrained" if self.model.version == "v1" else "pretrained_v2"
+        prefix = "f0" if self.model.pitch_guidance else ""
+        return f"{folder}/{prefix}{which}{self.model.sample_rate}.pth"
+
+
+class Experiment(_Model):
+    """A whole manifest: apiVersion/kind/metadata/spec, as `kubectl apply` takes it."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", use_enum_values=True
+    )
+    api_version: str = Field(default=f"{API_GROUP}/{API_VERSION}")
+    kind: str = Field(default=KIND)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: ExperimentSpec
+
+    @property
+    def name(self) -> str:
+        """The experiment folder name: spec.experimentName, else metadata.name."""
+        n = self.spec.experiment_name or self.metadata.get("name")
+        if not n:
+            raise SpecError("metadata.name: required when spec.experimentName is not set")
+        if not _NAME_RE.match(str(n)):
+            raise SpecError(f"metadata.name: {n!r} is not a valid experiment name")
+        return str(n)
+
+    @property
+    def namespace(self) -> str:
+        return str(self.metadata.get("namespace") or "default")
+
+
+def _format_errors(err: ValidationError, prefix: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = e["msg"]
+        if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
+            msg = f"got {e.get('input')!r}; allowed values: {e['ctx']['expected']}"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_spec(data: dict[str, Any]) -> ExperimentSpec:
+    """Validate a spec mapping (camelCase keys). Raises SpecError naming each bad field."""
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_errors(e, "spec")) from None
+
+
+def parse_manifest(data: dict[str, Any]) -> Experiment:
+    if not isinstance(data, dict):
+        raise SpecError("manifest: expected a mapping with apiVersion, kind, metadata and spec")
+    kind = data.get("kind", KIND)
+    if kind != KIND:
+        raise SpecError(f"kind: got {kind!r}; expected {KIND!r}")
+    api = data.get("apiVersion", f"{API_GROUP}/{API_VERSION}")
+    if api != f"{API_GROUP}/{API_VERSION}":
+        raise SpecError(f"apiVersion: got {api!r}; expected '{API_GROUP}/{API_VERSION}'")
+    if "spec" not in data:
+        raise SpecError("spec: required")
+    spec = parse_spec(data["spec"] or {})
+    meta = data.get("metadata") or {}
+    exp = Experiment(api_version=api, kind=kind, metadata=meta, spec=spec)
+    _ = exp.name  # validates the name early
+    return exp
+
+
+def load_manifest(path: str | Path) -> Experiment:
+    """Read an RVCExperiment manifest (the file a user would `kubectl apply`)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read manifest: {e.strerror}") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise SpecError(f"{p}: not valid YAML: {e}") from None
+    docs = [d for d in docs if isinstance(d, dict) and d.get("kind", KIND) == KIND]
+    if len(docs) != 1:
+        raise SpecError(f"{p}: expected exactly one {KIND} document, found {len(docs)}")
+    try:
+        return parse_manifest(docs[0])
+    except SpecError as e:
+        raise SpecError(f"{p}: {e}") from None

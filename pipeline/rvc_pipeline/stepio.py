@@ -1,0 +1,197 @@
+"""The thin I/O shell around every step.
+
+A step is `run(ctx: StepContext) -> dict` (a JSON-able summary). The shell:
+1. deletes the step's completion marker (and those of later steps), so half-written output is never
+   taken as complete;
+2. pulls the inputs the step needs from storage into local scratch (`ctx.pull`);
+3. runs the step on local files under `ctx.exp_dir` (= <scratch>/logs/<experiment>/);
+4. pushes the outputs (`ctx.push`), then writes the completion marker last.
+A rerun skips a step whose marker exists (unless forced).
+
+With local storage the experiment folder in storage *is* the working folder: nothing is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .progress import Reporter
+from .spec import STEP_ORDER, Experiment
+from .storage import Storage, StorageError, open_storage, scratch_dir
+
+log = logging.getLogger("rvc_pipeline")
+
+MARKER_DIR = ".rvc"
+
+
+class StepFailed(RuntimeError):
+    """A step that cannot produce its outputs (bad data, no output). Permanent: retrying will not help."""
+
+
+def marker_key(experiment: str, step: str) -> str:
+    return f"logs/{experiment}/{MARKER_DIR}/{step}.done.json"
+
+
+@dataclass
+class StepContext:
+    experiment: Experiment
+    step: str
+    storage: Storage
+    workdir: Path  # contains logs/<experiment>/
+    reporter: Reporter
+    workers: int
+    _pulled: set[str] = field(default_factory=set)
+
+    @property
+    def spec(self):  # noqa: ANN201 - ExperimentSpec
+        return self.experiment.spec
+
+    @property
+    def name(self) -> str:
+        return self.experiment.name
+
+    @property
+    def exp_key(self) -> str:
+        return f"logs/{self.name}"
+
+    @property
+    def exp_dir(self) -> Path:
+        return self.workdir / "logs" / self.name
+
+    @property
+    def remote(self) -> bool:
+        return self.storage.local_path() is None
+
+    def pull(self, *subpaths: str) -> None:
+        """Download logs/<exp>/<sub> (files or folders) into exp_dir, skipping identical local files."""
+        if not self.remote:
+            return
+        for sub in subpaths:
+            objs = self.storage.list(f"{self.exp_key}/{sub}")
+            todo = []
+            for o in objs:
+                dest = self.workdir / o.key
+                if not (dest.exists() and dest.stat().st_size == o.size):
+                    todo.append((o.key, dest))
+            _parallel(lambda kd: self.storage.download(kd[0], kd[1]), todo)
+            self._pulled.add(sub)
+
+    def push(self, *subpaths: str) -> None:
+        """Upload exp_dir/<sub> (files or folders) to storage; existing same-size objects are skipped."""
+        if not self.remote:
+            return
+        for sub in subpaths:
+            local = self.exp_dir / sub
+            if local.is_file():
+                files = [local]
+            elif local.is_dir():
+                files = [p for p in sorted(local.rglob("*")) if p.is_file() and not p.name.endswith(".partial")]
+            else:
+                continue
+            have = {o.key: o.size for o in self.storage.list(f"{self.exp_key}/{sub}")}
+            todo = []
+            for p in files:
+                key = p.relative_to(self.workdir).as_posix()
+                if have.get(key) != p.stat().st_size:
+                    todo.append((p, key))
+            _parallel(lambda pk: self.storage.upload(pk[0], pk[1]), todo)
+
+    def push_file(self, path: Path) -> None:
+        if self.remote:
+            self.storage.upload(path, Path(path).relative_to(self.workdir).as_posix())
+
+
+def _parallel(fn: Callable[[Any], None], items: list[Any], threads: int = 8) -> None:
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as ex:
+        for _ in ex.map(fn, items):
+            pass
+
+
+def default_workers(requested: int = 0) -> int:
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover
+        return max(1, os.cpu_count() or 1)
+
+
+def is_complete(storage: Storage, experiment: str, step: str) -> bool:
+    return storage.exists(marker_key(experiment, step))
+
+
+def read_marker(storage: Storage, experiment: str, step: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_bytes(marker_key(experiment, step)))
+    except (StorageError, json.JSONDecodeError):
+        return None
+
+
+def invalidate_from(storage: Storage, experiment: str, step: str) -> None:
+    """Delete the markers of `step` and every later step (their outputs depend on it)."""
+    for s in STEP_ORDER[STEP_ORDER.index(step):]:
+        storage.delete(marker_key(experiment, s))
+
+
+def open_artifacts(exp: Experiment) -> Storage:
+    st = exp.spec.storage
+    return open_storage(st.uri, endpoint=st.endpoint, region=st.region)
+
+
+def run_step(
+    exp: Experiment,
+    step: str,
+    fn: Callable[[StepContext], dict[str, Any]],
+    *,
+    force: bool = False,
+    workdir: Path | None = None,
+    keep_scratch: bool = False,
+) -> dict[str, Any]:
+    """Run one step through the I/O shell. Returns its summary (or the stored one if skipped)."""
+    storage = open_artifacts(exp)
+    name = exp.name
+    if not force and is_complete(storage, name, step):
+        summary = read_marker(storage, name, step) or {}
+        summary["skipped"] = True
+        log.info("%s: already complete (marker %s), skipping", step, marker_key(name, step))
+        return summary
+    invalidate_from(storage, name, step)
+    local = storage.local_path()
+    own_scratch = False
+    if local is not None:
+        wd = local
+    elif workdir is not None:
+        wd = Path(workdir)
+    else:
+        wd = scratch_dir(f"rvc-{name}-{step}-")
+        own_scratch = True
+    exp_dir = wd / "logs" / name
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    reporter = Reporter(exp_dir, name, step, exp.spec.metrics.pushgateway)
+    ctx = StepContext(exp, step, storage, wd, reporter, default_workers(exp.spec.resources.parallelism))
+    t0 = time.time()
+    reporter.event("start")
+    try:
+        summary = fn(ctx) or {}
+    except Exception as e:
+        reporter.event("failed", error=str(e)[:2000])
+        ctx.push("progress.jsonl")
+        raise
+    summary = {"step": step, "experiment": name, "seconds": round(time.time() - t0, 3), **summary}
+    reporter.event("done", seconds=summary["seconds"])
+    ctx.push("progress.jsonl")
+    storage.write_bytes(marker_key(name, step), json.dumps(summary, indent=1, default=str).encode())
+    if own_scratch and not keep_scratch:
+        shutil.rmtree(wd, ignore_errors=True)
+    return summary
