@@ -1,0 +1,47 @@
+# Shared helpers for the real-cluster e2e scripts. Source it; do not run it.
+# shellcheck shell=bash
+
+RVC_CACHE_DIR="${RVC_CACHE_DIR:-$HOME/.cache/rvc-operator}"
+RVC_CLUSTER_DIR="${RVC_CLUSTER_DIR:-/tmp/rvc-e2e-cluster}"   # run folder: certs, logs, etcd data, pids
+RVC_BIN_DIR="$RVC_CACHE_DIR/bin"
+export RVC_CACHE_DIR RVC_CLUSTER_DIR RVC_BIN_DIR
+
+# Kubernetes source release we build (Debian bookworm's `kubernetes` source package).
+K8S_VERSION="v1.20.2"
+# Bump when the patches in build-kubernetes.sh change, so cached binaries are rebuilt.
+K8S_PATCH_LEVEL="1"
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# phase NAME CMD...: run CMD and print how long it took.
+phase() {
+  local name="$1"; shift
+  local t0=${EPOCHREALTIME/./} rc=0
+  "$@" || rc=$?
+  local dt=$(( (${EPOCHREALTIME/./} - t0) / 100000 ))
+  printf '[timing] %-36s %5d.%d s\n' "$name" $((dt / 10)) $((dt % 10)) >&2
+  return $rc
+}
+
+# Install Debian packages that are missing (no recommends, non-interactive).
+ensure_pkgs() {
+  local missing=()
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    log "apt-get install ${missing[*]}"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null; then
+      DEBIAN_FRONTEND=noninteractive apt-get update >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null \
+        || die "apt-get install ${missing[*]} failed"
+    fi
+  fi
+}
+
+# The Docker CLI to use: Debian's (matches the engine) when present.
+docker_cli() {
+  if [ -x /usr/bin/docker ]; then echo /usr/bin/docker; else command -v docker; fi
+}
