@@ -9,7 +9,8 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 APT_PKGS=(ffmpeg sox espeak-ng flite festival festvox-us-slt-hts festvox-kallpc16k libsndfile1
-          python3 python3-venv python3-pip python3-dev gcc ca-certificates)
+          python3 python3-venv python3-pip python3-dev gcc ca-certificates
+          prometheus prometheus-pushgateway)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

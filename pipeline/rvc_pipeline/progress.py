@@ -48,14 +48,16 @@ class Reporter:
         if not self.pushgateway or self._push_failed:
             return
         try:
-            from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+            from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
 
             reg = CollectorRegistry()
+            values = {**values, "last_event_timestamp_seconds": time.time()}
             for k, v in values.items():
                 g = Gauge(f"rvc_{_metric_name(k)}", f"RVC pipeline progress: {k}", ["experiment", "step"],
                           registry=reg)
                 g.labels(self.experiment, self.step).set(v)
-            push_to_gateway(self.pushgateway, job=f"rvc-{self.experiment}-{self.step}", registry=reg,
+            # POST (pushadd): replaces only the metrics pushed now, keeps the others of this group
+            pushadd_to_gateway(self.pushgateway, job=f"rvc-{self.experiment}-{self.step}", registry=reg,
                             timeout=5)
         except Exception as e:  # noqa: BLE001 - metrics must never fail a step
             self._push_failed = True

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .progress import Reporter
+from .progress import PROGRESS_FILE, Reporter
 from .spec import STEP_ORDER, Experiment
-from .storage import Storage, StorageError, open_storage, scratch_dir
+from .storage import Storage, StorageError, open_storage, same_content, scratch_dir
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -72,7 +72,11 @@ class StepContext:
         return self.storage.local_path() is None
 
     def pull(self, *subpaths: str) -> None:
-        """Download logs/<exp>/<sub> (files or folders) into exp_dir, skipping identical local files."""
+        """Download logs/<exp>/<sub> (files or folders) into exp_dir, skipping identical local files.
+
+        "Identical" is same size and, on S3, same ETag (a rerun's features have the same size but new
+        values, so size alone would keep stale files in a reused work folder).
+        """
         if not self.remote:
             return
         for sub in subpaths:
@@ -80,13 +84,18 @@ class StepContext:
             todo = []
             for o in objs:
                 dest = self.workdir / o.key
-                if not (dest.exists() and dest.stat().st_size == o.size):
+                if not same_content(dest, o):
                     todo.append((o.key, dest))
             _parallel(lambda kd: self.storage.download(kd[0], kd[1]), todo)
             self._pulled.add(sub)
 
-    def push(self, *subpaths: str) -> None:
-        """Upload exp_dir/<sub> (files or folders) to storage; existing same-size objects are skipped."""
+    def push(self, *subpaths: str, mirror: bool = False) -> None:
+        """Upload exp_dir/<sub> (files or folders) to storage; identical stored objects are skipped.
+
+        With `mirror=True`, stored objects under a pushed *folder* that no longer exist locally are
+        deleted, so a rerun that makes fewer files (preprocess with other settings) leaves no stale ones
+        for the next step to pick up. Use it only for folders the step owns and writes completely.
+        """
         if not self.remote:
             return
         for sub in subpaths:
@@ -94,16 +103,21 @@ class StepContext:
             if local.is_file():
                 files = [local]
             elif local.is_dir():
-                files = [p for p in sorted(local.rglob("*")) if p.is_file() and not p.name.endswith(".partial")]
+                files = [p for p in sorted(local.rglob("*"))
+                         if p.is_file() and not p.name.endswith(".partial")]
             else:
                 continue
-            have = {o.key: o.size for o in self.storage.list(f"{self.exp_key}/{sub}")}
+            have = {o.key: o for o in self.storage.list(f"{self.exp_key}/{sub}")}
             todo = []
             for p in files:
                 key = p.relative_to(self.workdir).as_posix()
-                if have.get(key) != p.stat().st_size:
+                o = have.get(key)
+                if o is None or not same_content(p, o):
                     todo.append((p, key))
             _parallel(lambda pk: self.storage.upload(pk[0], pk[1]), todo)
+            if mirror and local.is_dir():
+                keep = {p.relative_to(self.workdir).as_posix() for p in files}
+                _parallel(self.storage.delete, [k for k in have if k not in keep])
 
     def push_file(self, path: Path) -> None:
         if self.remote:
@@ -177,21 +191,28 @@ def run_step(
         wd = scratch_dir(f"rvc-{name}-{step}-")
         own_scratch = True
     exp_dir = wd / "logs" / name
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    reporter = Reporter(exp_dir, name, step, exp.spec.metrics.pushgateway)
-    ctx = StepContext(exp, step, storage, wd, reporter, default_workers(exp.spec.resources.parallelism))
-    t0 = time.time()
-    reporter.event("start")
     try:
-        summary = fn(ctx) or {}
-    except Exception as e:
-        reporter.event("failed", error=str(e)[:2000])
-        ctx.push("progress.jsonl")
-        raise
-    summary = {"step": step, "experiment": name, "seconds": round(time.time() - t0, 3), **summary}
-    reporter.event("done", seconds=summary["seconds"])
-    ctx.push("progress.jsonl")
-    storage.write_bytes(marker_key(name, step), json.dumps(summary, indent=1, default=str).encode())
-    if own_scratch and not keep_scratch:
-        shutil.rmtree(wd, ignore_errors=True)
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        reporter = Reporter(exp_dir, name, step, exp.spec.metrics.pushgateway)
+        ctx = StepContext(exp, step, storage, wd, reporter, default_workers(exp.spec.resources.parallelism))
+        # the progress log of earlier steps, so that pushing it back appends rather than replaces
+        ctx.pull(PROGRESS_FILE)
+        t0 = time.time()
+        reporter.event("start")
+        try:
+            summary = fn(ctx) or {}
+        except Exception as e:
+            reporter.event("failed", error=str(e)[:2000])
+            try:
+                ctx.push(PROGRESS_FILE)
+            except Exception as pe:  # noqa: BLE001 - never hide the step's own error
+                log.warning("%s: could not upload %s after the failure: %s", step, PROGRESS_FILE, pe)
+            raise
+        summary = {"step": step, "experiment": name, "seconds": round(time.time() - t0, 3), **summary}
+        reporter.event("done", seconds=summary["seconds"])
+        ctx.push(PROGRESS_FILE)
+        storage.write_bytes(marker_key(name, step), json.dumps(summary, indent=1, default=str).encode())
+    finally:
+        if own_scratch and not keep_scratch:
+            shutil.rmtree(wd, ignore_errors=True)
     return summary

@@ -6,6 +6,7 @@ AWS environment variables (or files); the endpoint may be given explicitly or as
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -23,6 +24,45 @@ class StorageError(RuntimeError):
 class ObjectInfo:
     key: str  # relative to the storage root
     size: int
+    etag: str | None = None  # S3 ETag without quotes (None for local files)
+
+
+# boto3's default multipart threshold and part size, set explicitly so that `s3_etag` can recompute
+# the ETag of a file uploaded by S3Storage (single part: MD5; multipart: MD5 of part MD5s + "-parts").
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+MULTIPART_CHUNKSIZE = 8 * 1024 * 1024
+
+
+def s3_etag(path: Path, threshold: int = MULTIPART_THRESHOLD, chunksize: int = MULTIPART_CHUNKSIZE) -> str:
+    """The ETag S3 gives `path` when uploaded by S3Storage (boto3 transfer with these part sizes)."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        if size < threshold:
+            h = hashlib.md5(usedforsecurity=False)
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            return h.hexdigest()
+        digests = []
+        for part in iter(lambda: f.read(chunksize), b""):
+            digests.append(hashlib.md5(part, usedforsecurity=False).digest())
+    return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
+
+
+def same_content(local: Path, obj: ObjectInfo) -> bool:
+    """True when the local file matches the stored object: same size and, for S3, same ETag.
+
+    Size alone is not enough: features or f0 files of a rerun have the same shape (same size) but new
+    values. An ETag this cannot reproduce (another multipart layout, SSE-KMS) counts as different, so
+    the file is transferred again: slower, never stale.
+    """
+    try:
+        if local.stat().st_size != obj.size:
+            return False
+    except OSError:
+        return False
+    if obj.etag is None:
+        return True
+    return s3_etag(local) == obj.etag
 
 
 class Storage(Protocol):
@@ -125,6 +165,11 @@ class S3Storage:
             config=cfg,
         )
         self.endpoint = endpoint
+        from boto3.s3.transfer import TransferConfig
+
+        self.transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
+                                       multipart_chunksize=MULTIPART_CHUNKSIZE)
+        self._bucket_ok = False
 
     def local_path(self) -> Path | None:
         return None
@@ -135,38 +180,79 @@ class S3Storage:
     def _rel(self, full: str) -> str:
         return full[len(self.prefix) + 1 :] if self.prefix else full
 
+    def _check_bucket(self) -> None:
+        """Raise StorageError if the bucket does not exist (HEAD on a key answers a bare 404 for both)."""
+        if self._bucket_ok:
+            return
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as e:  # noqa: BLE001
+            err = self._wrap(e, "")
+            if _code(e) in ("404", "NoSuchBucket", "NotFound"):
+                err = StorageError(f"s3://{self.bucket}: bucket does not exist")
+            raise err from None
+        self._bucket_ok = True
+
     def _wrap(self, err: Exception, key: str) -> StorageError:
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        from botocore.exceptions import (
+            ClientError,
+            HTTPClientError,
+            NoCredentialsError,
+        )
+        from botocore.exceptions import (
+            ConnectionError as BotoConnectionError,
+        )
 
         where = f"s3://{self.bucket}/{self._k(key)}"
+        if isinstance(err, StorageError):
+            return err
         if isinstance(err, ClientError):
-            code = err.response.get("Error", {}).get("Code", "")
+            code = _code(err)
             if code == "NoSuchBucket":
                 return StorageError(f"s3://{self.bucket}: bucket does not exist")
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
                 return StorageError(f"{where}: access denied ({code}); check the S3 credentials")
             if code in ("NoSuchKey", "404"):
+                try:
+                    self._check_bucket()
+                except StorageError as be:
+                    return be
                 return StorageError(f"{where}: no such object")
             return StorageError(f"{where}: {code or err}")
         if isinstance(err, NoCredentialsError):
             return StorageError(f"{where}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
-        if isinstance(err, EndpointConnectionError):
-            return StorageError(f"{where}: cannot reach S3 endpoint {self.endpoint or 'AWS'}")
+        if isinstance(err, (BotoConnectionError, HTTPClientError)):
+            return StorageError(f"{where}: cannot reach S3 endpoint {self.endpoint or 'AWS'} ({err})")
         return StorageError(f"{where}: {err}")
 
     def list(self, prefix: str = "", recursive: bool = True) -> list[ObjectInfo]:
+        """Objects under the folder `prefix`, or the object `prefix` itself (as LocalStorage does)."""
         full = self._k(prefix)
-        if full and not full.endswith("/"):
-            full += "/"
-        kwargs = {"Bucket": self.bucket, "Prefix": full}
-        if not recursive:
-            kwargs["Delimiter"] = "/"
+        folder = full + "/" if full else ""
         out: list[ObjectInfo] = []
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
+            if recursive:
+                # Prefix without the slash, so that a key naming one object lists that object; keys that
+                # merely start with the same letters ("a/b" vs "a/bc") are filtered out below.
+                pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+            else:
+                pages = self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=folder, Delimiter="/")
+            for page in pages:
                 for o in page.get("Contents", []):
-                    if not o["Key"].endswith("/"):
-                        out.append(ObjectInfo(self._rel(o["Key"]), int(o["Size"])))
+                    k = o["Key"]
+                    if k.endswith("/") or not (k == full or k.startswith(folder)):
+                        continue
+                    etag = str(o.get("ETag", "")).strip('"') or None
+                    out.append(ObjectInfo(self._rel(k), int(o["Size"]), etag))
+            if not out and full and not recursive:
+                try:
+                    h = self.client.head_object(Bucket=self.bucket, Key=full)
+                    out.append(ObjectInfo(self._rel(full), int(h["ContentLength"]),
+                                          str(h.get("ETag", "")).strip('"') or None))
+                except Exception as e:  # noqa: BLE001
+                    if _code(e) not in ("404", "NoSuchKey", "NotFound"):
+                        raise
         except Exception as e:  # noqa: BLE001 - normalised into StorageError
             raise self._wrap(e, prefix) from None
         return sorted(out, key=lambda o: o.key)
@@ -178,7 +264,8 @@ class S3Storage:
             self.client.head_object(Bucket=self.bucket, Key=self._k(key))
             return True
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _code(e) in ("404", "NoSuchKey", "NotFound"):
+                self._check_bucket()
                 return False
             raise self._wrap(e, key) from None
         except Exception as e:  # noqa: BLE001
@@ -189,7 +276,7 @@ class S3Storage:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".partial")
         try:
-            self.client.download_file(self.bucket, self._k(key), str(tmp))
+            self.client.download_file(self.bucket, self._k(key), str(tmp), Config=self.transfer)
         except Exception as e:  # noqa: BLE001
             tmp.unlink(missing_ok=True)
             raise self._wrap(e, key) from None
@@ -197,7 +284,7 @@ class S3Storage:
 
     def upload(self, src: Path, key: str) -> None:
         try:
-            self.client.upload_file(str(src), self.bucket, self._k(key))
+            self.client.upload_file(str(src), self.bucket, self._k(key), Config=self.transfer)
         except Exception as e:  # noqa: BLE001
             raise self._wrap(e, key) from None
 
@@ -218,6 +305,11 @@ class S3Storage:
             self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
         except Exception as e:  # noqa: BLE001
             raise self._wrap(e, key) from None
+
+
+def _code(err: Exception) -> str:
+    resp = getattr(err, "response", None)
+    return str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
 
 
 def open_storage(uri: str, endpoint: str | None = None, region: str | None = None) -> Storage:

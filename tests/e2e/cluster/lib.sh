@@ -33,9 +33,15 @@ ensure_pkgs() {
   done
   if ((${#missing[@]})); then
     log "apt-get install ${missing[*]}"
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null; then
-      DEBIAN_FRONTEND=noninteractive apt-get update >/dev/null
-      DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null \
+    # Other processes may hold the dpkg lock: wait for it rather than fail.
+    local apt=(apt-get -o DPkg::Lock::Timeout=900 -y --no-install-recommends)
+    if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >/dev/null; then
+      local i
+      for i in 1 2 3 4 5 6; do
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 update >/dev/null && break
+        sleep 10
+      done
+      DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >/dev/null \
         || die "apt-get install ${missing[*]} failed"
     fi
   fi

@@ -1,0 +1,248 @@
+"""Training checkpoints G_<step>.pth / D_<step>.pth in RVC's format, written atomically (reference §8.5).
+
+Keys (both files), as RVC writes them: `model` (full state dict, weight-norm tensors named
+`weight_g`/`weight_v`), `iteration` (the EPOCH), `optimizer` (AdamW state dict), `learning_rate`
+(the initial LR). Ours add `global_step`, `scaler` (GradScaler state), `lr_epoch` (scheduler
+position), `format` and a few facts about the model (`version`, `sr`, `f0`); RVC ignores them.
+
+Differences from RVC, on purpose:
+* writing is atomic: a temporary file in the same folder, fsync, `os.replace`, fsync of the folder.
+  A kill in the middle of a save leaves the previous checkpoint intact.
+* "latest" sorts on the integer in the FILE NAME (RVC used every digit of the full path, so digits
+  in the experiment name broke the order); `G_2333333.pth` (save-latest-only) counts as newest.
+* loading first checks that the checkpoint is of the same architecture (version, sample rate,
+  pitch) with `rvc_pipeline.models.check_compatible`, so another model's file is a clear error
+  rather than a silent partial load; then it loads key by key with shape checks like RVC, logging
+  what was skipped.
+* a checkpoint that fails to unpickle (truncated upload, killed copy) is reported as
+  CheckpointCorrupt so the caller can fall back to the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("rvc_pipeline")
+
+LATEST_ONLY_STEP = 2333333
+FORMAT = "rvc-operator/1"
+_NAME_RE = re.compile(r"^(?P<prefix>[A-Za-z]+_)(?P<num>\d+)\.pth$")
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, not a torch file)."""
+
+
+class CheckpointIncompatible(ValueError):
+    """A readable checkpoint of another architecture (version, sample rate, pitch, shapes)."""
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def legacy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with weight-norm tensors named weight_g / weight_v (RVC's names)."""
+    from .models.weightnorm import to_legacy_names
+
+    sd = unwrap(model).state_dict()
+    return to_legacy_names({k: v.detach().cpu() for k, v in sd.items()})
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to `path` so that readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - some filesystems do not fsync folders
+        pass
+
+
+def save_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, lr: float, epoch: int,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write RVC's checkpoint dict (+ our extras) atomically to `path`."""
+    ckpt: dict[str, Any] = {
+        "model": legacy_state_dict(model),
+        "iteration": int(epoch),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "learning_rate": float(lr),
+        "format": FORMAT,
+    }
+    if extra:
+        ckpt.update(extra)
+    atomic_torch_save(ckpt, Path(path))
+    return Path(path)
+
+
+def checkpoint_number(path: Path | str) -> int | None:
+    m = _NAME_RE.match(Path(path).name)
+    return int(m.group("num")) if m else None
+
+
+def _order_key(path: Path) -> tuple[int, int]:
+    n = checkpoint_number(path)
+    assert n is not None
+    # G_2333333 (save-latest-only) is always the newest file.
+    return (1 if n == LATEST_ONLY_STEP else 0, n)
+
+
+def list_checkpoints(folder: Path, prefix: str = "G_") -> list[Path]:
+    """Checkpoints `<prefix><int>.pth` directly in `folder`, newest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _NAME_RE.match(p.name)
+        if m and m.group("prefix") == prefix and p.is_file():
+            found.append(p)
+    return sorted(found, key=_order_key, reverse=True)
+
+
+def latest_checkpoint(folder: Path, prefix: str = "G_") -> Path | None:
+    """The newest `<prefix><int>.pth` by the integer in the file name (G_2333333 = latest-only file)."""
+    found = list_checkpoints(folder, prefix)
+    return found[0] if found else None
+
+
+def checkpoint_pairs(folder: Path) -> list[tuple[Path, Path]]:
+    """(G, D) pairs with the same number, newest first."""
+    ds = {checkpoint_number(p): p for p in list_checkpoints(folder, "D_")}
+    return [(g, ds[checkpoint_number(g)]) for g in list_checkpoints(folder, "G_") if checkpoint_number(g) in ds]
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """torch.load a checkpoint on CPU; CheckpointCorrupt if it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointCorrupt(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointCorrupt(f"{path}: empty file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - anything unreadable
+        msg = str(e)
+        if "Weights only load failed" in msg or "weights_only" in msg:
+            # Files of some RVC forks carry extra Python objects; they are the user's own inputs.
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as e2:  # noqa: BLE001
+                raise CheckpointCorrupt(f"{path}: cannot be read ({type(e2).__name__}: {e2})") from None
+        else:
+            raise CheckpointCorrupt(f"{path}: cannot be read, probably truncated "
+                                    f"({type(e).__name__}: {msg[:200]})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), Mapping):
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointIncompatible(
+            f"{path}: not an RVC training checkpoint (no 'model' state dict; found {keys}). "
+            "Exported small models (with 'weight') cannot be trained from; use G_*.pth / D_*.pth or "
+            "the pretrained f0G/f0D files."
+        )
+    return obj
+
+
+def check_architecture(
+    state_dict: Mapping[str, torch.Tensor], version: str, sr: str, f0: bool, what: str,
+) -> None:
+    """rvc_pipeline.models.check_compatible, raising CheckpointIncompatible."""
+    from .models import check_compatible
+
+    try:
+        check_compatible(dict(state_dict), version, sr, f0, what)
+    except ValueError as e:
+        raise CheckpointIncompatible(str(e)) from None
+
+
+def load_into(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, strict: bool, what: str,
+) -> list[str]:
+    """Copy tensors into `model` key by key (shape-checked). Returns the skipped keys.
+
+    strict: any missing/unexpected/mis-shaped key raises CheckpointIncompatible."""
+    target = unwrap(model)
+    own = target.state_dict()
+    from .models.weightnorm import to_legacy_names
+
+    sd = to_legacy_names(dict(state_dict))
+    own_legacy = to_legacy_names(dict(own))
+    skipped: list[str] = []
+    new: dict[str, torch.Tensor] = {}
+    for k, v in own_legacy.items():
+        src = sd.get(k)
+        if src is None:
+            skipped.append(f"{k} (missing)")
+            new[k] = v
+        elif tuple(src.shape) != tuple(v.shape):
+            skipped.append(f"{k} (shape {tuple(src.shape)} != {tuple(v.shape)})")
+            new[k] = v
+        else:
+            new[k] = src.to(dtype=v.dtype)
+    unexpected = [k for k in sd if k not in own_legacy]
+    if strict and (skipped or unexpected):
+        bad = skipped[:5] + [f"{k} (unexpected)" for k in unexpected[:5]]
+        raise CheckpointIncompatible(
+            f"{what}: {len(skipped)} missing/mis-shaped and {len(unexpected)} unexpected keys, e.g. "
+            f"{', '.join(bad)}; it was made for another model architecture"
+        )
+    for s in skipped:
+        log.info("%s: %s not loaded, keeping the initial value", what, s)
+    target.load_state_dict(new, strict=False)
+    return skipped
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+    version: str | None = None, sr: str | None = None, f0: bool | None = None, what: str = "checkpoint",
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Load a checkpoint into `model` (and `optimizer`); returns the checkpoint dict minus tensors.
+
+    version/sr/f0 given: the file must be of that architecture (CheckpointIncompatible otherwise)."""
+    ckpt = read_checkpoint(path)
+    sd = ckpt["model"]
+    if version is not None and sr is not None and f0 is not None:
+        check_architecture(sd, version, sr, f0, f"{what} {path}")
+    skipped = load_into(model, sd, strict=strict, what=f"{what} {Path(path).name}")
+    if optimizer is not None and ckpt.get("optimizer"):
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            log.warning("%s %s: optimizer state not restored (%s); starting it fresh", what, path, e)
+            ckpt["optimizer_restored"] = False
+        else:
+            ckpt["optimizer_restored"] = True
+    info = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+    info["skipped_keys"] = skipped
+    info["path"] = str(path)
+    return info
