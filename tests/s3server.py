@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -47,6 +48,17 @@ def _moto_command(port: int) -> list[str]:
     return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM it when the test process dies (even by SIGKILL)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: teardown still stops the server
+        pass
+
+
 def start_moto(port: int = 0, env: dict[str, str] | None = None,
                timeout: float = 30.0) -> tuple[str, Callable[[], None]]:
     """Start `moto_server` on 127.0.0.1:`port` (0 = a free one); wait until it answers.
@@ -57,8 +69,11 @@ def start_moto(port: int = 0, env: dict[str, str] | None = None,
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     senv = {**os.environ, **TEST_CREDENTIALS, **(env or {})}
-    proc = subprocess.Popen(_moto_command(port), env=senv, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    # the server logs every request: send that to a file, never to a pipe nobody drains (it would fill
+    # up after a few hundred requests and block the server)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(_moto_command(port), env=senv, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=_die_with_parent)
 
     def stop() -> None:
         if proc.poll() is None:
@@ -68,13 +83,13 @@ def start_moto(port: int = 0, env: dict[str, str] | None = None,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        log.close()
 
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            log.seek(0)
+            err = log.read()[-4000:].decode(errors="replace")
             stop()
             raise RuntimeError(f"moto_server exited with {proc.returncode} before answering on {url}:\n{err}")
         try:

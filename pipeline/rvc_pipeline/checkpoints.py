@@ -139,7 +139,8 @@ def latest_checkpoint(folder: Path, prefix: str = "G_") -> Path | None:
 def checkpoint_pairs(folder: Path) -> list[tuple[Path, Path]]:
     """(G, D) pairs with the same number, newest first."""
     ds = {checkpoint_number(p): p for p in list_checkpoints(folder, "D_")}
-    return [(g, ds[checkpoint_number(g)]) for g in list_checkpoints(folder, "G_") if checkpoint_number(g) in ds]
+    gs = list_checkpoints(folder, "G_")
+    return [(g, ds[checkpoint_number(g)]) for g in gs if checkpoint_number(g) in ds]
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -173,15 +174,42 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def check_architecture(
-    state_dict: Mapping[str, torch.Tensor], version: str, sr: str, f0: bool, what: str,
+    state_dict: Mapping[str, torch.Tensor], version: str, sr: str, f0: bool, what: str, kind: str = "G",
 ) -> None:
-    """rvc_pipeline.models.check_compatible, raising CheckpointIncompatible."""
+    """rvc_pipeline.models.check_compatible (kind 'G' or 'D'), raising CheckpointIncompatible."""
     from .models import check_compatible
 
     try:
-        check_compatible(dict(state_dict), version, sr, f0, what)
+        check_compatible(dict(state_dict), version, sr, f0, what, kind=kind)
     except ValueError as e:
         raise CheckpointIncompatible(str(e)) from None
+
+
+def check_model_compat(
+    state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module, version: str, sr: str, f0: bool,
+    what: str, kind: str = "G",
+) -> None:
+    """The checkpoint must fit `model` (the architecture built from the experiment's config).
+
+    When it does not, rvc_pipeline.models.check_compatible explains what the file is instead (another
+    version, sample rate or pitch setting); a file of the standard architecture that still does not fit
+    (a model built from a customised config.json) gets a generic message. emb_g rows may differ."""
+    from .models.weightnorm import to_legacy_names
+
+    own = {k: tuple(v.shape) for k, v in to_legacy_names(dict(unwrap(model).state_dict())).items()}
+    given = {k: tuple(v.shape) for k, v in to_legacy_names(dict(state_dict)).items()
+             if isinstance(v, torch.Tensor)}
+    diffs = [k for k in own if k not in given or (given[k] != own[k] and not (
+        k == "emb_g.weight" and given[k][1:] == own[k][1:]))]
+    extra = [k for k in given if k not in own]
+    if not diffs and not extra:
+        return
+    check_architecture(state_dict, version, sr, f0, what, kind)
+    shown = ", ".join((diffs + extra)[:5])
+    raise CheckpointIncompatible(
+        f"{what}: {len(diffs)} missing/mis-shaped and {len(extra)} unexpected keys (e.g. {shown}) for the "
+        "model built from this experiment's config.json"
+    )
 
 
 def load_into(
@@ -224,15 +252,16 @@ def load_into(
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
     version: str | None = None, sr: str | None = None, f0: bool | None = None, what: str = "checkpoint",
-    strict: bool = False,
+    strict: bool = False, kind: str = "G",
 ) -> dict[str, Any]:
     """Load a checkpoint into `model` (and `optimizer`); returns the checkpoint dict minus tensors.
 
-    version/sr/f0 given: the file must be of that architecture (CheckpointIncompatible otherwise)."""
+    version/sr/f0 given: the file must be of that architecture, a generator (kind 'G') or a
+    discriminator ('D'); CheckpointIncompatible otherwise."""
     ckpt = read_checkpoint(path)
     sd = ckpt["model"]
     if version is not None and sr is not None and f0 is not None:
-        check_architecture(sd, version, sr, f0, f"{what} {path}")
+        check_model_compat(sd, model, version, sr, f0, f"{what} {path}", kind)
     skipped = load_into(model, sd, strict=strict, what=f"{what} {Path(path).name}")
     if optimizer is not None and ckpt.get("optimizer"):
         try:

@@ -340,10 +340,14 @@ class HubertModel(nn.Module):
         x = self.encoder(x, attn_mask, output_layer)
         return x, frames
 
+    def output_layer(self, version: Version) -> int:
+        """RVC's layer for `version` (9 or 12); a smaller test model uses its last layer at most."""
+        return min(OUTPUT_LAYER[version], self.cfg.layers)
+
     def forward(
         self, wav: torch.Tensor, version: Version = "v2", lengths: list[int] | None = None
     ) -> torch.Tensor:
-        x, _ = self.extract_features(wav, OUTPUT_LAYER[version], lengths)
+        x, _ = self.extract_features(wav, self.output_layer(version), lengths)
         if version == "v1":
             if self.final_proj is None:
                 raise ValueError("v1 features need final_proj, which this embedder does not have")
@@ -401,6 +405,10 @@ class _Stub:
 
     def __repr__(self) -> str:
         return f"<stub {self._stub_module}.{self._stub_name}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
+        """A stub used as a callable (e.g. getattr(cls, name)(...)) yields another stub; nothing runs."""
+        return stub_class(self._stub_module, f"{self._stub_name}()")(*args, **kwargs)
 
 
 _STUBS: dict[tuple[str, str], type] = {}
@@ -845,6 +853,10 @@ class Embedder:
 
     def frames(self, n_samples: int) -> int:
         return self.cfg.frames(n_samples)
+
+    def dim(self, version: Version) -> int:
+        """Feature size for `version`: final_dim (256) for v1, embed_dim (768) for v2."""
+        return self.cfg.final_dim if version == "v1" else self.cfg.embed_dim
 
     def extract(
         self,

@@ -56,7 +56,8 @@ def spectrogram(y: torch.Tensor, n_fft: int, hop_size: int, win_size: int) -> to
     if y.dim() == 1:
         y = y.unsqueeze(0)
     if (n_fft - hop_size) % 2:
-        raise ValueError(f"n_fft - hop must be even for RVC's symmetric padding (n_fft={n_fft}, hop={hop_size})")
+        raise ValueError(f"n_fft - hop must be even for RVC's symmetric padding (n_fft={n_fft}, "
+                         f"hop={hop_size})")
     pad = (n_fft - hop_size) // 2
     with torch.autocast(device_type=y.device.type, enabled=False):
         y = y.float()

@@ -206,6 +206,8 @@ class S3Storage:
         where = f"s3://{self.bucket}/{self._k(key)}"
         if isinstance(err, StorageError):
             return err
+        if not isinstance(err, ClientError) and isinstance(err.__cause__, ClientError):
+            err = err.__cause__  # boto3's upload_file wraps the ClientError in S3UploadFailedError
         if isinstance(err, ClientError):
             code = _code(err)
             if code == "NoSuchBucket":

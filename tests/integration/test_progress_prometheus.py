@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from rvc_pipeline.progress import PROGRESS_FILE, Reporter, read_events
+
 from tests.promstack import available, start_prom_stack
 
 pytestmark = pytest.mark.skipif(not available(), reason="prometheus binaries missing: run scripts/setup.sh")

@@ -8,7 +8,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-
 from rvc_pipeline import index as ix
 from rvc_pipeline.spec import Experiment, parse_manifest
 from rvc_pipeline.stepio import StepFailed, marker_key, run_step
@@ -283,7 +282,8 @@ def test_step_wrong_dim_fails_naming_file_and_dim(tmp_path: Path) -> None:
     exp = _exp(tmp_path)  # v2: 768-d expected
     exp_dir = tmp_path / "store" / "logs" / "voice1"
     _write_feats(exp_dir / "3_feature768", [50, 50], 256)
-    with pytest.raises(StepFailed, match=r"version v2 \(768-d\).*0_0\.npy: features are 256-d, expected 768-d"):
+    msg = r"version v2 \(768-d\).*0_0\.npy: features are 256-d, expected 768-d"
+    with pytest.raises(StepFailed, match=msg):
         run_step(exp, "index", ix.run)
     assert not list(exp_dir.glob("*.index"))
 

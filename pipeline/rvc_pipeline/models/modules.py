@@ -145,7 +145,8 @@ class ResidualCouplingLayer(nn.Module):
     """Affine coupling (mean only in RVC): x1 <- m(x0) + x1 forward, x1 <- x1 - m(x0) in reverse."""
 
     def __init__(self, channels: int, hidden_channels: int, kernel_size: int, dilation_rate: int,
-                 n_layers: int, p_dropout: float = 0.0, gin_channels: int = 0, mean_only: bool = True) -> None:
+                 n_layers: int, p_dropout: float = 0.0, gin_channels: int = 0,
+                 mean_only: bool = True) -> None:
         super().__init__()
         if channels % 2:
             raise ValueError("coupling channels must be even")

@@ -33,7 +33,8 @@ def _norm_except_dim0(v: torch.Tensor) -> torch.Tensor:
     """||v|| over all dims but 0, shaped [out, 1, ...] for broadcasting."""
     if v.dim() == 1:
         return v.abs()
-    return torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=True)
+    n = torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1)
+    return n.view((v.shape[0],) + (1,) * (v.dim() - 1))
 
 
 def compute_weight(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -96,10 +97,15 @@ def weight_norm(module: nn.Module) -> nn.Module:
     if not isinstance(weight, nn.Parameter):
         raise TypeError(f"{type(module).__name__}.weight is not a parameter")
     del module._parameters["weight"]
-    module.register_parameter("weight_g", nn.Parameter(_norm_except_dim0(weight.data).clone()))
-    module.register_parameter("weight_v", nn.Parameter(weight.data.clone()))
-    module.weight = compute_weight(module.weight_g, module.weight_v)
-    module.weight = module.weight.detach()
+    if weight.is_meta:  # shape-only build (compat checks): skip the arithmetic
+        g_shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
+        module.register_parameter("weight_g", nn.Parameter(weight.new_empty(g_shape)))
+        module.register_parameter("weight_v", nn.Parameter(weight.data))
+        module.weight = weight.detach()
+    else:
+        module.register_parameter("weight_g", nn.Parameter(_norm_except_dim0(weight.data)))
+        module.register_parameter("weight_v", nn.Parameter(weight.data))
+        module.weight = weight.detach()  # g = ||v||, so g * v / ||v|| = v
     module.register_forward_pre_hook(WeightNormHook())
     module.register_forward_hook(DetachWeightHook())
     _ensure_load_hook(module)
@@ -108,9 +114,11 @@ def weight_norm(module: nn.Module) -> nn.Module:
 
 def reset_weight_norm(module: nn.Module) -> None:
     """Recompute g = ||v|| after `weight_v` was re-initialised (effective weight = v)."""
+    if module.weight_v.is_meta:
+        return
     with torch.no_grad():
         module.weight_g.copy_(_norm_except_dim0(module.weight_v))
-    module.weight = compute_weight(module.weight_g, module.weight_v).detach()
+    module.weight = module.weight_v.detach()
 
 
 def remove_weight_norm(module: nn.Module) -> nn.Module:

@@ -1,0 +1,471 @@
+"""kopf handlers: the glue between the cluster, storage and the pure state machine (status.decide).
+
+Every trigger (create, resume, update, a timer every RVC_RECONCILE_INTERVAL seconds) runs `reconcile`:
+read the RVCExperiment, its Jobs and pods, and the storage markers; `decide`; create the ConfigMap/Jobs,
+delete superseded Jobs, patch the status (with the resourceVersion it was computed from, so a stale view
+never overwrites a newer one), then post events. Nothing is kept in memory between reconciles except
+metrics, so the operator can be restarted at any moment.
+
+Deletion: no finalizer is added (deleting an experiment never hangs on the operator). Jobs and the
+ConfigMap carry owner references, so the garbage collector removes them; when the operator sees the
+DELETED event it also deletes the Jobs itself (propagationPolicy Background) and, if the annotation
+rvc-operator.dev/delete-artifacts is "true", the experiment's folder in storage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import kopf
+from rvc_pipeline.spec import API_GROUP, API_VERSION, PLURAL, STEP_ORDER, SpecError, parse_manifest
+from rvc_pipeline.storage import Storage, open_storage
+
+from . import progress_reader
+from .config import OperatorConfig
+from .jobs import build_job_spec, build_spec_configmap, experiment_selector
+from .metrics import METRICS, OperatorMetrics
+from .status import (
+    Decision,
+    Event,
+    JobSummary,
+    Policy,
+    admit,
+    decide,
+    plan_deletion,
+    status_patch,
+    summarize_job,
+    termination_line,
+)
+
+log = logging.getLogger("rvc_operator")
+
+CFG = OperatorConfig.from_env()
+
+
+class Conflict(Exception):
+    """The object changed since it was read (HTTP 409 on a resourceVersion precondition)."""
+
+
+class ClusterAPI(Protocol):
+    """The cluster operations the operator uses (KubeCluster below; tests use an in-memory fake)."""
+
+    def get_experiment(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def list_experiments(self, namespace: str | None) -> list[dict[str, Any]]: ...
+    def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]: ...
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]: ...
+    def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str | None: ...
+    def create_job(self, job: dict[str, Any]) -> bool: ...  # False: it already existed
+    def delete_job(self, namespace: str, name: str) -> None: ...
+    def ensure_configmap(self, cm: dict[str, Any]) -> None: ...
+    def delete_configmap(self, namespace: str, name: str) -> None: ...
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None
+                     ) -> None: ...
+
+
+EventPoster = Callable[[dict[str, Any], Event], None]
+StorageOpener = Callable[[dict[str, Any], OperatorConfig], Storage]
+
+
+# ---------------------------------------------------------------------------------------------------
+# storage
+# ---------------------------------------------------------------------------------------------------
+_storage_cache: dict[tuple[str, str | None, str | None], Storage] = {}
+_storage_lock = threading.Lock()
+
+
+def open_experiment_storage(manifest: dict[str, Any], cfg: OperatorConfig) -> Storage:
+    """The experiment's storage, opened with the operator's own credentials (its environment)."""
+    st = (manifest.get("spec") or {}).get("storage") or {}
+    key = (str(st.get("uri", "")), st.get("endpoint") or cfg.s3_endpoint, st.get("region"))
+    with _storage_lock:
+        if key not in _storage_cache:
+            _storage_cache[key] = open_storage(key[0], endpoint=key[1], region=key[2])
+        return _storage_cache[key]
+
+
+def _experiment_name(manifest: dict[str, Any]) -> str | None:
+    try:
+        meta = manifest.get("metadata") or {}
+        body = {"metadata": {"name": meta.get("name")}, "spec": manifest.get("spec") or {}}
+        return parse_manifest(body).name
+    except SpecError:
+        return None
+
+
+@dataclasses.dataclass
+class StorageView:
+    markers: set[str] | None = None
+    progress: dict[str, Any] | None = None
+    index_file: str | None = None
+
+
+def read_storage_view(manifest: dict[str, Any], status: dict[str, Any], cfg: OperatorConfig,
+                      opener: StorageOpener) -> StorageView:
+    """Markers (always), training progress (while train runs or until its final epoch is shown) and the
+    index file (once the index step may have finished). Storage errors leave the fields None."""
+    view = StorageView()
+    name = _experiment_name(manifest)
+    if name is None:
+        return view
+    steps = status.get("steps") or {}
+    try:
+        storage = opener(manifest, cfg)
+        view.markers = progress_reader.read_markers(storage, name, STEP_ORDER)
+        train = (steps.get("train") or {}).get("phase")
+        shown = status.get("progress") or {}
+        if train == "Running" or (train == "Succeeded" and shown.get("percent") != 100.0):
+            epochs = ((manifest.get("spec") or {}).get("train") or {}).get("epochs")
+            view.progress = progress_reader.read_progress(storage, name, epochs)
+        index = (steps.get("index") or {}).get("phase")
+        if index == "Running" or "index" in view.markers:
+            view.index_file = progress_reader.find_index(storage, name)
+    except Exception as e:  # noqa: BLE001 - storage trouble must not stop the state machine
+        log.warning("%s/%s: cannot read storage (%s); continuing from the cluster state only",
+                    (manifest.get("metadata") or {}).get("namespace"), name, e)
+    return view
+
+
+# ---------------------------------------------------------------------------------------------------
+# reconcile
+# ---------------------------------------------------------------------------------------------------
+def _owned(obj: dict[str, Any], uid: str) -> bool:
+    return any(o.get("uid") == uid for o in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def observe_jobs(api: ClusterAPI, manifest: dict[str, Any]) -> list[JobSummary]:
+    """Summaries of the experiment's Jobs (label + owner uid, so Jobs of a deleted namesake are ignored)."""
+    meta = manifest["metadata"]
+    ns, uid = meta.get("namespace", "default"), meta.get("uid", "")
+    sel = experiment_selector(meta["name"])
+    jobs = [j for j in api.list_jobs(ns, sel) if _owned(j, uid)]
+    if not jobs:
+        return []
+    pods_by_job: dict[str, list[dict[str, Any]]] = {}
+    for p in api.list_pods(ns, sel):
+        jn = ((p.get("metadata") or {}).get("labels") or {}).get("job-name")
+        if jn:
+            pods_by_job.setdefault(jn, []).append(p)
+    out = []
+    for j in jobs:
+        jname = j["metadata"]["name"]
+        s = summarize_job(j, pods_by_job.get(jname, []))
+        if s.state == "Failed" and s.exit_code is not None and not s.message:
+            s = dataclasses.replace(s, message=_log_error(api, ns, pods_by_job.get(jname, [])))
+        out.append(s)
+    return out
+
+
+def _log_error(api: ClusterAPI, ns: str, pods: list[dict[str, Any]]) -> str | None:
+    """The error line from the newest failed pod's log (when the termination message was empty)."""
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    failed.sort(key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""))
+    for p in reversed(failed):
+        try:
+            text = api.pod_log_tail(ns, p["metadata"]["name"], "step", 40)
+        except Exception:  # noqa: BLE001 - best effort
+            text = None
+        line = termination_line(text)
+        if line:
+            return line
+    return None
+
+
+def make_policy(manifest: dict[str, Any], api: ClusterAPI, cfg: OperatorConfig) -> Policy:
+    admitted, why = True, ""
+    phase = (manifest.get("status") or {}).get("phase")
+    if cfg.max_concurrent_experiments > 0 and phase in (None, "Pending", "Queued"):
+        others = api.list_experiments(cfg.watch_namespace)
+        admitted, why = admit(manifest, others, cfg.max_concurrent_experiments)
+    return Policy(max_retries=cfg.step_max_retries, backoff_seconds=cfg.retry_backoff_seconds,
+                  backoff_max_seconds=cfg.retry_backoff_max_seconds, admitted=admitted, queue_message=why)
+
+
+def apply_decision(api: ClusterAPI, manifest: dict[str, Any], decision: Decision, cfg: OperatorConfig,
+                   metrics: OperatorMetrics) -> None:
+    """Create/delete what the decision says. Jobs first, status after: a crash in between leaves a Job
+    that the next reconcile adopts (its name is deterministic), never a status pointing at nothing."""
+    ns = manifest["metadata"].get("namespace", "default")
+    if decision.create:
+        api.ensure_configmap(build_spec_configmap(manifest, cfg))
+    for c in decision.create:
+        job = build_job_spec(manifest, c.step, c.attempt, cfg, force=c.force, inputs_hash=c.inputs_hash)
+        if api.create_job(job):
+            metrics.jobs_created.labels(c.step).inc()
+        else:
+            log.info("%s/%s: Job %s already exists; adopting it", ns, manifest["metadata"]["name"], c.name)
+    for dl in decision.delete:
+        log.info("%s/%s: deleting Job %s (%s)", ns, manifest["metadata"]["name"], dl.name, dl.reason)
+        api.delete_job(ns, dl.name)
+
+
+def reconcile(
+    api: ClusterAPI,
+    namespace: str,
+    name: str,
+    cfg: OperatorConfig,
+    *,
+    post: EventPoster,
+    opener: StorageOpener = open_experiment_storage,
+    metrics: OperatorMetrics = METRICS,
+    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    attempts: int = 3,
+) -> Decision | None:
+    """Bring one experiment one step closer to done. Returns the applied decision (None: nothing to do)."""
+    for _ in range(attempts):
+        body = api.get_experiment(namespace, name)
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        meta = body["metadata"]
+        status = body.get("status") or {}
+        if status.get("phase") in ("Succeeded", "Failed") and status.get("observedGeneration") == meta.get(
+                "generation"):
+            metrics.set_phase(meta.get("uid", name), status.get("phase"))
+            return None
+        jobs = observe_jobs(api, body)
+        view = read_storage_view(body, status, cfg, opener)  # after the Jobs: markers are at least as new
+        decision = decide(body, status, jobs, view.markers, now(), policy=make_policy(body, api, cfg),
+                          progress=view.progress, index_file=view.index_file)
+        apply_decision(api, body, decision, cfg, metrics)
+        patch = status_patch(status, decision.status)
+        if patch:
+            try:
+                api.patch_status(namespace, name, patch, meta.get("resourceVersion"))
+            except Conflict:
+                log.info("%s/%s: changed while reconciling; retrying", namespace, name)
+                continue
+        for ev in decision.events:
+            post(body, ev)
+        for step, seconds in decision.step_durations:
+            metrics.step_duration.labels(step).observe(seconds)
+        for step, why in decision.failures:
+            metrics.job_failures.labels(step, why).inc()
+        for step in decision.retries:
+            metrics.job_retries.labels(step).inc()
+        metrics.set_phase(meta.get("uid", name), decision.status.get("phase"))
+        return decision
+    return None
+
+
+def cleanup(api: ClusterAPI, body: dict[str, Any], cfg: OperatorConfig, *,
+            opener: StorageOpener = open_experiment_storage, metrics: OperatorMetrics = METRICS) -> list[str]:
+    """After the experiment is deleted: delete its Jobs and ConfigMap (the GC does too) and, when asked
+    for, its artifacts. Returns the storage keys deleted."""
+    meta = body.get("metadata") or {}
+    ns = meta.get("namespace", "default")
+    jobs = [summarize_job(j) for j in api.list_jobs(ns, experiment_selector(meta.get("name", "")))
+            if _owned(j, meta.get("uid", ""))]
+    plan = plan_deletion(body, jobs, cfg.delete_artifacts_default)
+    for jn in plan.jobs:
+        api.delete_job(ns, jn)
+    api.delete_configmap(ns, plan.configmap)
+    deleted: list[str] = []
+    if plan.artifacts_prefix:
+        try:
+            storage = opener(body, cfg)
+            for o in storage.list(plan.artifacts_prefix):
+                storage.delete(o.key)
+                deleted.append(o.key)
+            log.info("%s/%s: deleted %d artifact(s) under %s/%s", ns, meta.get("name"), len(deleted),
+                     plan.storage_uri, plan.artifacts_prefix)
+        except Exception as e:  # noqa: BLE001
+            log.error("%s/%s: could not delete artifacts under %s: %s", ns, meta.get("name"),
+                      plan.artifacts_prefix, e)
+    metrics.forget(meta.get("uid", ""))
+    return deleted
+
+
+# ---------------------------------------------------------------------------------------------------
+# the real cluster
+# ---------------------------------------------------------------------------------------------------
+class KubeCluster:
+    """ClusterAPI over the official kubernetes client (dicts in, dicts out)."""
+
+    def __init__(self) -> None:
+        from kubernetes import client
+
+        self._client = client
+        self.api_client = client.ApiClient()
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.batch = client.BatchV1Api(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+
+    def _dict(self, obj: Any) -> Any:
+        return self.api_client.sanitize_for_serialization(obj)
+
+    @staticmethod
+    def _status(e: Exception) -> int | None:
+        return getattr(e, "status", None)
+
+    def get_experiment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+        except self._client.ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list_experiments(self, namespace: str | None) -> list[dict[str, Any]]:
+        if namespace:
+            res = self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL)
+        else:
+            res = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
+        return list(res.get("items") or [])
+
+    def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        res = self.batch.list_namespaced_job(namespace, label_selector=selector)
+        return [self._dict(j) for j in res.items]
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        res = self.core.list_namespaced_pod(namespace, label_selector=selector)
+        return [self._dict(p) for p in res.items]
+
+    def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str | None:
+        try:
+            return self.core.read_namespaced_pod_log(pod, namespace, container=container, tail_lines=lines)
+        except self._client.ApiException:
+            return None
+
+    def create_job(self, job: dict[str, Any]) -> bool:
+        try:
+            self.batch.create_namespaced_job(job["metadata"]["namespace"], job)
+            return True
+        except self._client.ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        except self._client.ApiException as e:
+            if e.status != 404:
+                raise
+
+    def ensure_configmap(self, cm: dict[str, Any]) -> None:
+        ns, name = cm["metadata"]["namespace"], cm["metadata"]["name"]
+        try:
+            self.core.create_namespaced_config_map(ns, cm)
+            return
+        except self._client.ApiException as e:
+            if e.status != 409:
+                raise
+        have = self._dict(self.core.read_namespaced_config_map(name, ns))
+        if have.get("data") != cm["data"] or (have.get("metadata") or {}).get("ownerReferences") != cm[
+                "metadata"]["ownerReferences"]:
+            self.core.patch_namespaced_config_map(name, ns, {"metadata": {
+                "labels": cm["metadata"]["labels"], "annotations": cm["metadata"]["annotations"],
+                "ownerReferences": cm["metadata"]["ownerReferences"]}, "data": cm["data"]})
+
+    def delete_configmap(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_config_map(name, namespace)
+        except self._client.ApiException as e:
+            if e.status != 404:
+                raise
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None
+                     ) -> None:
+        body: dict[str, Any] = {"status": patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, namespace, PLURAL, name, body,
+                _content_type="application/merge-patch+json")
+        except self._client.ApiException as e:
+            if e.status == 409:
+                raise Conflict(str(e)) from None
+            raise
+
+
+def kopf_post(body: dict[str, Any], ev: Event) -> None:
+    kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+
+
+# ---------------------------------------------------------------------------------------------------
+# kopf wiring
+# ---------------------------------------------------------------------------------------------------
+_cluster: KubeCluster | None = None
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(key: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(key, threading.Lock())
+
+
+def configure_settings(settings: kopf.OperatorSettings) -> None:
+    """kopf settings: no peering CRD (standalone), handler state in annotations (not status.kopf, which the
+    structural schema would prune), only warnings posted as events by kopf itself."""
+    settings.peering.standalone = True
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+
+
+def load_kube_config() -> None:
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+@kopf.on.startup()
+def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _cluster
+    configure_settings(settings)
+    load_kube_config()
+    _cluster = KubeCluster()
+    METRICS.serve(CFG.metrics_port)
+    log.info("rvc-operator: images gpu=%s cpu=%s, default device %s, max concurrent %s, namespace %s",
+             CFG.pipeline_image, CFG.cpu_image, CFG.default_device,
+             CFG.max_concurrent_experiments or "unlimited", CFG.watch_namespace or "all")
+
+
+def _run(namespace: str, name: str, uid: str) -> None:
+    if _cluster is None:  # pragma: no cover - startup not run
+        return
+    with _lock_for(uid or f"{namespace}/{name}"):
+        try:
+            reconcile(_cluster, namespace, name, CFG, post=kopf_post)
+        except Exception:  # noqa: BLE001 - the timer retries; count and log
+            METRICS.reconcile_errors.inc()
+            log.exception("%s/%s: reconcile failed; retrying in %ss", namespace, name, CFG.reconcile_interval)
+
+
+@kopf.on.create(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.update(API_GROUP, API_VERSION, PLURAL)
+def _on_change(name: str, namespace: str, uid: str, **_: Any) -> None:
+    _run(namespace, name, uid)
+
+
+@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=CFG.reconcile_interval)
+def _on_timer(name: str, namespace: str, uid: str, **_: Any) -> None:
+    _run(namespace, name, uid)
+
+
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+def _on_event(event: dict[str, Any], **_: Any) -> None:
+    if event.get("type") != "DELETED" or _cluster is None:
+        return
+    body = event.get("object") or {}
+    meta = body.get("metadata") or {}
+    try:
+        cleanup(_cluster, body, CFG)
+    except Exception:  # noqa: BLE001 - the garbage collector still removes Jobs and the ConfigMap
+        METRICS.reconcile_errors.inc()
+        log.exception("%s/%s: cleanup after deletion failed", meta.get("namespace"), meta.get("name"))
+    with _locks_guard:
+        _locks.pop(meta.get("uid", ""), None)

@@ -1,0 +1,398 @@
+"""Pure builders: RVCExperiment manifest (+ operator config) -> the ConfigMap and the Job of one step.
+
+Nothing here talks to a cluster; handlers.py sends what these functions return.
+
+Per-step placement (device = spec.resources.device, else the operator's RVC_DEFAULT_DEVICE):
+
+| step       | device=gpu                                  | device=cpu |
+|------------|---------------------------------------------|------------|
+| preprocess | CPU pod (slicing/resampling use no GPU)     | CPU pod    |
+| f0         | 1 GPU for crepe/rmvpe; CPU pod for pm/harvest/dio (and without pitch guidance) | CPU pod |
+| features   | 1 GPU (HuBERT)                              | CPU pod    |
+| train      | spec.train.gpus GPUs (the pipeline starts DDP itself when > 1) | CPU pod |
+| index      | 1 GPU (faiss k-means/IVF training)          | CPU pod    |
+
+A GPU pod uses the CUDA image (RVC_PIPELINE_IMAGE), the GPU node selector and tolerations; a CPU pod
+uses the CPU image (RVC_PIPELINE_CPU_IMAGE) and the CPU node selector. spec.resources.image,
+nodeSelector and tolerations override those defaults for every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from typing import Any
+
+import yaml
+from rvc_pipeline.spec import API_GROUP, API_VERSION, KIND, STEP_ORDER, Experiment, parse_manifest
+
+from .config import OperatorConfig
+
+APP_LABEL = "app.kubernetes.io/name"
+APP = "rvc-operator"
+LABEL_EXPERIMENT = f"{API_GROUP}/experiment"
+LABEL_STEP = f"{API_GROUP}/step"
+LABEL_ATTEMPT = f"{API_GROUP}/attempt"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+ANN_EXPERIMENT = f"{API_GROUP}/experiment-name"
+ANN_GENERATION = f"{API_GROUP}/generation"
+ANN_INPUTS = f"{API_GROUP}/inputs-hash"
+ANN_FORCE = f"{API_GROUP}/force"
+ANN_DELETE_ARTIFACTS = f"{API_GROUP}/delete-artifacts"
+
+CONTAINER = "step"
+SPEC_DIR = "/etc/rvc"
+SPEC_FILE = "experiment.yaml"
+SPEC_PATH = f"{SPEC_DIR}/{SPEC_FILE}"
+SCRATCH = "/scratch"
+
+GPU_RESOURCE = "nvidia.com/gpu"
+PERMANENT_EXIT_CODES = (2, 3)  # rvc-pipeline: 2 bad spec/data, 3 missing weights
+
+_DNS_BAD = re.compile(r"[^a-z0-9.-]+")
+
+
+def _short_hash(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def k8s_name(base: str, suffix: str = "", limit: int = 63) -> str:
+    """`base + suffix` as a DNS-1123 label of at most `limit` chars. Too long: the base is cut and a
+    hash of the whole base keeps names distinct. Deterministic: the same input gives the same name."""
+    clean = _DNS_BAD.sub("-", base.lower()).strip("-.") or "x"
+    if len(clean + suffix) <= limit and clean == base:
+        return clean + suffix
+    h = _short_hash(base)
+    keep = limit - len(suffix) - len(h) - 1
+    if keep < 1:
+        raise ValueError(f"suffix {suffix!r} too long for a {limit}-char name")
+    return f"{clean[:keep].rstrip('-.')}-{h}{suffix}"
+
+
+def label_value(value: str) -> str:
+    """A label value (<= 63 chars, alphanumeric at both ends) that stays unique for long names."""
+    if len(value) <= 63 and re.fullmatch(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]", value):
+        return value
+    h = _short_hash(value)
+    head = re.sub(r"[^A-Za-z0-9_.-]", "-", value)[: 63 - 9].strip("-_.")
+    return f"{head}-{h}" if head else h
+
+
+def job_name(resource_name: str, step: str, attempt: int) -> str:
+    """Deterministic Job name `<resource>-<step>-<attempt>`, at most 63 characters."""
+    return k8s_name(resource_name, f"-{step}-{attempt}")
+
+
+def configmap_name(resource_name: str) -> str:
+    return k8s_name(resource_name, "-spec")
+
+
+def experiment_selector(resource_name: str) -> str:
+    """Label selector of every Job of one experiment (combine with the owner uid to exclude old ones)."""
+    return f"{LABEL_EXPERIMENT}={label_value(resource_name)}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# spec resolution
+# ---------------------------------------------------------------------------------------------------
+def _raw_get(d: Any, *path: str) -> Any:
+    for k in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def resolve_device(manifest: dict[str, Any], cfg: OperatorConfig) -> str:
+    """spec.resources.device as written in the manifest, else the operator default (RVC_DEFAULT_DEVICE).
+    The raw manifest is read because the typed spec always fills in 'gpu'."""
+    dev = _raw_get(manifest, "spec", "resources", "device")
+    return str(dev) if dev in ("gpu", "cpu") else cfg.default_device
+
+
+def effective_manifest(manifest: dict[str, Any], cfg: OperatorConfig) -> Experiment:
+    """Parse the manifest (SpecError on bad input) and apply the operator defaults for unset fields:
+    resources.device, storage.endpoint, storage.credentialsSecret, weightsCache, metrics.pushgateway."""
+    body = {
+        "apiVersion": manifest.get("apiVersion", f"{API_GROUP}/{API_VERSION}"),
+        "kind": manifest.get("kind", KIND),
+        "metadata": {k: v for k, v in (manifest.get("metadata") or {}).items() if k in ("name", "namespace")},
+        "spec": copy.deepcopy(manifest.get("spec") or {}),
+    }
+    exp = parse_manifest(body)
+    spec = exp.spec
+    spec.resources.device = resolve_device(manifest, cfg)  # type: ignore[assignment]
+    if not spec.storage.endpoint and cfg.s3_endpoint:
+        spec.storage.endpoint = cfg.s3_endpoint
+    if not spec.storage.credentials_secret and cfg.s3_credentials_secret:
+        spec.storage.credentials_secret = cfg.s3_credentials_secret
+    if not spec.weights_cache and cfg.weights_cache:
+        spec.weights_cache = cfg.weights_cache
+    if not spec.metrics.pushgateway and cfg.pushgateway:
+        spec.metrics.pushgateway = cfg.pushgateway
+    return exp
+
+
+def step_uses_gpu(exp: Experiment, step: str) -> bool:
+    """Whether `step` requests GPUs (see the module docstring for the table)."""
+    spec = exp.spec
+    if spec.resources.device != "gpu":
+        return False
+    if step == "preprocess":
+        return False
+    if step == "f0":
+        return spec.model.pitch_guidance and spec.f0.method in ("crepe", "rmvpe")
+    return step in ("features", "train", "index")
+
+
+def gpu_count(exp: Experiment, step: str) -> int:
+    if not step_uses_gpu(exp, step):
+        return 0
+    return exp.spec.train.gpus if step == "train" else 1
+
+
+def owner_reference(manifest: dict[str, Any]) -> dict[str, Any]:
+    meta = manifest.get("metadata") or {}
+    if not meta.get("uid"):
+        raise ValueError("metadata.uid: required to own Jobs (pass the object as read from the cluster)")
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def base_labels(manifest: dict[str, Any]) -> dict[str, str]:
+    name = (manifest.get("metadata") or {})["name"]
+    return {APP_LABEL: APP, "app.kubernetes.io/managed-by": APP, LABEL_EXPERIMENT: label_value(name)}
+
+
+def pod_manifest_text(exp: Experiment, manifest: dict[str, Any]) -> str:
+    """The manifest the step pods read (`rvc-pipeline <step> --spec /etc/rvc/experiment.yaml`)."""
+    meta = manifest.get("metadata") or {}
+    doc = {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace", "default")},
+        "spec": exp.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def build_spec_configmap(manifest: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
+    """ConfigMap `<name>-spec` holding the effective manifest, owned by the RVCExperiment."""
+    exp = effective_manifest(manifest, cfg)
+    meta = manifest["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(meta["name"]),
+            "namespace": meta.get("namespace", "default"),
+            "labels": base_labels(manifest),
+            "annotations": {ANN_EXPERIMENT: meta["name"], ANN_GENERATION: str(meta.get("generation", 0))},
+            "ownerReferences": [owner_reference(manifest)],
+        },
+        "data": {SPEC_FILE: pod_manifest_text(exp, manifest)},
+    }
+
+
+def step_image(exp: Experiment, step: str, cfg: OperatorConfig) -> str:
+    if exp.spec.resources.image:
+        return exp.spec.resources.image
+    return cfg.pipeline_image if step_uses_gpu(exp, step) else (cfg.cpu_image or cfg.pipeline_image)
+
+
+def _tolerations(exp: Experiment, gpu: bool, cfg: OperatorConfig) -> list[dict[str, Any]]:
+    if exp.spec.resources.tolerations is not None:
+        return [t.model_dump(by_alias=True, exclude_none=True) for t in exp.spec.resources.tolerations]
+    return copy.deepcopy(cfg.gpu_tolerations) if gpu else []
+
+
+def _node_selector(exp: Experiment, gpu: bool, cfg: OperatorConfig) -> dict[str, str]:
+    if exp.spec.resources.node_selector is not None:
+        return dict(exp.spec.resources.node_selector)
+    return dict(cfg.gpu_node_selector if gpu else cfg.cpu_node_selector)
+
+
+def _env(exp: Experiment, gpu: bool) -> list[dict[str, Any]]:
+    st = exp.spec.storage
+    env: list[dict[str, Any]] = [
+        {"name": "RVC_SCRATCH", "value": SCRATCH},
+        {"name": "HOME", "value": SCRATCH},
+        {"name": "TMPDIR", "value": SCRATCH},
+        {"name": "RVC_WEIGHTS_DIR", "value": f"{SCRATCH}/weights"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if st.credentials_secret:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {
+                "name": st.credentials_secret, "key": key, "optional": True}}})
+    if st.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": st.endpoint})
+    if st.region:
+        env.append({"name": "AWS_REGION", "value": st.region})
+    if exp.spec.metrics.pushgateway:
+        env.append({"name": "RVC_PUSHGATEWAY", "value": exp.spec.metrics.pushgateway})
+    if not gpu:
+        # A CPU pod on a GPU node would otherwise see every GPU through the NVIDIA runtime's defaults.
+        env.append({"name": "CUDA_VISIBLE_DEVICES", "value": ""})
+    return env
+
+
+def _resources(exp: Experiment, step: str) -> dict[str, Any]:
+    r = exp.spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if r.cpu:
+        requests["cpu"] = r.cpu
+    if r.memory:
+        requests["memory"] = r.memory
+        limits["memory"] = r.memory
+    n = gpu_count(exp, step)
+    if n:
+        limits[GPU_RESOURCE] = str(n)
+        requests[GPU_RESOURCE] = str(n)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def build_job_spec(
+    exp_manifest: dict[str, Any],
+    step: str,
+    attempt: int,
+    cfg: OperatorConfig,
+    *,
+    force: bool = False,
+    inputs_hash: str | None = None,
+) -> dict[str, Any]:
+    """The batch/v1 Job that runs `rvc-pipeline <step> --spec /etc/rvc/experiment.yaml` once."""
+    if step not in STEP_ORDER:
+        raise ValueError(f"step: got {step!r}; allowed values: {list(STEP_ORDER)}")
+    if attempt < 1:
+        raise ValueError(f"attempt: must be >= 1, got {attempt}")
+    exp = effective_manifest(exp_manifest, cfg)
+    meta = exp_manifest["metadata"]
+    name = meta["name"]
+    namespace = meta.get("namespace", "default")
+    gpu = step_uses_gpu(exp, step)
+    jname = job_name(name, step, attempt)
+    labels = {**base_labels(exp_manifest), LABEL_STEP: step, LABEL_ATTEMPT: str(attempt)}
+    if exp.spec.resources.queue_name:
+        labels[LABEL_QUEUE] = exp.spec.resources.queue_name
+    annotations = {ANN_EXPERIMENT: name, ANN_GENERATION: str(meta.get("generation", 0))}
+    if inputs_hash:
+        annotations[ANN_INPUTS] = inputs_hash
+    if force:
+        annotations[ANN_FORCE] = "true"
+    pod_labels = {k: v for k, v in labels.items() if k != LABEL_QUEUE}
+
+    command = ["rvc-pipeline", step, "--spec", SPEC_PATH]
+    if force:
+        command.append("--force")
+
+    volumes: list[dict[str, Any]] = [
+        {"name": "spec", "configMap": {"name": configmap_name(name),
+                                       "items": [{"key": SPEC_FILE, "path": SPEC_FILE}]}},
+        {"name": "scratch", "emptyDir": ({"sizeLimit": cfg.scratch_size_limit} if cfg.scratch_size_limit
+                                         else {})},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+        {"name": "scratch", "mountPath": SCRATCH},
+    ]
+    if step == "train":
+        # DataLoader workers pass batches through shared memory; the container default is 64 MiB.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": step_image(exp, step, cfg),
+        "imagePullPolicy": cfg.image_pull_policy,
+        "command": command,
+        "env": _env(exp, gpu),
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "runAsUser": cfg.run_as_user,
+        },
+    }
+    res = _resources(exp, step)
+    if res:
+        container["resources"] = res
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": volumes,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": cfg.run_as_user,
+            "runAsGroup": cfg.run_as_user,
+            "fsGroup": cfg.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    node_selector = _node_selector(exp, gpu, cfg)
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = _tolerations(exp, gpu, cfg)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if exp.spec.resources.affinity:
+        pod_spec["affinity"] = copy.deepcopy(exp.spec.resources.affinity)
+    priority = exp.spec.resources.priority_class_name or cfg.priority_class
+    if priority:
+        pod_spec["priorityClassName"] = priority
+    if cfg.service_account:
+        pod_spec["serviceAccountName"] = cfg.service_account
+    if cfg.host_network:
+        pod_spec["hostNetwork"] = True
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+
+    job_spec: dict[str, Any] = {
+        "backoffLimit": cfg.job_backoff_limit,
+        "activeDeadlineSeconds": cfg.job_active_deadline_seconds,
+        # Newer clusters stop retrying pods at once on a permanent exit code; 1.20 drops this field and
+        # the operator does the same by looking at the pods (status.py).
+        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+            "containerName": CONTAINER, "operator": "In", "values": list(PERMANENT_EXIT_CODES)}}]},
+        "template": {
+            "metadata": {"labels": pod_labels, "annotations": dict(annotations)},
+            "spec": pod_spec,
+        },
+    }
+    if cfg.job_ttl_seconds is not None:
+        job_spec["ttlSecondsAfterFinished"] = cfg.job_ttl_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": jname,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(exp_manifest)],
+        },
+        "spec": job_spec,
+    }
+
+
+def manifest_digest(obj: Any) -> str:
+    """Stable short hash of a JSON-able value."""
+    return _short_hash(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str), 16)

@@ -1,0 +1,229 @@
+"""RVC's small-model format (reference §8.5, `savee` in process_ckpt.py), written and read.
+
+An exported model is a `torch.save`d OrderedDict:
+
+* `weight`: every generator tensor except keys containing "enc_q", in fp16 (weight_g/weight_v names);
+* `config`: the 18 constructor arguments, element 1 = 32 (RVC's placeholder), last = int sample rate;
+* `info`: e.g. "20epoch"; `sr`: "40k" (a string in RVC, an int in Applio); `f0`: 1/0 (a bool in Applio);
+  `version`: "v1"/"v2"; optional extra keys (Applio: epoch, step, creation_date, model_hash, ...).
+
+`load_small_model` reads RVC's and Applio's variants and checks that every non-enc_q tensor was loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models.compat import check_compatible, describe_state_dict, normalized_shapes
+from .models.config import SAMPLE_RATES, VERSIONS, RVCConfig, normalize_sample_rate
+from .models.synthesizer import SynthesizerTrn, build_generator_from_list, constructor_args
+from .models.weightnorm import to_legacy_names
+
+RVC_KEYS: tuple[str, ...] = ("weight", "config", "info", "sr", "f0", "version")
+SUPPORTED_VOCODERS: tuple[str, ...] = ("HiFi-GAN",)
+
+
+class ModelFileError(ValueError):
+    """An exported model file that cannot be used; the message names the file and the cause."""
+
+
+def small_model_weights(net_g_state_dict: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """RVC's `weight` entry: all tensors but enc_q, weight_g/weight_v names, fp16, on CPU."""
+    sd = to_legacy_names(dict(net_g_state_dict))
+    return OrderedDict(
+        (k, v.detach().to("cpu").half()) for k, v in sd.items() if "enc_q" not in k
+    )
+
+
+def export_small_model(net_g_state_dict: Mapping[str, torch.Tensor], cfg: RVCConfig, version: str, f0: bool,
+                       path: str | os.PathLike[str], info: str,
+                       extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write RVC's small-model file at `path` (atomically); returns a summary.
+
+    The state dict is checked first against the (version, cfg sample rate, f0) architecture, so a file
+    that RVC could not load is never written. `extra` keys are added after RVC's own (they may not
+    override them).
+    """
+    if version not in VERSIONS:
+        raise ValueError(f"export: version {version!r} is not one of {list(VERSIONS)}")
+    sr_name = normalize_sample_rate(cfg.sampling_rate)
+    check_compatible(net_g_state_dict, version, sr_name, f0, "export: generator state dict",
+                     kind="generator", allow_missing_enc_q=True)
+    weight = small_model_weights(net_g_state_dict)
+    spk = int(weight["emb_g.weight"].shape[0])
+    opt: OrderedDict[str, Any] = OrderedDict()
+    opt["weight"] = weight
+    opt["config"] = constructor_args(cfg, spk_embed_dim=spk, segment_frames=32)
+    opt["info"] = str(info)
+    opt["sr"] = sr_name
+    opt["f0"] = int(bool(f0))
+    opt["version"] = version
+    for k, v in (extra or {}).items():
+        if k in RVC_KEYS:
+            raise ValueError(f"export: extra key {k!r} would override RVC's own field")
+        opt[k] = v
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(opt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    n_params = sum(int(v.numel()) for v in weight.values())
+    return {"path": str(path), "tensors": len(weight), "params": n_params, "bytes": path.stat().st_size,
+            "sr": sr_name, "f0": int(bool(f0)), "version": version, "info": str(info)}
+
+
+def _as_bool_f0(value: Any, path: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
+        return value.strip().lower() in ("1", "true")
+    raise ModelFileError(f"{path}: field 'f0' must be 0/1 or a bool, got {value!r}")
+
+
+def read_small_model(path: str | os.PathLike[str], weights_only: bool = True) -> dict[str, Any]:
+    """torch.load an exported model and check its top-level structure (no model is built)."""
+    p = str(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError:
+        raise ModelFileError(f"{p}: no such file") from None
+    except Exception as exc:  # corrupt file or a pickle with foreign classes
+        raise ModelFileError(
+            f"{p}: cannot be read as a PyTorch model file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, Mapping):
+        raise ModelFileError(f"{p}: expected a dict with 'weight' and 'config', got {type(ckpt).__name__}")
+    if "weight" not in ckpt:
+        if "model" in ckpt:
+            raise ModelFileError(
+                f"{p}: this is a training checkpoint (G_*.pth / D_*.pth with a 'model' entry), not an "
+                "exported voice model; export it first")
+        raise ModelFileError(f"{p}: missing the 'weight' entry (keys: {sorted(map(str, ckpt))[:10]})")
+    if "config" not in ckpt:
+        raise ModelFileError(f"{p}: missing the 'config' entry")
+    if not isinstance(ckpt["weight"], Mapping) or not ckpt["weight"]:
+        raise ModelFileError(f"{p}: 'weight' must be a non-empty dict of tensors")
+    return dict(ckpt)
+
+
+def load_small_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                     weights_only: bool = True) -> tuple[SynthesizerTrn, dict[str, Any]]:
+    """Load an RVC/Applio exported model: `(net_g in eval mode, fp32, without enc_q; meta)`.
+
+    Follows RVC's loader (config[-3] := emb_g rows; class by version and f0) but: a missing `version`
+    or `f0` is read from the weights (RVC defaults to v1 / f0=1), a contradiction between the fields
+    and the weights is an error, and every non-enc_q tensor must load (missing, unexpected and
+    mismatched keys are named). meta holds version, f0 (bool), sr (int), sr_name, info, config,
+    spk_embed_dim, format ('rvc' or 'applio') and the remaining keys under 'extra'.
+    """
+    p = str(path)
+    ckpt = read_small_model(p, weights_only=weights_only)
+    weight = to_legacy_names({k: v for k, v in ckpt["weight"].items()})
+    bad = [k for k, v in weight.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelFileError(f"{p}: non-tensor entries in 'weight': {bad[:5]}")
+    if "emb_g.weight" not in weight:
+        raise ModelFileError(f"{p}: 'weight' has no emb_g.weight (not an RVC generator)")
+    desc = describe_state_dict(weight)
+
+    vocoder = ckpt.get("vocoder")
+    if vocoder is not None and str(vocoder) not in SUPPORTED_VOCODERS:
+        raise ModelFileError(f"{p}: vocoder {vocoder!r} is not supported (only {list(SUPPORTED_VOCODERS)})")
+
+    if "version" in ckpt:
+        version = str(ckpt["version"])
+        if version not in VERSIONS:
+            raise ModelFileError(f"{p}: field 'version' is {version!r}, expected one of {list(VERSIONS)}")
+        if desc["version"] is not None and desc["version"] != version:
+            raise ModelFileError(f"{p}: field 'version' says {version} but the weights are "
+                                 f"{desc['version']} (emb_phone {desc['phone_dim']}-d)")
+    else:
+        version = desc["version"] or "v1"
+    if "f0" in ckpt:
+        f0 = _as_bool_f0(ckpt["f0"], p)
+        if desc["f0"] is not None and desc["f0"] != f0:
+            raise ModelFileError(f"{p}: field 'f0' says {int(f0)} but the weights are "
+                                 f"{'with' if desc['f0'] else 'without'} pitch")
+    else:
+        f0 = bool(desc["f0"]) if desc["f0"] is not None else True
+
+    config = list(ckpt["config"])
+    if len(config) != 18:
+        raise ModelFileError(f"{p}: 'config' must list 18 constructor arguments, got {len(config)}")
+    try:
+        tgt_sr = int(config[-1])
+    except (TypeError, ValueError):
+        raise ModelFileError(f"{p}: config[-1] (sample rate) is {config[-1]!r}, not an integer") from None
+    sr_field = ckpt.get("sr")
+    if sr_field is not None:
+        try:
+            sr_from_field = SAMPLE_RATES[normalize_sample_rate(sr_field)]
+        except ValueError:
+            sr_from_field = None
+        if sr_from_field is not None and sr_from_field != tgt_sr:
+            raise ModelFileError(f"{p}: field 'sr' is {sr_field!r} but config[-1] is {tgt_sr}")
+    config[-3] = int(weight["emb_g.weight"].shape[0])
+
+    try:
+        net_g = build_generator_from_list(config, version, f0)
+    except Exception as exc:
+        raise ModelFileError(f"{p}: cannot build a model from its config {config}: {exc}") from exc
+    net_g.remove_posterior_encoder()
+
+    expected = {k: tuple(v.shape) for k, v in net_g.state_dict().items()}
+    given = normalized_shapes(weight)
+    given = {k: s for k, s in given.items() if "enc_q" not in k}
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [f"{k} {list(given[k])} (expected {list(s)})" for k, s in expected.items()
+                  if k in given and given[k] != s]
+    if missing or unexpected or mismatched:
+        parts = [f"{p}: weights do not fit a {version} {'f0' if f0 else 'no-f0'} model with config "
+                 f"{config}"]
+        if desc["kind"] == "generator":
+            parts.append(f"the weights look like a {desc['version']} {desc['sr'] or desc['sr_candidates']} "
+                         f"model {'with' if desc['f0'] else 'without'} f0")
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
+            if items:
+                more = f" and {len(items) - 6} more" if len(items) > 6 else ""
+                parts.append(f"{len(items)} {label}: {', '.join(items[:6])}{more}")
+        raise ModelFileError("; ".join(parts))
+
+    to_load = {k: v.float() for k, v in weight.items() if "enc_q" not in k}
+    result = net_g.load_state_dict(to_load, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelFileError(f"{p}: load left missing {result.missing_keys[:6]} / unexpected "
+                             f"{result.unexpected_keys[:6]}")
+    net_g = net_g.float().eval().to(device)
+
+    applio = isinstance(sr_field, int) or isinstance(ckpt.get("f0"), bool) or any(
+        k in ckpt for k in ("model_hash", "creation_date", "vocoder", "embedder_model"))
+    meta: dict[str, Any] = {
+        "version": version, "f0": f0, "sr": tgt_sr, "sr_name": f"{tgt_sr // 1000}k" if tgt_sr % 1000 == 0
+        else str(tgt_sr), "tgt_sr": tgt_sr, "info": ckpt.get("info"), "config": config,
+        "spk_embed_dim": config[-3], "format": "applio" if applio else "rvc",
+        "extra": {k: v for k, v in ckpt.items() if k not in RVC_KEYS},
+    }
+    return net_g, meta
+
+
+def export_from_checkpoint(g_checkpoint: Mapping[str, Any], cfg: RVCConfig, version: str, f0: bool,
+                           path: str | os.PathLike[str], info: str,
+                           extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Export from an RVC training checkpoint dict (`{'model': state_dict, 'iteration': epoch, ...}`)."""
+    if "model" not in g_checkpoint or not isinstance(g_checkpoint["model"], Mapping):
+        raise ValueError("export: checkpoint has no 'model' state dict")
+    return export_small_model(g_checkpoint["model"], cfg, version, f0, path, info, extra)

@@ -1,0 +1,501 @@
+"""Step 2b (pitch): f0 of every 16 kHz slice, saved as RVC does.
+
+For each `1_16k_wavs/<name>.wav` (names containing "spec" are skipped, as in RVC) this writes
+`2b-f0nsf/<name>.wav.npy` (f0 in Hz, float64, 0 = unvoiced, one value per 10 ms frame) and
+`2a_f0/<name>.wav.npy` (RVC's coarse mel bins 1..255, int64). Both are `np.save(dir / "<name>.wav", a)`
+files, so they are interchangeable with RVC's.
+
+Methods (RVC's training settings): pm (Praat autocorrelation through parselmouth), harvest and dio
+(PyWorld + StoneMask refinement, no median filter), crepe (torchcrepe's model and decoding, RVC's
+inference filters) and rmvpe (needs rmvpe.pt). Every method returns exactly p_len = len(x)//160 frames;
+frame i is centred on sample 160*i (pm: RVC's centred zero padding). RVC itself saves len//160 + 1 frames
+for pyworld/rmvpe; training never reads the last one (the data loader cuts pitch to the feature length).
+
+The pure functions (`compute_f0`, `coarse_f0`) take and return arrays; `run(ctx)` is the step. CPU methods
+run in `ctx.workers` processes, each taking chunks of files (no per-file start-up, models loaded once per
+process); crepe/rmvpe on a GPU run in one process, batched. A rerun skips files whose outputs exist (resume
+after an interruption) as long as the method and settings are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .stepio import StepContext
+
+log = logging.getLogger("rvc_pipeline")
+
+SR = 16000
+HOP = 160
+F0_MIN = 50.0
+F0_MAX = 1100.0
+F0_BIN = 256
+F0_MEL_MIN = 1127.0 * math.log(1.0 + F0_MIN / 700.0)
+F0_MEL_MAX = 1127.0 * math.log(1.0 + F0_MAX / 700.0)
+METHODS: tuple[str, ...] = ("pm", "harvest", "dio", "crepe", "rmvpe")
+TORCH_METHODS = ("crepe", "rmvpe")
+
+IN_DIR = "1_16k_wavs"
+COARSE_DIR = "2a_f0"
+NSF_DIR = "2b-f0nsf"
+PARAMS_FILE = ".rvc/f0.params.json"
+PARAMS_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------
+# pure functions
+
+
+def coarse_f0(f0: np.ndarray) -> np.ndarray:
+    """RVC's coarse pitch: mel scale mapped to integer bins 1..255 (unvoiced and <= 50 Hz -> 1)."""
+    f = np.asarray(f0, dtype=np.float64)
+    mel = 1127.0 * np.log(1.0 + f / 700.0)
+    voiced = mel > 0
+    mel[voiced] = (mel[voiced] - F0_MEL_MIN) * (F0_BIN - 2) / (F0_MEL_MAX - F0_MEL_MIN) + 1.0
+    mel[mel <= 1.0] = 1.0
+    mel[mel > F0_BIN - 1] = F0_BIN - 1
+    coarse = np.rint(mel).astype(np.int64)
+    if coarse.size and not (coarse.min() >= 1 and coarse.max() <= 255):
+        raise ValueError(f"coarse f0 out of range 1..255: {coarse.min()}..{coarse.max()}")
+    return coarse
+
+
+def frame_count(n_samples: int) -> int:
+    """RVC's p_len: one f0 frame per 160 samples (10 ms at 16 kHz)."""
+    return n_samples // HOP
+
+
+def fit_length(f0: np.ndarray, p_len: int) -> np.ndarray:
+    """Cut or right-pad with zeros (unvoiced) to p_len frames."""
+    f0 = np.asarray(f0, dtype=np.float64)
+    if len(f0) >= p_len:
+        return f0[:p_len].copy()
+    return np.pad(f0, (0, p_len - len(f0)))
+
+
+def pad_centred(f0: np.ndarray, p_len: int) -> np.ndarray:
+    """RVC's pm padding: (p_len - len + 1)//2 zeros on the left, the rest on the right."""
+    f0 = np.asarray(f0, dtype=np.float64)
+    left = (p_len - len(f0) + 1) // 2
+    right = p_len - len(f0) - left
+    if left > 0 or right > 0:
+        f0 = np.pad(f0, (max(left, 0), max(right, 0)))
+    return f0[:p_len]
+
+
+def f0_pm(x: np.ndarray, p_len: int) -> np.ndarray:
+    import parselmouth
+
+    snd = parselmouth.Sound(np.asarray(x, dtype=np.float64), SR)
+    try:
+        pitch = snd.to_pitch_ac(
+            time_step=HOP / SR, voicing_threshold=0.6, pitch_floor=F0_MIN, pitch_ceiling=F0_MAX
+        )
+    except parselmouth.PraatError:
+        # shorter than one analysis window (3 periods of 50 Hz = 60 ms): nothing is voiced
+        return np.zeros(p_len)
+    return pad_centred(pitch.selected_array["frequency"], p_len)
+
+
+def _f0_world(x: np.ndarray, p_len: int, which: str) -> np.ndarray:
+    import pyworld
+
+    xd = np.ascontiguousarray(x, dtype=np.float64)
+    track = pyworld.harvest if which == "harvest" else pyworld.dio
+    f0, t = track(xd, fs=SR, f0_ceil=F0_MAX, f0_floor=F0_MIN, frame_period=1000.0 * HOP / SR)
+    f0 = pyworld.stonemask(xd, f0, t, SR)
+    return fit_length(f0, p_len)
+
+
+def f0_harvest(x: np.ndarray, p_len: int) -> np.ndarray:
+    return _f0_world(x, p_len, "harvest")
+
+
+def f0_dio(x: np.ndarray, p_len: int) -> np.ndarray:
+    return _f0_world(x, p_len, "dio")
+
+
+_MODELS: dict[tuple[str, ...], Any] = {}
+
+
+def get_crepe(capacity: str = "full", device: str = "cpu") -> Any:
+    """A CREPE model, loaded once per process."""
+    key = ("crepe", capacity, device)
+    if key not in _MODELS:
+        from .crepe import Crepe
+
+        _MODELS[key] = Crepe(capacity, device)
+    return _MODELS[key]
+
+
+def get_rmvpe(checkpoint: str | Path, device: str = "cpu") -> Any:
+    """An RMVPE model from a local rmvpe.pt, loaded once per process."""
+    key = ("rmvpe", str(checkpoint), device)
+    if key not in _MODELS:
+        from .rmvpe import RMVPE
+
+        _MODELS[key] = RMVPE(checkpoint, device)
+    return _MODELS[key]
+
+
+def _check_audio(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"audio: expected a 1-D 16 kHz signal, got shape {list(x.shape)}")
+    if x.size and not np.isfinite(x).all():
+        raise ValueError("audio: contains NaN or infinite samples")
+    return x
+
+
+def compute_f0(x: np.ndarray, method: str, p_len: int | None = None, **opts: Any) -> np.ndarray:
+    """f0 in Hz (float64, 0 = unvoiced) per 10 ms frame of 16 kHz audio `x`, p_len frames (len(x)//160).
+
+    opts: crepe: `model` ("full" | "tiny", default full), `device`, `batch_size` (512), `crepe` (a loaded
+    rvc_pipeline.crepe.Crepe); rmvpe: `checkpoint` (path of rmvpe.pt) or `rmvpe` (a loaded RMVPE),
+    `device`, `threshold` (0.03).
+    """
+    x = _check_audio(x)
+    if p_len is None:
+        p_len = frame_count(len(x))
+    if method not in METHODS:
+        raise ValueError(f"f0 method {method!r}: expected one of {', '.join(METHODS)}")
+    if p_len <= 0:
+        return np.zeros(0)
+    if method == "pm":
+        return f0_pm(x, p_len)
+    if method in ("harvest", "dio"):
+        return _f0_world(x, p_len, method)
+    return compute_f0_batch([x], method, [p_len], **opts)[0]
+
+
+def compute_f0_batch(
+    xs: Sequence[np.ndarray], method: str, p_lens: Sequence[int] | None = None, **opts: Any
+) -> list[np.ndarray]:
+    """compute_f0 for several signals; crepe and rmvpe run their networks on batches across signals."""
+    xs = [_check_audio(x) for x in xs]
+    lens = list(p_lens) if p_lens is not None else [frame_count(len(x)) for x in xs]
+    if method not in TORCH_METHODS:
+        return [compute_f0(x, method, n) for x, n in zip(xs, lens)]
+    device = opts.get("device", "cpu")
+    if method == "rmvpe":
+        from .rmvpe import THRESHOLD, decode
+
+        model = opts.get("rmvpe")
+        if model is None:
+            if not opts.get("checkpoint"):
+                raise ValueError("rmvpe: pass checkpoint=<path of rmvpe.pt> or rmvpe=<loaded RMVPE>")
+            model = get_rmvpe(opts["checkpoint"], device)
+        sal = model.salience_batch(list(xs))
+        thr = float(opts.get("threshold", THRESHOLD))
+        return [fit_length(decode(s, thr), n) for s, n in zip(sal, lens)]
+    # crepe
+    import torch
+
+    from .crepe import decode, postprocess
+
+    model = opts.get("crepe") or get_crepe(opts.get("model", "full"), device)
+    batch = int(opts.get("batch_size", 512))
+    frames = [model.frames(x, HOP) for x in xs]
+    acts = model.activations(torch.cat(frames), batch) if frames else np.zeros((0, 360))
+    out, start = [], 0
+    for fr, n in zip(frames, lens):
+        act = acts[start : start + len(fr)]
+        start += len(fr)
+        f0, pd = decode(act, F0_MIN, F0_MAX, batch)
+        out.append(fit_length(postprocess(f0, pd, 0.1), n))
+    return out
+
+
+def read_16k(path: Path) -> np.ndarray:
+    """A 16 kHz mono slice as float32. soundfile reads the float32 WAVs preprocess writes (bit-identical to
+    RVC's ffmpeg load_audio for them); anything else goes through ffmpeg."""
+    import soundfile as sf
+
+    try:
+        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        if sr == SR and x.shape[1] == 1:
+            return np.ascontiguousarray(x[:, 0])
+    except (sf.LibsndfileError, RuntimeError, ValueError):
+        pass
+    from .audio import load_audio
+
+    return load_audio(path, SR)
+
+
+def save_npy(path: Path, arr: np.ndarray) -> None:
+    """np.save `arr` to exactly `path` (no suffix added), atomically."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# worker side
+
+
+@dataclass
+class _Job:
+    method: str
+    opts: dict[str, Any]
+    items: list[tuple[str, str, str]]  # (wav, nsf output, coarse output)
+    torch_threads: int = 0
+    batch_files: int = 1
+
+
+@dataclass
+class _Result:
+    name: str
+    frames: int = 0
+    voiced: int = 0
+    samples: int = 0
+    error: str | None = None
+
+
+@dataclass
+class _Loaded:
+    item: tuple[str, str, str]
+    x: np.ndarray | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _load(item: tuple[str, str, str]) -> _Loaded:
+    wav = Path(item[0])
+    try:
+        x = read_16k(wav)
+    except Exception as e:  # noqa: BLE001 - reported as a StepFailed naming the file
+        return _Loaded(item, error=f"{wav.name}: cannot load: {e}")
+    if frame_count(len(x)) == 0:
+        return _Loaded(item, error=f"{wav.name}: too short ({len(x)} samples, less than one 10 ms frame)")
+    if not np.isfinite(x).all():
+        return _Loaded(item, error=f"{wav.name}: contains NaN or infinite samples")
+    return _Loaded(item, x=x)
+
+
+def _save(item: tuple[str, str, str], f0: np.ndarray, n_samples: int) -> _Result:
+    f0 = np.asarray(f0, dtype=np.float64)
+    save_npy(Path(item[1]), f0)
+    save_npy(Path(item[2]), coarse_f0(f0))
+    return _Result(Path(item[0]).name, len(f0), int((f0 > 0).sum()), n_samples)
+
+
+def process_chunk(job: _Job) -> list[_Result]:
+    """Compute and save f0 for a chunk of files (runs in a worker process or inline)."""
+    if job.method in TORCH_METHODS and job.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(job.torch_threads)
+    out: list[_Result] = []
+    step = max(1, job.batch_files)
+    for s in range(0, len(job.items), step):
+        loaded = [_load(it) for it in job.items[s : s + step]]
+        good = [ld for ld in loaded if ld.x is not None]
+        out += [_Result(Path(ld.item[0]).name, error=ld.error) for ld in loaded if ld.error]
+        if not good:
+            continue
+        try:
+            xs = [ld.x for ld in good if ld.x is not None]
+            f0s = compute_f0_batch(xs, job.method, **job.opts)
+        except Exception as e:  # noqa: BLE001 - name the files, then the step fails
+            names = ", ".join(Path(ld.item[0]).name for ld in good)
+            out.append(_Result(names, error=f"{names}: f0 ({job.method}) failed: {type(e).__name__}: {e}"))
+            continue
+        for ld, f0, x in zip(good, f0s, xs):
+            out.append(_save(ld.item, f0, len(x)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the step
+
+
+def _params(ctx: StepContext, method: str) -> dict[str, Any]:
+    p: dict[str, Any] = {"version": PARAMS_VERSION, "method": method, "hop": HOP, "frames": "len//160"}
+    if method == "crepe":
+        p["crepe_model"] = ctx.spec.f0.crepe_model
+    if method == "rmvpe":
+        p["rmvpe_checkpoint"] = ctx.spec.f0.rmvpe_checkpoint
+    return p
+
+
+def _device(ctx: StepContext, method: str) -> str:
+    if method not in TORCH_METHODS or not ctx.spec.gpu:
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    log.warning("f0: resources.device is gpu but no CUDA device is visible; %s runs on the CPU", method)
+    return "cpu"
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _done(wav: Path, nsf: Path, coarse: Path) -> bool:
+    """Outputs exist and match the input's frame count (a re-sliced input of another length is redone)."""
+    if not (nsf.is_file() and coarse.is_file()):
+        return False
+    try:
+        import soundfile as sf
+
+        want = frame_count(sf.info(str(wav)).frames)
+        return all(np.load(p, mmap_mode="r").shape == (want,) for p in (nsf, coarse))
+    except Exception:  # noqa: BLE001 - unreadable output or input: redo it
+        return False
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    from .stepio import StepFailed
+
+    spec = ctx.spec
+    if not spec.model.pitch_guidance:
+        return {"skipped_reason": "model without pitch"}
+    method = spec.f0.method
+    opts: dict[str, Any] = {}
+    if method == "rmvpe":
+        from .weights import resolve_weight
+
+        ref = spec.f0.rmvpe_checkpoint or "rmvpe.pt"
+        opts["checkpoint"] = str(resolve_weight(ref, spec, what="RMVPE checkpoint"))
+    elif method == "crepe":
+        opts["model"] = spec.f0.crepe_model
+    device = _device(ctx, method)
+    opts["device"] = device
+
+    ctx.pull(IN_DIR)
+    exp = ctx.exp_dir
+    in_dir, nsf_dir, coarse_dir = exp / IN_DIR, exp / NSF_DIR, exp / COARSE_DIR
+    wavs = sorted(p for p in in_dir.glob("*.wav") if "spec" not in p.name) if in_dir.is_dir() else []
+    if not wavs:
+        raise StepFailed(f"f0: no input files in {IN_DIR}/ of {ctx.exp_key} (run preprocess first)")
+
+    # resume: reuse outputs of an interrupted run with the same settings, else start over
+    params = _params(ctx, method)
+    ctx.pull(PARAMS_FILE, NSF_DIR, COARSE_DIR)
+    pfile = exp / PARAMS_FILE
+    old = json.loads(pfile.read_text()) if pfile.is_file() else None
+    nsf_dir.mkdir(parents=True, exist_ok=True)
+    coarse_dir.mkdir(parents=True, exist_ok=True)
+    for d in (nsf_dir, coarse_dir):
+        for p in d.glob("*.partial"):
+            p.unlink()
+    if old != params:
+        for d in (nsf_dir, coarse_dir):
+            for p in d.glob("*.wav.npy"):
+                p.unlink()
+    pfile.parent.mkdir(parents=True, exist_ok=True)
+    pfile.write_text(json.dumps(params))
+    ctx.push(PARAMS_FILE)
+
+    outs = {w: (nsf_dir / (w.name + ".npy"), coarse_dir / (w.name + ".npy")) for w in wavs}
+    todo = [w for w in wavs if not _done(w, *outs[w])]
+    n_skip = len(wavs) - len(todo)
+    if n_skip:
+        log.info("f0: %d of %d files already done, resuming", n_skip, len(wavs))
+
+    items = [(str(w), str(outs[w][0]), str(outs[w][1])) for w in todo]
+    workers = max(1, ctx.workers)
+    gpu = device != "cpu"
+    if gpu:
+        procs, per, batch_files, threads = 1, 64, 64, 0
+    else:
+        procs = min(workers, len(items)) if items else 1
+        per = max(1, min(32, math.ceil(len(items) / (procs * 4)))) if items else 1
+        batch_files = 1
+        threads = max(1, len(os.sched_getaffinity(0)) // procs) if procs > 1 else 0
+    jobs = [_Job(method, opts, ch, threads, batch_files) for ch in _chunks(items, per)]
+
+    t0 = time.time()
+    results: list[_Result] = []
+    last_event = 0.0
+    total = len(wavs)
+    ctx.reporter.event("progress", files_done=n_skip, files_total=total)
+    last_push = time.time()
+    with _Runner(procs, len(jobs)) as runner:
+        for r in ctx.reporter.bar(runner.results(jobs), total=len(items), desc=f"f0 ({method})", unit="file"):
+            if r.error:
+                runner.cancel()
+                raise StepFailed(f"f0: {r.error} (in {IN_DIR}/ of {ctx.exp_key})")
+            results.append(r)
+            now = time.time()
+            if now - last_event >= 1.0 or len(results) == len(items):
+                ctx.reporter.event("progress", files_done=n_skip + len(results), files_total=total)
+                last_event = now
+            if ctx.remote and now - last_push > 120:  # keep a spot-node restart from losing everything
+                ctx.push(NSF_DIR, COARSE_DIR)
+                last_push = now
+    compute_s = time.time() - t0
+
+    missing = [w.name for w in wavs if not all(p.is_file() for p in outs[w])]
+    if missing:
+        raise StepFailed(
+            f"f0: no output for {len(missing)} of {len(wavs)} files: {', '.join(missing[:20])}"
+            + (" ..." if len(missing) > 20 else "")
+        )
+    frames = voiced = 0
+    for w in wavs:
+        f0 = np.load(outs[w][0])
+        frames += len(f0)
+        voiced += int((f0 > 0).sum())
+    ctx.push(NSF_DIR, COARSE_DIR)
+    audio_s = sum(r.samples for r in results) / SR
+    return {
+        "files": len(wavs),
+        "computed": len(results),
+        "resumed": n_skip,
+        "frames": frames,
+        "voiced_ratio": round(voiced / frames, 4) if frames else 0.0,
+        "method": method,
+        "device": device,
+        "processes": procs,
+        "compute_seconds": round(compute_s, 3),
+        "audio_seconds": round(audio_s, 3),
+        "realtime_factor": round(audio_s / compute_s, 1) if compute_s > 0 and audio_s else None,
+    }
+
+
+class _Runner:
+    """Runs jobs inline (one process) or on a spawn-based process pool; yields per-file results."""
+
+    def __init__(self, procs: int, n_jobs: int) -> None:
+        self.pool: ProcessPoolExecutor | None = None
+        self.futures: list[Future[list[_Result]]] = []
+        if procs > 1 and n_jobs > 1:
+            import multiprocessing as mp
+
+            self.pool = ProcessPoolExecutor(max_workers=procs, mp_context=mp.get_context("spawn"))
+
+    def __enter__(self) -> _Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def cancel(self) -> None:
+        for f in self.futures:
+            f.cancel()
+
+    def results(self, jobs: list[_Job]) -> Iterator[_Result]:
+        if self.pool is None:
+            for job in jobs:
+                yield from process_chunk(job)
+            return
+        self.futures = [self.pool.submit(process_chunk, job) for job in jobs]
+        for fut in as_completed(self.futures):
+            yield from fut.result()

@@ -1,0 +1,120 @@
+"""HiFi-GAN discriminators (reference §7.5): MultiPeriodDiscriminator (v1) and ...V2 (v2).
+
+`forward(y, y_hat)` returns `(real_logits, fake_logits, real_fmaps, fake_fmaps)`: one entry per
+sub-discriminator (7 for v1, 9 for v2); each fmaps entry is a list (7 maps for DiscriminatorS, 6 for
+DiscriminatorP). Real and fake audio go through each sub-discriminator as one batch (same numbers as
+two calls, half the kernel launches).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .commons import get_padding
+from .modules import LRELU_SLOPE
+from .weightnorm import remove_all_weight_norm, weight_norm
+
+PERIODS: dict[str, tuple[int, ...]] = {"v1": (2, 3, 5, 7, 11, 17), "v2": (2, 3, 5, 7, 11, 17, 23, 37)}
+
+
+class DiscriminatorS(nn.Module):
+    """Scale discriminator on raw audio (grouped strided Conv1d stack)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        specs = [(1, 16, 15, 1, 1, 7), (16, 64, 41, 4, 4, 20), (64, 256, 41, 4, 16, 20),
+                 (256, 1024, 41, 4, 64, 20), (1024, 1024, 41, 4, 256, 20), (1024, 1024, 5, 1, 1, 2)]
+        self.convs = nn.ModuleList([
+            weight_norm(nn.Conv1d(i, o, k, s, groups=g, padding=p)) for i, o, k, s, g, p in specs
+        ])
+        self.conv_post = weight_norm(nn.Conv1d(1024, 1, 3, 1, padding=1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x [B, 1, T] -> (logits [B, N], 7 feature maps)."""
+        fmap: list[torch.Tensor] = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), LRELU_SLOPE)
+            fmap.append(x)
+        x = self.conv_post(x)
+        fmap.append(x)
+        return torch.flatten(x, 1, -1), fmap
+
+
+class DiscriminatorP(nn.Module):
+    """Period discriminator: audio folded to [B, 1, T/p, p], Conv2d (k, 1) stack."""
+
+    def __init__(self, period: int, kernel_size: int = 5, stride: int = 3) -> None:
+        super().__init__()
+        self.period = period
+        pad = (get_padding(kernel_size, 1), 0)
+        chans = [1, 32, 128, 512, 1024]
+        convs = [weight_norm(nn.Conv2d(chans[i], chans[i + 1], (kernel_size, 1), (stride, 1), padding=pad))
+                 for i in range(4)]
+        convs.append(weight_norm(nn.Conv2d(1024, 1024, (kernel_size, 1), 1, padding=pad)))
+        self.convs = nn.ModuleList(convs)
+        self.conv_post = weight_norm(nn.Conv2d(1024, 1, (3, 1), 1, padding=(1, 0)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x [B, 1, T] -> (logits [B, N], 6 feature maps)."""
+        b, c, t = x.shape
+        if t % self.period:
+            n_pad = self.period - t % self.period
+            x = F.pad(x, (0, n_pad), "reflect")
+            t = t + n_pad
+        x = x.view(b, c, t // self.period, self.period)
+        fmap: list[torch.Tensor] = []
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), LRELU_SLOPE)
+            fmap.append(x)
+        x = self.conv_post(x)
+        fmap.append(x)
+        return torch.flatten(x, 1, -1), fmap
+
+
+class MultiPeriodDiscriminator(nn.Module):
+    """[DiscriminatorS] + [DiscriminatorP(p) for p in periods] (v1: 6 periods, v2: 8)."""
+
+    def __init__(self, periods: tuple[int, ...] = PERIODS["v1"]) -> None:
+        super().__init__()
+        self.periods = tuple(periods)
+        self.discriminators = nn.ModuleList([DiscriminatorS()] + [DiscriminatorP(p) for p in periods])
+
+    def forward(self, y: torch.Tensor, y_hat: torch.Tensor
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]],
+                           list[list[torch.Tensor]]]:
+        if y.shape != y_hat.shape:
+            raise ValueError(f"discriminator: real {tuple(y.shape)} and fake {tuple(y_hat.shape)} differ")
+        b = y.size(0)
+        both = torch.cat([y, y_hat.to(y.dtype)], dim=0)
+        y_d_rs: list[torch.Tensor] = []
+        y_d_gs: list[torch.Tensor] = []
+        fmap_rs: list[list[torch.Tensor]] = []
+        fmap_gs: list[list[torch.Tensor]] = []
+        for d in self.discriminators:
+            logits, fmap = d(both)
+            y_d_rs.append(logits[:b])
+            y_d_gs.append(logits[b:])
+            fmap_rs.append([f[:b] for f in fmap])
+            fmap_gs.append([f[b:] for f in fmap])
+        return y_d_rs, y_d_gs, fmap_rs, fmap_gs
+
+    def remove_weight_norm(self) -> None:
+        remove_all_weight_norm(self)
+
+
+class MultiPeriodDiscriminatorV2(MultiPeriodDiscriminator):
+    """v2: periods 2, 3, 5, 7, 11, 17, 23, 37."""
+
+    def __init__(self) -> None:
+        super().__init__(PERIODS["v2"])
+
+
+def build_discriminator(version: str) -> MultiPeriodDiscriminator:
+    """v1 -> MultiPeriodDiscriminator, v2 -> MultiPeriodDiscriminatorV2."""
+    if version == "v1":
+        return MultiPeriodDiscriminator(PERIODS["v1"])
+    if version == "v2":
+        return MultiPeriodDiscriminatorV2()
+    raise ValueError(f"discriminator version must be 'v1' or 'v2', got {version!r}")

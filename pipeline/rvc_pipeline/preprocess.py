@@ -1,0 +1,557 @@
+"""Step 2a, preprocess: cut the dataset into normalised pieces in `0_gt_wavs/` (model sr) and
+`1_16k_wavs/` (16 kHz), float32 WAVs named `<idx0>_<idx1>.wav` exactly like RVC.
+
+The recipe (reference section 2): decode with ffmpeg to float32 mono at the model sr, 48 Hz order-5
+Butterworth high-pass (causal lfilter by default), RVC's silence slicer, pieces of `per` s (3.7) every
+`per - overlap` s with the tail rule and RVC's idx1 numbering quirk, normalise with
+0.675*x/max|x| + 0.25*x, skip pieces whose peak exceeds 2.5, write float32 at sr and resampled to
+16 kHz (librosa's default soxr_hq).
+
+Differences from RVC, all reported in `preprocess.json`, never silent:
+* pieces RVC's trainer would drop anyway (shorter than about 0.76 s: its sampler drops items with
+  `wav bytes // (3*hop) <= 100`) are not written, and pieces with a zero peak (RVC would write NaNs)
+  are not written either;
+* bounded memory for long files: a file is decoded as a stream (ffmpeg stdout read in chunks of
+  2^18 samples), high-passed chunk by chunk with the filter state carried over (identical to filtering
+  the whole file), and buffered into blocks of at most `block_seconds` (60 s). A full block is cut in
+  the middle of the last silence (a run of at least min_interval silent frames) in its second half, or
+  at its end if there is none, and each block is sliced and segmented on its own (the idx1 counter
+  runs on across blocks). A file shorter than one block is processed exactly as RVC does; for longer
+  ones, pieces differ only near block boundaries, which lie in silences where RVC's slicer would cut
+  anyway. Peak memory per worker is a few block sizes, whatever the file length. With the
+  'filtfilt' high-pass, zero-phase filtering is applied per block.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .audio import (
+    WAV_F32_HEADER_BYTES,
+    AudioError,
+    AudioStream,
+    HighPassStream,
+    high_pass,
+    resample,
+    write_wav_f32,
+)
+from .slicer import Slicer, frame_rms, silent_runs
+from .storage import open_storage, scratch_dir
+
+if TYPE_CHECKING:  # the worker processes import this module: keep pydantic (spec, stepio) out of it
+    from .stepio import StepContext
+
+log = logging.getLogger("rvc_pipeline")
+
+GT_DIR = "0_gt_wavs"
+WAV16_DIR = "1_16k_wavs"
+REPORT = "preprocess.json"
+LOGFILE = "preprocess.log"
+SR_16K = 16000
+NORM_MAX = 0.9
+NORM_ALPHA = 0.75
+BLOCK_SECONDS = 60.0
+STREAM_CHUNK_SAMPLES = 1 << 18
+
+
+def min_train_samples(sr: int) -> int:
+    """Fewest samples a float32 WAV piece needs so that RVC's sampler keeps it.
+
+    The sampler's length is `file bytes // (3*hop)` (hop = sr/100 in every RVC config) and items with
+    a length <= 100 are dropped: that is about 0.76 s at every sample rate.
+    """
+    hop3 = 3 * (sr // 100)
+    return math.ceil((101 * hop3 - WAV_F32_HEADER_BYTES) / 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure functions: arrays in, arrays out
+# ------------------------------------------------------------------------------------------------
+
+
+class Segmenter:
+    """RVC's cutting of each slicer chunk into pieces, with its file-wide idx1 counter.
+
+    For i = 0, 1, ...: start = int(sr*(per-overlap)*i); while the rest is longer than (per+overlap)*sr
+    emit `per` seconds and count idx1 up; otherwise count idx1 up first, emit the rest, stop (so the
+    last piece of a chunk skips a number: a short chunk becomes `_1`, not `_0`).
+
+    RVC bug, fixed by default: the counter is not advanced after a chunk's last piece, so when the next
+    chunk starts with a full piece, that piece gets the same idx1 and RVC's write silently overwrites
+    the previous chunk's last piece (data loss). With `fix_overwrite` (default) the counter is bumped
+    in exactly that case, so names equal RVC's up to the first such collision, every piece is kept,
+    and `collisions` counts the pieces RVC would have lost. With `fix_overwrite=False` the duplicate
+    numbers are produced as RVC produces them (write them in order and the last one wins, as in RVC).
+    """
+
+    def __init__(self, sr: int, per: float = 3.7, overlap: float = 0.3, fix_overwrite: bool = True):
+        self.sr = sr
+        self.per = per
+        self.overlap = overlap
+        self.tail = per + overlap
+        self.fix_overwrite = fix_overwrite
+        self.idx1 = 0
+        self.collisions = 0
+        self._last_tail: int | None = None
+
+    def segments(self, chunk: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        out: list[tuple[int, np.ndarray]] = []
+        i = 0
+        while True:
+            start = int(self.sr * (self.per - self.overlap) * i)
+            i += 1
+            if len(chunk[start:]) > self.tail * self.sr:
+                if self.idx1 == self._last_tail:
+                    self.collisions += 1
+                    if self.fix_overwrite:
+                        self.idx1 += 1
+                out.append((self.idx1, chunk[start: start + int(self.per * self.sr)]))
+                self.idx1 += 1
+            else:
+                self.idx1 += 1
+                out.append((self.idx1, chunk[start:]))
+                self._last_tail = self.idx1
+                return out
+
+
+def normalize(x: np.ndarray, max_peak: float = 2.5) -> np.ndarray | None:
+    """RVC's norm_write: None when max|x| > max_peak (or 0), else x/m*(0.9*0.75) + (1-0.75)*x."""
+    m = float(np.abs(x).max()) if len(x) else 0.0
+    if m > max_peak or m == 0.0:
+        return None
+    return (x / m * (NORM_MAX * NORM_ALPHA)) + (1 - NORM_ALPHA) * x
+
+
+def preprocess_audio(
+    x: np.ndarray,
+    sr: int,
+    per: float = 3.7,
+    overlap: float = 0.3,
+    hp_mode: str = "lfilter",
+    slicer: Slicer | None = None,
+    max_peak: float = 2.5,
+    fix_overwrite: bool = True,
+) -> list[tuple[int, np.ndarray]]:
+    """RVC's preprocessing of one decoded file (float32 mono at sr): [(idx1, normalised piece)].
+
+    Pieces are float64 (as RVC has them before writing). Peak-filtered pieces (and zero-peak ones,
+    which RVC would turn into NaNs) are left out; their idx1 numbers stay unused, as in RVC.
+    With `fix_overwrite=False` the result is exactly the set of files RVC leaves on disk (a piece
+    that RVC overwrites with a later one of the same name is replaced by it); see `Segmenter`.
+    """
+    sl = slicer or Slicer(sr)
+    seg = Segmenter(sr, per, overlap, fix_overwrite=fix_overwrite)
+    y = high_pass(x, sr, hp_mode)
+    out: dict[int, np.ndarray] = {}
+    for chunk in sl.slice(y):
+        for idx1, piece in seg.segments(chunk):
+            z = normalize(piece, max_peak)
+            if z is not None:
+                out[idx1] = z
+    return sorted(out.items(), key=lambda kv: kv[0])
+
+
+def blocks_at_silences(
+    chunks: Iterable[np.ndarray], slicer: Slicer, block_samples: int
+) -> Iterator[np.ndarray]:
+    """Regroup a stream of sample chunks into blocks of at most `block_samples`, each cut (except the
+    last) in the middle of the last silent run (>= min_interval frames) of its second half, or at
+    `block_samples` when that half has no such silence. Memory: one block plus one chunk."""
+    parts: list[np.ndarray] = []
+    n = 0
+    for c in chunks:
+        parts.append(c)
+        n += len(c)
+        while n >= block_samples:
+            buf = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            parts = []  # free the chunks before the block is used
+            cut = _block_cut(buf[:block_samples], slicer)
+            yield buf[:cut]
+            rest = buf[cut:].copy()
+            del buf
+            parts, n = [rest], len(rest)
+    if n:
+        yield np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _block_cut(region: np.ndarray, slicer: Slicer) -> int:
+    half = len(region) // 2
+    rms = frame_rms(region[half:], slicer.win, slicer.hop)
+    starts, ends = silent_runs(rms, slicer.threshold)
+    long_enough = np.flatnonzero(ends - starts >= slicer.min_interval)
+    if long_enough.size == 0:
+        return len(region)
+    k = long_enough[-1]
+    mid = (int(starts[k]) + int(ends[k])) // 2
+    return min(len(region), max(1, half + mid * slicer.hop))
+
+
+# ------------------------------------------------------------------------------------------------
+# One file (runs in a worker process)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Params:
+    sr: int
+    per: float = 3.7
+    overlap: float = 0.3
+    hp_mode: str = "lfilter"
+    max_peak: float = 2.5
+    threshold_db: float = -42.0
+    min_length_ms: float = 1500
+    min_interval_ms: float = 400
+    hop_size_ms: float = 15
+    max_sil_kept_ms: float = 500
+    block_seconds: float = BLOCK_SECONDS
+    drop_short: bool = True
+
+    def slicer(self) -> Slicer:
+        return Slicer(self.sr, self.threshold_db, self.min_length_ms, self.min_interval_ms,
+                      self.hop_size_ms, self.max_sil_kept_ms)
+
+    @classmethod
+    def from_spec(cls, spec: Any, **over: Any) -> Params:
+        p, s = spec.preprocess, spec.preprocess.slicer
+        kw: dict[str, Any] = dict(
+            sr=spec.model.sr, per=p.segment_seconds, overlap=p.overlap_seconds, hp_mode=p.high_pass,
+            max_peak=p.max_peak, threshold_db=s.threshold_db, min_length_ms=s.min_length_ms,
+            min_interval_ms=s.min_interval_ms, hop_size_ms=s.hop_size_ms, max_sil_kept_ms=s.max_sil_kept_ms,
+        )
+        kw.update(over)
+        return cls(**kw)
+
+
+@dataclass
+class FileJob:
+    idx0: int
+    name: str
+    path: str
+    exp_dir: str
+    params: Params
+
+
+@dataclass
+class FileReport:
+    index: int
+    name: str
+    status: str = "ok"  # ok | skipped
+    reason: str | None = None
+    duration_s: float = 0.0
+    pieces: int = 0
+    piece_seconds: float = 0.0
+    peak_filtered: int = 0
+    silent_pieces: int = 0
+    short_pieces: int = 0
+    short_seconds: float = 0.0
+    rvc_overwrites_avoided: int = 0
+    peak: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+
+def process_file(job: FileJob) -> FileReport:
+    """Decode, slice, segment, normalise and write the pieces of one input file."""
+    p = job.params
+    sr = p.sr
+    rep = FileReport(index=job.idx0, name=job.name)
+    gt_dir = Path(job.exp_dir) / GT_DIR
+    wav16_dir = Path(job.exp_dir) / WAV16_DIR
+    slicer = p.slicer()
+    seg = Segmenter(sr, p.per, p.overlap)
+    hp = HighPassStream(sr, p.hp_mode)
+    min_n = min_train_samples(sr) if p.drop_short else 0
+    block_samples = max(int(p.block_seconds * sr), 4 * slicer.win)
+    stream = AudioStream(job.path, sr, chunk_samples=STREAM_CHUNK_SAMPLES)
+    loudest = 0.0
+    try:
+        for block in blocks_at_silences((hp(c) for c in stream), slicer, block_samples):
+            if p.hp_mode == "filtfilt":
+                block = high_pass(block, sr, "filtfilt")
+            if len(block):  # max|x| without an |x| temporary
+                rep.peak = max(rep.peak, float(block.max()), -float(block.min()))
+            bounds, lb = slicer.analyse(block)
+            loudest = max(loudest, lb)
+            for a, b in bounds:
+                for idx1, piece in seg.segments(block[a:b]):
+                    m = float(np.abs(piece).max()) if len(piece) else 0.0
+                    if m > p.max_peak:
+                        rep.peak_filtered += 1
+                        rep.log.append(f"{job.idx0}-{idx1}-filtered (peak {m:.2f} > {p.max_peak})")
+                        continue
+                    if m == 0.0:
+                        rep.silent_pieces += 1
+                        continue
+                    if len(piece) < min_n:
+                        rep.short_pieces += 1
+                        rep.short_seconds += len(piece) / sr
+                        continue
+                    y = normalize(piece, p.max_peak)
+                    assert y is not None
+                    stem = f"{job.idx0}_{idx1}.wav"
+                    write_wav_f32(gt_dir / stem, y.astype(np.float32), sr)
+                    write_wav_f32(wav16_dir / stem, resample(y, sr, SR_16K).astype(np.float32), SR_16K)
+                    rep.pieces += 1
+                    rep.piece_seconds += len(piece) / sr
+    except AudioError as e:
+        _remove_pieces(job.idx0, gt_dir, wav16_dir)
+        rep.status, rep.pieces, rep.piece_seconds = "skipped", 0, 0.0
+        rep.reason = f"not audio or corrupt: {str(e).removeprefix(f'{job.path}: ')}"
+        rep.duration_s = round(stream.seconds, 3)
+        rep.log.append(f"{job.name}\t-> skipped: {rep.reason}")
+        return rep
+    rep.duration_s = round(stream.seconds, 3)
+    rep.warnings = stream.warnings
+    rep.rvc_overwrites_avoided = seg.collisions
+    rep.piece_seconds = round(rep.piece_seconds, 3)
+    rep.short_seconds = round(rep.short_seconds, 3)
+    rep.peak = round(rep.peak, 4)
+    if rep.pieces == 0:
+        rep.status = "skipped"
+        rep.reason = _why_nothing(rep, loudest, slicer, sr, min_n)
+        rep.log.append(f"{job.name}\t-> skipped: {rep.reason}")
+    else:
+        rep.log.append(f"{job.name}\t-> Success ({rep.pieces} pieces, {rep.piece_seconds:.2f} s)")
+    for w in rep.warnings:
+        rep.log.append(f"{job.name}\t-> ffmpeg warning: {w}")
+    return rep
+
+
+def _why_nothing(rep: FileReport, loudest: float, slicer: Slicer, sr: int, min_n: int) -> str:
+    if rep.peak == 0.0 or loudest < slicer.threshold:
+        level = 20 * math.log10(loudest) if loudest > 0 else float("-inf")
+        return (f"all silence (loudest frame {level:.1f} dB RMS, below the slicer threshold "
+                f"{slicer.threshold_db:g} dB)")
+    if rep.duration_s * sr < min_n or (rep.short_pieces and not rep.peak_filtered):
+        return (f"too short to train on ({rep.duration_s:.2f} s of audio, "
+                f"{rep.short_pieces} piece(s) under {min_n / sr:.2f} s, which RVC's trainer drops)")
+    if rep.peak_filtered:
+        return (f"every piece was filtered: {rep.peak_filtered} piece(s) peak above the limit "
+                f"(is it float audio far beyond full scale?)")
+    return "no piece produced"
+
+
+def _remove_pieces(idx0: int, *dirs: Path) -> None:
+    for d in dirs:
+        for q in d.glob(f"{idx0}_*.wav"):
+            q.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The step
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Input:
+    idx0: int
+    name: str
+    local: Path | None  # set for local datasets; S3 inputs are downloaded first
+    key: str | None = None
+
+
+def list_dataset(source: str, endpoint: str | None = None, region: str | None = None) -> list[_Input]:
+    """Files directly inside the dataset folder (sub-folders ignored), sorted by name; idx0 = position."""
+    if source.startswith("s3://"):
+        st = open_storage(source, endpoint=endpoint, region=region)
+        objs = [o for o in st.list("", recursive=False) if "/" not in o.key]
+        names = sorted(o.key for o in objs)
+        return [_Input(i, n, None, n) for i, n in enumerate(names)]
+    from .stepio import StepFailed
+
+    root = Path(source.removeprefix("file://")).expanduser()
+    if not root.is_dir():
+        raise StepFailed(f"dataset {source}: no such folder")
+    names = sorted(n for n in os.listdir(root) if (root / n).is_file())
+    return [_Input(i, n, root / n) for i, n in enumerate(names)]
+
+
+def _start_method() -> str:
+    """'fork' starts workers in milliseconds (spawn takes about a second: every worker re-imports
+    numpy and scipy); it is safe here because the workers are started before any thread of ours and
+    torch is not loaded. Otherwise (torch already imported by the caller) use 'forkserver'."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and "torch" not in sys.modules:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _noop() -> None:
+    return None
+
+
+def _jobs_done(
+    inputs: list[_Input],
+    make_job: Callable[[_Input, Path], FileJob],
+    workers: int,
+    fetch: Callable[[_Input], Path] | None,
+) -> Iterator[tuple[_Input, FileReport]]:
+    """Process every input over `workers` processes; S3 inputs are fetched by threads just ahead of
+    the workers (at most workers+2 files on local disk at a time). Yields reports as files finish."""
+    pool: ProcessPoolExecutor | None = None
+    if workers > 1 and len(inputs) > 1:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_start_method()))
+        pool.submit(_noop).result()  # start the workers now, before any download thread exists
+    dl = ThreadPoolExecutor(4) if fetch else None
+
+    def submit(inp: _Input, path: Path) -> Future:
+        job = make_job(inp, path)
+        if pool is not None:
+            return pool.submit(process_file, job)
+        f: Future = Future()
+        try:
+            f.set_result(process_file(job))
+        except Exception as e:  # noqa: BLE001 - re-raised by f.result()
+            f.set_exception(e)
+        return f
+
+    pending = list(inputs)
+    fetching: dict[Future, _Input] = {}
+    running: dict[Future, tuple[_Input, Path]] = {}
+    limit = max(2, workers + 2)
+    try:
+        while pending or fetching or running:
+            while pending and len(fetching) + len(running) < limit:
+                inp = pending.pop(0)
+                if dl is not None and fetch is not None:
+                    fetching[dl.submit(fetch, inp)] = inp
+                else:
+                    assert inp.local is not None
+                    running[submit(inp, inp.local)] = (inp, inp.local)
+            done, _ = wait([*fetching, *running], return_when=FIRST_COMPLETED)
+            for f in done:
+                if f in fetching:
+                    inp = fetching.pop(f)
+                    path = f.result()
+                    running[submit(inp, path)] = (inp, path)
+                else:
+                    inp, path = running.pop(f)
+                    rep = f.result()
+                    if fetch is not None:
+                        path.unlink(missing_ok=True)
+                    yield inp, rep
+    finally:
+        if dl is not None:
+            dl.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    from .stepio import StepFailed
+
+    spec = ctx.spec
+    params = Params.from_spec(spec)
+    source = spec.dataset.source
+    exp_dir = ctx.exp_dir
+    gt_dir, wav16_dir = exp_dir / GT_DIR, exp_dir / WAV16_DIR
+    # idempotent: stale pieces of an earlier (maybe interrupted) run go first
+    for d in (gt_dir, wav16_dir):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    inputs = list_dataset(source, spec.storage.endpoint, spec.storage.region)
+    if not inputs:
+        raise StepFailed(f"dataset {source}: no files")
+    log_lines = [f"start preprocess: {len(inputs)} files from {source}, sr {params.sr}, "
+                 f"per {params.per}, overlap {params.overlap}, high-pass {params.hp_mode}"]
+
+    fetch: Callable[[_Input], Path] | None = None
+    tmp: Path | None = None
+    if source.startswith("s3://"):
+        st = open_storage(source, endpoint=spec.storage.endpoint, region=spec.storage.region)
+        tmp = scratch_dir("rvc-dataset-")
+        tmp_dir = tmp
+
+        def fetch(inp: _Input) -> Path:
+            dest = tmp_dir / f"{inp.idx0:06d}_{Path(inp.name).name}"
+            st.download(inp.key or inp.name, dest)
+            return dest
+
+    def make_job(inp: _Input, path: Path) -> FileJob:
+        return FileJob(inp.idx0, inp.name, str(path), str(exp_dir), params)
+
+    workers = max(1, min(ctx.workers, len(inputs)))
+    reports: list[FileReport] = []
+    seconds = 0.0
+    try:
+        results = _jobs_done(inputs, make_job, workers, fetch)
+        for _inp, rep in ctx.reporter.bar(results, total=len(inputs), desc="preprocess", unit="file"):
+            reports.append(rep)
+            seconds += rep.duration_s
+            ctx.reporter.event("progress", files_done=len(reports), files_total=len(inputs),
+                               audio_seconds=round(seconds, 3))
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    reports.sort(key=lambda r: r.index)
+    report = _dataset_report(source, params, reports, time.time() - t0)
+    for r in reports:
+        log_lines.extend(r.log)
+    log_lines.append(f"end preprocess: {report['pieces']} pieces, {report['piece_seconds']} s "
+                     f"from {report['files_used']}/{report['files_total']} files")
+    (exp_dir / LOGFILE).write_text("\n".join(log_lines) + "\n")
+    (exp_dir / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    if report["pieces"] == 0:
+        why = "; ".join(f"{r.name}: {r.reason}" for r in reports)
+        raise StepFailed(f"dataset {source}: no training piece produced from any file ({why})")
+    ctx.push(GT_DIR, WAV16_DIR, REPORT, LOGFILE)
+    if ctx.remote:
+        _prune_remote(ctx, (GT_DIR, WAV16_DIR))
+    return {k: v for k, v in report.items() if k != "files"}
+
+
+def _dataset_report(source: str, p: Params, reports: list[FileReport], seconds: float) -> dict[str, Any]:
+    used = [r for r in reports if r.status == "ok"]
+    skipped = [r for r in reports if r.status != "ok"]
+    files = []
+    for r in reports:
+        d = asdict(r)
+        d.pop("log")
+        files.append(d)
+    return {
+        "dataset": source,
+        "sample_rate": p.sr,
+        "segment_seconds": p.per,
+        "overlap_seconds": p.overlap,
+        "high_pass": p.hp_mode,
+        "max_peak": p.max_peak,
+        "min_piece_seconds": round(min_train_samples(p.sr) / p.sr, 4),
+        "files_total": len(reports),
+        "files_used": len(used),
+        "files_skipped": len(skipped),
+        "input_seconds": round(sum(r.duration_s for r in reports), 3),
+        "pieces": sum(r.pieces for r in reports),
+        "piece_seconds": round(sum(r.piece_seconds for r in reports), 3),
+        "peak_filtered_pieces": sum(r.peak_filtered for r in reports),
+        "short_pieces_dropped": sum(r.short_pieces for r in reports),
+        "short_seconds_dropped": round(sum(r.short_seconds for r in reports), 3),
+        "silent_pieces_dropped": sum(r.silent_pieces for r in reports),
+        "rvc_overwrites_avoided": sum(r.rvc_overwrites_avoided for r in reports),
+        "skipped_files": [{"name": r.name, "reason": r.reason} for r in skipped],
+        "wall_seconds": round(seconds, 3),
+        "files": files,
+    }
+
+
+def _prune_remote(ctx: StepContext, subs: tuple[str, ...]) -> None:
+    """Delete pieces left in remote storage by an earlier run that this run did not produce."""
+    for sub in subs:
+        keep = {p.name for p in (ctx.exp_dir / sub).glob("*.wav")}
+        for o in ctx.storage.list(f"{ctx.exp_key}/{sub}"):
+            if o.key.rsplit("/", 1)[-1] not in keep:
+                ctx.storage.delete(o.key)

@@ -1,0 +1,460 @@
+"""The operator's glue (rvc_operator.handlers) against a real S3 API (moto server) and an in-memory cluster.
+
+kopf itself needs an API server, so the kopf smoke test lives in the e2e tier. Here the reconcile loop runs
+exactly as under kopf, with the Kubernetes calls answered by `FakeCluster` (plain dicts, the same shapes the
+API returns) and storage on a real S3 endpoint: markers, progress.jsonl and the index are real objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+from rvc_operator import handlers, progress_reader
+from rvc_operator.__main__ import kopf_arguments
+from rvc_operator.config import OperatorConfig
+from rvc_operator.metrics import OperatorMetrics
+from rvc_operator.status import Event
+from rvc_pipeline.spec import STEP_ORDER
+from rvc_pipeline.stepio import marker_key
+from rvc_pipeline.storage import open_storage
+
+from tests.s3server import S3Endpoint
+
+T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+class FakeCluster:
+    """ClusterAPI in memory: Jobs, pods, ConfigMaps are dicts; `fail_patch`/`conflict_patch` inject faults."""
+
+    def __init__(self) -> None:
+        self.experiments: dict[tuple[str, str], dict[str, Any]] = {}
+        self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
+        self.logs: dict[str, str] = {}
+        self.rv = 100
+        self.fail_patch = 0
+        self.conflict_patch = 0
+        self.created: list[str] = []
+        self.deleted: list[str] = []
+
+    # helpers for tests
+    def add_experiment(self, name: str, spec: dict[str, Any], ns: str = "voice",
+                       created: str = "2025-03-01T11:00:00Z", annotations: dict[str, str] | None = None
+                       ) -> dict[str, Any]:
+        self.rv += 1
+        body = {"apiVersion": "rvc-operator.dev/v1alpha1", "kind": "RVCExperiment",
+                "metadata": {"name": name, "namespace": ns, "uid": f"uid-{name}", "generation": 1,
+                             "resourceVersion": str(self.rv), "creationTimestamp": created,
+                             "annotations": annotations or {}},
+                "spec": spec}
+        self.experiments[(ns, name)] = body
+        return body
+
+    def update_spec(self, ns: str, name: str, spec: dict[str, Any]) -> None:
+        body = self.experiments[(ns, name)]
+        body["spec"] = spec
+        body["metadata"]["generation"] += 1
+        self.rv += 1
+        body["metadata"]["resourceVersion"] = str(self.rv)
+
+    def finish_job(self, name: str, ok: bool = True, exit_code: int = 0, message: str = "", ns: str = "voice"
+                   ) -> None:
+        job = self.jobs[(ns, name)]
+        cond = {"type": "Complete" if ok else "Failed", "status": "True"}
+        if not ok:
+            cond["reason"] = "BackoffLimitExceeded"
+        job["status"] = {"conditions": [cond], "completionTime": "2025-03-01T12:05:00Z",
+                         "startTime": "2025-03-01T12:00:00Z"}
+        pod = {"metadata": {"name": f"{name}-abcde", "namespace": ns,
+                            "labels": {**job["spec"]["template"]["metadata"]["labels"], "job-name": name},
+                            "creationTimestamp": "2025-03-01T12:00:01Z"},
+               "status": {"phase": "Succeeded" if ok else "Failed", "containerStatuses": [
+                   {"name": "step", "state": {"terminated": {"exitCode": exit_code, "message": message,
+                                                             "reason": "Completed" if ok else "Error",
+                                                             "finishedAt": "2025-03-01T12:05:00Z"}}}]}}
+        self.pods[(ns, pod["metadata"]["name"])] = pod
+
+    def status(self, name: str, ns: str = "voice") -> dict[str, Any]:
+        return self.experiments[(ns, name)].get("status") or {}
+
+    # ClusterAPI
+    def get_experiment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        body = self.experiments.get((namespace, name))
+        return copy.deepcopy(body) if body is not None else None
+
+    def list_experiments(self, namespace: str | None) -> list[dict[str, Any]]:
+        return [copy.deepcopy(b) for (ns, _), b in self.experiments.items() if namespace in (None, ns)]
+
+    @staticmethod
+    def _match(obj: dict[str, Any], selector: str) -> bool:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return all(labels.get(k) == v for k, v in (part.split("=", 1) for part in selector.split(",")))
+
+    def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(j) for (ns, _), j in self.jobs.items()
+                if ns == namespace and self._match(j, selector)]
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(p) for (ns, _), p in self.pods.items()
+                if ns == namespace and self._match(p, selector)]
+
+    def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str | None:
+        return self.logs.get(pod)
+
+    def create_job(self, job: dict[str, Any]) -> bool:
+        key = (job["metadata"]["namespace"], job["metadata"]["name"])
+        if key in self.jobs:
+            return False
+        j = copy.deepcopy(job)
+        j["status"] = {"active": 1}
+        self.jobs[key] = j
+        self.created.append(key[1])
+        return True
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        if self.jobs.pop((namespace, name), None) is not None:
+            self.deleted.append(name)
+
+    def ensure_configmap(self, cm: dict[str, Any]) -> None:
+        self.configmaps[(cm["metadata"]["namespace"], cm["metadata"]["name"])] = copy.deepcopy(cm)
+
+    def delete_configmap(self, namespace: str, name: str) -> None:
+        self.configmaps.pop((namespace, name), None)
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None
+                     ) -> None:
+        if self.fail_patch:
+            self.fail_patch -= 1
+            raise RuntimeError("API server went away")
+        body = self.experiments[(namespace, name)]
+        if self.conflict_patch:
+            self.conflict_patch -= 1
+            self.rv += 1
+            body["metadata"]["resourceVersion"] = str(self.rv)
+            raise handlers.Conflict("the object has been modified")
+        if resource_version is not None and resource_version != body["metadata"]["resourceVersion"]:
+            raise handlers.Conflict("stale resourceVersion")
+        body["status"] = _merge(body.get("status") or {}, patch)
+        self.rv += 1
+        body["metadata"]["resourceVersion"] = str(self.rv)
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(target)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+class Harness:
+    def __init__(self, s3: S3Endpoint, **cfg: Any) -> None:
+        self.s3 = s3
+        self.cluster = FakeCluster()
+        self.cfg = OperatorConfig(s3_endpoint=s3.url, pipeline_image="gpu:1", cpu_image="cpu:1",
+                                  retry_backoff_seconds=30, **cfg)
+        self.events: list[tuple[str, str, str]] = []
+        self.metrics = OperatorMetrics(CollectorRegistry())
+        self.now = T0
+        self.storage = open_storage(s3.uri("rvc"), endpoint=s3.url)
+
+    def spec(self, **over: Any) -> dict[str, Any]:
+        spec = {"dataset": {"source": self.s3.uri("voices/alice")}, "storage": {"uri": self.s3.uri("rvc")},
+                "train": {"epochs": 4}, "resources": {"device": "cpu"}}
+        spec.update(over)
+        return spec
+
+    def post(self, body: dict[str, Any], ev: Event) -> None:
+        self.events.append((body["metadata"]["name"], ev.type, ev.reason))
+
+    def reconcile(self, name: str = "alice", advance: float = 15.0):  # noqa: ANN201
+        self.now += timedelta(seconds=advance)
+        return handlers.reconcile(self.cluster, "voice", name, self.cfg, post=self.post, metrics=self.metrics,
+                                  now=lambda: self.now)
+
+    def marker(self, step: str, exp: str = "alice") -> None:
+        self.storage.write_bytes(marker_key(exp, step), json.dumps({"step": step}).encode())
+
+    def metric(self, name: str, **labels: str) -> float:
+        v = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if v is None else v
+
+
+@pytest.fixture
+def h(s3: S3Endpoint) -> Harness:
+    return Harness(s3)
+
+
+def _progress_lines(epochs: int, upto: int) -> bytes:
+    lines = [{"time": 1.0e9, "experiment": "alice", "step": "train", "event": "start"},
+             {"time": 1.0e9 + 1, "experiment": "alice", "step": "train", "event": "train_start",
+              "epochs": epochs, "start_epoch": 1, "global_step": 0}]
+    for e in range(1, upto + 1):
+        for k in range(3):
+            lines.append({"time": 1.0e9 + 10 * e + k, "experiment": "alice", "step": "train",
+                          "event": "train_step", "epoch": e, "global_step": 3 * (e - 1) + k + 1,
+                          "loss_g": 30.0 - e, "loss_d": 4.5, "loss_mel": 20.0 - e})
+        lines.append({"time": 1.0e9 + 10 * e + 5, "experiment": "alice", "step": "train", "event": "epoch",
+                      "epoch": e, "epochs": epochs, "seconds": 12.5, "global_step": 3 * e, "avg_loss_g": 29.5,
+                      "avg_loss_d": 4.4, "avg_loss_mel": 19.5})
+    return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_operator_never_imports_torch() -> None:
+    code = ("import sys, rvc_operator.handlers, rvc_operator.__main__, rvc_operator.crd\n"
+            "bad = [m for m in ('torch', 'torchaudio', 'numpy', 'faiss') if m in sys.modules]\n"
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"rvc_operator imported {out.stdout.strip()}"
+
+
+def test_one_click_training_through_all_steps(h: Harness) -> None:
+    c = h.cluster
+    c.add_experiment("alice", h.spec())
+    d = h.reconcile()
+    assert c.created == ["alice-preprocess-1"]
+    cm = c.configmaps[("voice", "alice-spec")]
+    doc = yaml.safe_load(cm["data"]["experiment.yaml"])
+    assert doc["spec"]["storage"]["endpoint"] == h.s3.url and doc["spec"]["resources"]["device"] == "cpu"
+    job = c.jobs[("voice", "alice-preprocess-1")]
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "cpu:1"
+    assert c.status("alice")["phase"] == "Running" and d is not None
+    assert ("alice", "Normal", "JobCreated") in h.events
+    # nothing new while the Job runs
+    h.reconcile()
+    assert c.created == ["alice-preprocess-1"]
+    for step in STEP_ORDER:
+        name = f"alice-{step}-1"
+        assert name in c.created, (step, c.created)
+        if step == "train":
+            h.storage.write_bytes("logs/alice/progress.jsonl", _progress_lines(4, 2))
+            h.reconcile()
+            prog = c.status("alice")["progress"]
+            assert prog["epochText"] == "2/4" and prog["percent"] == 50.0 and prog["globalStep"] == 6
+            # the newest event is the epoch summary: its averages are shown
+            assert prog["lossMel"] == 19.5 and prog["lossG"] == 29.5 and prog["secondsPerEpoch"] == 12.5
+            h.storage.write_bytes("logs/alice/progress.jsonl", _progress_lines(4, 4))
+        if step == "index":
+            h.storage.write_bytes("logs/alice/added_IVF12_Flat_nprobe_1_alice_v2.index", b"faiss")
+            h.storage.write_bytes("logs/alice/total_fea.npy", b"x")
+        h.marker(step)
+        c.finish_job(name)
+        h.reconcile()
+    st = c.status("alice")
+    assert st["phase"] == "Succeeded", st
+    assert all(st["steps"][s]["phase"] == "Succeeded" for s in STEP_ORDER)
+    assert st["progress"]["epochText"] == "4/4" and st["progress"]["percent"] == 100.0
+    assert st["artifacts"] == {
+        "logs": f"{h.s3.uri('rvc')}/logs/alice/",
+        "model": f"{h.s3.uri('rvc')}/logs/alice/weights/alice.pth",
+        "index": f"{h.s3.uri('rvc')}/logs/alice/added_IVF12_Flat_nprobe_1_alice_v2.index",
+    }
+    ready = next(x for x in st["conditions"] if x["type"] == "Ready")
+    assert ready["status"] == "True"
+    assert c.created == [f"alice-{s}-1" for s in STEP_ORDER]
+    assert h.metric("rvc_jobs_created_total", step="train") == 1
+    assert h.metric("rvc_step_duration_seconds_count", step="index") == 1
+    assert h.metric("rvc_experiments", phase="Succeeded") == 1
+    assert h.metric("rvc_experiments", phase="Running") == 0
+    assert ("alice", "Normal", "Succeeded") in h.events
+    # a finished experiment costs no further API writes
+    n_events = len(h.events)
+    assert h.reconcile() is None and len(h.events) == n_events
+
+
+def test_restart_between_job_creation_and_status_write_never_duplicates(h: Harness) -> None:
+    c = h.cluster
+    c.add_experiment("alice", h.spec())
+    c.fail_patch = 1
+    with pytest.raises(RuntimeError, match="went away"):
+        h.reconcile()
+    assert c.created == ["alice-preprocess-1"] and c.status("alice") == {}
+    # "restart": a fresh reconcile from the same cluster state adopts the Job
+    h.reconcile()
+    assert c.created == ["alice-preprocess-1"]
+    st = c.status("alice")
+    assert st["steps"]["preprocess"]["job"] == "alice-preprocess-1"
+    assert st["steps"]["preprocess"]["attempts"] == 1
+    # a stale status write is refused (resourceVersion) and redone from a fresh read
+    c.conflict_patch = 1
+    h.marker("preprocess")
+    c.finish_job("alice-preprocess-1")
+    h.reconcile()
+    assert c.created == ["alice-preprocess-1", "alice-f0-1"]
+    assert c.status("alice")["steps"]["preprocess"]["phase"] == "Succeeded"
+
+
+def test_markers_already_in_storage_skip_steps(h: Harness) -> None:
+    for s in ("preprocess", "f0", "features"):
+        h.marker(s)
+    h.cluster.add_experiment("alice", h.spec())
+    h.reconcile()
+    st = h.cluster.status("alice")
+    assert [st["steps"][s]["phase"] for s in STEP_ORDER] == [
+        "Skipped", "Skipped", "Skipped", "Running", "Pending"]
+    assert h.cluster.created == ["alice-train-1"]
+
+
+def test_permanent_failure_reports_the_pipeline_error(h: Harness) -> None:
+    c = h.cluster
+    c.add_experiment("alice", h.spec())
+    h.reconcile()
+    c.finish_job("alice-preprocess-1", ok=False, exit_code=2,
+                 message="12:00:03 INFO preprocess\nerror: preprocess: no audio in s3://b/voices/alice/: "
+                         "notes.txt (not audio), empty.wav (0 samples)")
+    h.reconcile()
+    st = c.status("alice")
+    assert st["phase"] == "Failed"
+    assert "notes.txt (not audio), empty.wav (0 samples)" in st["message"]
+    assert st["steps"]["preprocess"]["exitCode"] == 2
+    assert h.metric("rvc_job_failures_total", step="preprocess", reason="BadInput") == 1
+    assert ("alice", "Warning", "Failed") in h.events
+    assert c.created == ["alice-preprocess-1"]
+
+
+def test_error_line_from_pod_log_when_termination_message_is_empty(h: Harness) -> None:
+    c = h.cluster
+    c.add_experiment("alice", h.spec())
+    h.reconcile()
+    c.finish_job("alice-preprocess-1", ok=False, exit_code=3, message="")
+    c.logs["alice-preprocess-1-abcde"] = (
+        "INFO x\nerror: hubert_base.pt not found in s3://w/ or /scratch/weights\n")
+    h.reconcile()
+    st = c.status("alice")
+    assert st["phase"] == "Failed" and "hubert_base.pt not found" in st["message"]
+    assert st["steps"]["preprocess"]["reason"] == "MissingWeights"
+
+
+def test_transient_failure_is_retried_after_backoff(h: Harness) -> None:
+    c = h.cluster
+    c.add_experiment("alice", h.spec())
+    h.reconcile()
+    c.finish_job("alice-preprocess-1", ok=False, exit_code=1, message="error: s3 read timed out")
+    h.reconcile()
+    assert c.status("alice")["steps"]["preprocess"]["phase"] == "Pending"
+    assert h.metric("rvc_job_retries_total", step="preprocess") == 1
+    h.reconcile(advance=10)
+    assert c.created == ["alice-preprocess-1"]
+    h.reconcile(advance=25)
+    assert c.created == ["alice-preprocess-1", "alice-preprocess-2"]
+
+
+def test_concurrency_limit_queues_the_younger_experiment(s3: S3Endpoint) -> None:
+    h = Harness(s3, max_concurrent_experiments=1)
+    c = h.cluster
+    c.add_experiment("alice", h.spec(), created="2025-03-01T11:00:00Z")
+    c.add_experiment("bob", h.spec(experimentName="bob"), created="2025-03-01T11:00:01Z")
+    h.reconcile("bob")  # bob is younger: alice (older, not started yet) goes first
+    assert c.status("bob")["phase"] == "Queued" and c.created == []
+    h.reconcile("alice")
+    assert c.status("alice")["phase"] == "Running"
+    h.reconcile("bob")
+    assert c.status("bob")["phase"] == "Queued"
+    assert "1 running" in c.status("bob")["message"]
+    for s in STEP_ORDER:
+        h.marker(s)
+    c.finish_job("alice-preprocess-1")
+    h.reconcile("alice")
+    assert c.status("alice")["phase"] == "Succeeded"
+    h.reconcile("bob")
+    assert c.status("bob")["phase"] == "Running" and "bob-preprocess-1" in c.created
+
+
+def test_spec_change_reruns_with_force_and_replaces_configmap(h: Harness) -> None:
+    c = h.cluster
+    c.add_experiment("alice", h.spec())
+    for s in STEP_ORDER:
+        h.reconcile()
+        h.marker(s)
+        c.finish_job(f"alice-{s}-1")
+    h.reconcile()
+    assert c.status("alice")["phase"] == "Succeeded"
+    c.update_spec("voice", "alice", h.spec(train={"epochs": 8}))
+    h.reconcile()
+    st = c.status("alice")
+    assert st["phase"] == "Running" and st["observedGeneration"] == 2
+    assert c.created[-1] == "alice-train-2"
+    cmd = c.jobs[("voice", "alice-train-2")]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[-1] == "--force"
+    doc = yaml.safe_load(c.configmaps[("voice", "alice-spec")]["data"]["experiment.yaml"])
+    assert doc["spec"]["train"]["epochs"] == 8
+    assert st["steps"]["preprocess"]["phase"] == "Succeeded" and st["steps"]["index"]["phase"] == "Pending"
+
+
+def test_storage_unreachable_does_not_stop_the_state_machine(s3: S3Endpoint) -> None:
+    h = Harness(s3)
+    c = h.cluster
+    spec = h.spec(storage={"uri": h.s3.uri("rvc"), "endpoint": "http://127.0.0.1:9"})  # nothing listens
+    c.add_experiment("alice", spec)
+    h.reconcile()
+    assert c.created == ["alice-preprocess-1"]
+
+
+def test_delete_cleans_jobs_and_optionally_artifacts(h: Harness) -> None:
+    c = h.cluster
+    body = c.add_experiment("alice", h.spec())
+    h.reconcile()
+    h.storage.write_bytes("logs/alice/0_gt_wavs/a.wav", b"RIFF")
+    h.marker("preprocess")
+    h.storage.write_bytes("logs/bob/keep.txt", b"other experiment")
+    assert handlers.cleanup(c, body, h.cfg, metrics=h.metrics) == []
+    assert c.deleted == ["alice-preprocess-1"] and ("voice", "alice-spec") not in c.configmaps
+    assert h.storage.exists("logs/alice/0_gt_wavs/a.wav")
+    body["metadata"]["annotations"]["rvc-operator.dev/delete-artifacts"] = "true"
+    gone = handlers.cleanup(c, body, h.cfg, metrics=h.metrics)
+    assert sorted(gone) == ["logs/alice/.rvc/preprocess.done.json", "logs/alice/0_gt_wavs/a.wav"]
+    assert not h.storage.exists("logs/alice/0_gt_wavs/a.wav") and h.storage.exists("logs/bob/keep.txt")
+
+
+def test_jobs_of_a_deleted_namesake_are_ignored(h: Harness) -> None:
+    c = h.cluster
+    c.add_experiment("alice", h.spec())
+    h.reconcile()
+    # the experiment is deleted and recreated before the garbage collector removed the old Job
+    old = c.jobs[("voice", "alice-preprocess-1")]
+    del c.experiments[("voice", "alice")]
+    body = c.add_experiment("alice", h.spec())
+    body["metadata"]["uid"] = "uid-alice-2"
+    assert old["metadata"]["ownerReferences"][0]["uid"] == "uid-alice"
+    jobs = handlers.observe_jobs(c, body)
+    assert jobs == []
+
+
+def test_progress_reader_tail_of_a_large_file(h: Harness) -> None:
+    big = _progress_lines(500, 400)
+    assert len(big) > progress_reader.TAIL_BYTES
+    h.storage.write_bytes("logs/alice/progress.jsonl", big + b'{"torn": ')
+    p = progress_reader.read_progress(h.storage, "alice")
+    assert p["epochText"] == "400/500" and p["percent"] == 80.0 and p["epochs"] == 500
+    assert progress_reader.read_progress(h.storage, "nobody") is None
+    assert progress_reader.read_markers(h.storage, "alice", STEP_ORDER) == set()
+    h.marker("f0")
+    assert progress_reader.read_markers(h.storage, "alice", STEP_ORDER) == {"f0"}
+
+
+def test_kopf_settings_and_run_arguments() -> None:
+    import kopf
+
+    settings = kopf.OperatorSettings()
+    handlers.configure_settings(settings)
+    assert settings.peering.standalone is True
+    assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    args = kopf_arguments(OperatorConfig(health_port=9999))
+    assert args == {"standalone": True, "clusterwide": True, "namespaces": [],
+                    "liveness_endpoint": "http://0.0.0.0:9999/healthz"}
+    ns = kopf_arguments(OperatorConfig(watch_namespace="rvc"))
+    assert ns["clusterwide"] is False and ns["namespaces"] == ["rvc"]

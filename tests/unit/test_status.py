@@ -1,0 +1,519 @@
+"""Every transition of the pure state machine rvc_operator.status.decide (no cluster)."""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from rvc_operator.crd import ExperimentStatus
+from rvc_operator.status import (
+    Decision,
+    JobSummary,
+    Policy,
+    admit,
+    backoff_delay,
+    decide,
+    plan_deletion,
+    rerun_point,
+    status_patch,
+    step_hashes,
+    summarize_job,
+    termination_line,
+)
+from rvc_pipeline.spec import STEP_ORDER, parse_manifest
+
+T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def manifest(gen: int = 1, **spec_over: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"dataset": {"source": "s3://voices/alice/"}, "storage": {"uri": "s3://models/rvc"},
+                            "train": {"epochs": 10}}
+    spec.update(spec_over)
+    return {"apiVersion": "rvc-operator.dev/v1alpha1", "kind": "RVCExperiment",
+            "metadata": {"name": "alice", "namespace": "voice", "uid": "u-1", "generation": gen,
+                         "creationTimestamp": "2025-03-01T11:00:00Z"},
+            "spec": spec}
+
+
+def job(step: str, attempt: int, state: str = "Running", **kw: Any) -> JobSummary:
+    return JobSummary(name=f"alice-{step}-{attempt}", step=step, attempt=attempt, state=state, **kw)
+
+
+def check(d: Decision) -> Decision:
+    """Every status the state machine writes must fit the CRD's status schema."""
+    ExperimentStatus.model_validate(d.status)
+    return d
+
+
+def run(m: dict[str, Any], status: dict[str, Any] | None, jobs: list[JobSummary] = (),
+        markers: set[str] | None = None, now: datetime = T0, **kw: Any) -> Decision:
+    marks = set() if markers is None else markers
+    return check(decide(m, copy.deepcopy(status), list(jobs), marks, now, **kw))
+
+
+def phases(d: Decision) -> dict[str, str]:
+    return {s: d.status["steps"][s]["phase"] for s in STEP_ORDER}
+
+
+def reasons(d: Decision) -> list[str]:
+    return [e.reason for e in d.events]
+
+
+def cond(d: Decision, ctype: str) -> dict[str, Any]:
+    return next(c for c in d.status["conditions"] if c["type"] == ctype)
+
+
+def complete(m: dict[str, Any], upto: str) -> tuple[dict[str, Any], list[JobSummary]]:
+    """Drive the machine through successful Jobs until `upto` has succeeded; returns (status, jobs)."""
+    st: dict[str, Any] | None = None
+    jobs: list[JobSummary] = []
+    d = run(m, st)
+    for s in STEP_ORDER:
+        st = d.status
+        jobs = [j for j in jobs if j.step != s] + [job(s, st["steps"][s]["attempts"], "Succeeded")]
+        d = run(m, st, jobs)
+        if s == upto:
+            break
+    return d.status, jobs
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_fresh_experiment_creates_first_job() -> None:
+    d = run(manifest(), None)
+    assert [(c.step, c.attempt, c.force, c.name) for c in d.create] == [
+        ("preprocess", 1, False, "alice-preprocess-1")]
+    assert d.status["phase"] == "Running" and d.status["currentStep"] == "preprocess"
+    assert phases(d) == {"preprocess": "Running", "f0": "Pending", "features": "Pending", "train": "Pending",
+                         "index": "Pending"}
+    pre = d.status["steps"]["preprocess"]
+    assert pre["job"] == "alice-preprocess-1" and pre["attempts"] == 1
+    assert pre["startTime"] == "2025-03-01T12:00:00Z"
+    assert pre["inputsHash"] == step_hashes(parse_manifest(manifest()))["preprocess"]
+    assert d.status["observedGeneration"] == 1
+    assert reasons(d) == ["Started", "JobCreated"]
+    assert cond(d, "Progressing")["status"] == "True" and cond(d, "Ready")["status"] == "False"
+    assert d.status["artifacts"] == {"logs": "s3://models/rvc/logs/alice/"}
+    assert not d.finished
+
+
+def test_running_job_waits_and_reports_pod_problems() -> None:
+    st = run(manifest(), None).status
+    d = run(manifest(), st, [job("preprocess", 1, "Running")], now=T0 + timedelta(minutes=5))
+    assert d.create == [] and d.delete == [] and d.events == []
+    assert d.status["steps"]["preprocess"]["message"] == "attempt 1 running"
+    assert status_patch(st, d.status).keys() <= {"steps", "message", "conditions"}
+    waiting = job("preprocess", 1, "Pending",
+                  waiting="Unschedulable: 0/3 nodes are available: 3 Insufficient cpu.",
+                  waiting_reason="Unschedulable")
+    d2 = run(manifest(), st, [waiting])
+    assert "Insufficient cpu" in d2.status["message"]
+    assert d2.status["steps"]["preprocess"]["reason"] == "Waiting"
+    assert d2.status["phase"] == "Running"
+
+
+def test_job_succeeded_starts_next_step_in_same_reconcile() -> None:
+    st = run(manifest(), None).status
+    done = job("preprocess", 1, "Succeeded", completion_time="2025-03-01T12:03:20Z")
+    d = run(manifest(), st, [done], now=T0 + timedelta(minutes=4))
+    assert phases(d)["preprocess"] == "Succeeded"
+    assert d.status["steps"]["preprocess"]["endTime"] == "2025-03-01T12:03:20Z"
+    assert [(c.step, c.attempt) for c in d.create] == [("f0", 1)]
+    assert d.step_durations == [("preprocess", 200.0)]
+    assert reasons(d) == ["StepSucceeded", "JobCreated"]
+    assert d.status["currentStep"] == "f0"
+
+
+def test_all_done_succeeds_with_artifacts() -> None:
+    m = manifest()
+    st, jobs = complete(m, "train")
+    assert st["steps"]["index"]["phase"] == "Running"
+    d = run(m, st, jobs + [job("index", 1, "Succeeded")],
+            index_file="logs/alice/added_IVF101_Flat_nprobe_1_alice_v2.index")
+    assert d.status["phase"] == "Succeeded" and d.finished and d.create == []
+    assert d.status["currentStep"] is None
+    assert d.status["artifacts"] == {
+        "logs": "s3://models/rvc/logs/alice/",
+        "model": "s3://models/rvc/logs/alice/weights/alice.pth",
+        "index": "s3://models/rvc/logs/alice/added_IVF101_Flat_nprobe_1_alice_v2.index",
+    }
+    assert cond(d, "Ready")["status"] == "True" and cond(d, "Ready")["reason"] == "Succeeded"
+    assert cond(d, "Progressing")["status"] == "False" and cond(d, "Progressing")["reason"] == "Completed"
+    assert cond(d, "Failed")["status"] == "False"
+    assert reasons(d)[-1] == "Succeeded" and "alice.pth" in d.status["message"]
+    # a further reconcile of the finished experiment changes nothing
+    again = run(m, d.status, jobs, index_file="logs/alice/added_IVF101_Flat_nprobe_1_alice_v2.index",
+                now=T0 + timedelta(hours=1))
+    assert again.create == [] and again.events == [] and status_patch(d.status, again.status) == {}
+
+
+def test_permanent_failure_fails_the_experiment_with_the_pipeline_message() -> None:
+    st = run(manifest(), None).status
+    bad = job("preprocess", 1, "Failed", exit_code=2, reason="BackoffLimitExceeded",
+              message="no audio found in s3://voices/alice/: notes.txt, cover.jpg are not audio")
+    d = run(manifest(), st, [bad], now=T0 + timedelta(minutes=1))
+    assert d.status["phase"] == "Failed" and d.finished and d.create == []
+    pre = d.status["steps"]["preprocess"]
+    assert pre["phase"] == "Failed" and pre["exitCode"] == 2 and pre["reason"] == "BadInput"
+    assert "notes.txt, cover.jpg" in d.status["message"]
+    assert d.status["message"].startswith("preprocess failed")
+    assert cond(d, "Failed")["status"] == "True" and cond(d, "Failed")["reason"] == "BadInput"
+    assert reasons(d) == ["StepFailed", "Failed"]
+    assert d.failures == [("preprocess", "BadInput")] and d.retries == []
+    # missing weights (exit 3) while the Job would still retry its pod: stop it now
+    st2 = run(manifest(), None).status
+    active = job("preprocess", 1, "Running", exit_code=3, message="hubert_base.pt not found; put it in ...")
+    d2 = run(manifest(), st2, [active])
+    assert [x.name for x in d2.delete] == ["alice-preprocess-1"]
+    assert d2.status["steps"]["preprocess"]["reason"] == "MissingWeights" and d2.status["phase"] == "Failed"
+
+
+def test_oom_under_a_memory_limit_is_permanent_with_a_hint() -> None:
+    m = manifest(resources={"memory": "8Gi"})
+    st = run(m, None).status
+    d = run(m, st, [job("preprocess", 1, "Failed", exit_code=137, reason="OOMKilled")])
+    assert d.status["phase"] == "Failed"
+    assert "8Gi" in d.status["message"] and "spec.resources.memory" in d.status["message"]
+    # without a limit it is treated as node pressure: retried
+    st2 = run(manifest(), None).status
+    d2 = run(manifest(), st2, [job("preprocess", 1, "Failed", exit_code=137, reason="OOMKilled")])
+    assert d2.status["phase"] == "Running" and d2.status["steps"]["preprocess"]["phase"] == "Pending"
+
+
+def test_transient_failure_retries_with_backoff_then_fails() -> None:
+    m = manifest()
+    pol = Policy(max_retries=2, backoff_seconds=30, backoff_max_seconds=900)
+    st = run(m, None, policy=pol).status
+    now = T0 + timedelta(minutes=2)
+    d = run(m, st, [job("preprocess", 1, "Failed", exit_code=1, message="connection reset by peer")], now=now,
+            policy=pol)
+    pre = d.status["steps"]["preprocess"]
+    assert pre["phase"] == "Pending" and pre["failures"] == 1 and pre["reason"] == "Retrying"
+    assert pre["retryAfter"] == "2025-03-01T12:02:30Z" and d.requeue_after == 30
+    assert d.create == [] and d.status["phase"] == "Running" and d.retries == ["preprocess"]
+    assert "connection reset" in pre["message"] and "retry 1/2" in pre["message"]
+    assert reasons(d) == ["Retrying"]
+    jobs = [job("preprocess", 1, "Failed", exit_code=1)]
+    # before the backoff has passed: nothing
+    d_wait = run(m, d.status, jobs, now=now + timedelta(seconds=10), policy=pol)
+    assert d_wait.create == [] and 19 <= d_wait.requeue_after <= 20
+    # after it: attempt 2
+    d2 = run(m, d.status, jobs, now=now + timedelta(seconds=31), policy=pol)
+    assert [(c.step, c.attempt) for c in d2.create] == [("preprocess", 2)]
+    assert "retryAfter" not in d2.status["steps"]["preprocess"]
+    jobs.append(job("preprocess", 2, "Failed", exit_code=1))
+    t3 = now + timedelta(seconds=40)
+    d3 = run(m, d2.status, jobs, now=t3, policy=pol)
+    assert d3.status["steps"]["preprocess"]["failures"] == 2 and d3.requeue_after == 60  # doubled
+    d4 = run(m, d3.status, jobs, now=t3 + timedelta(seconds=61), policy=pol)
+    assert [c.attempt for c in d4.create] == [3]
+    jobs.append(job("preprocess", 3, "Failed", exit_code=1, reason="DeadlineExceeded"))
+    d5 = run(m, d4.status, jobs, now=t3 + timedelta(seconds=70), policy=pol)
+    assert d5.status["phase"] == "Failed" and d5.create == []
+    assert d5.status["steps"]["preprocess"]["reason"] == "RetriesExhausted"
+    assert "gave up after 3 attempt(s)" in d5.status["message"]
+    assert backoff_delay(1, pol) == 30 and backoff_delay(3, pol) == 120 and backoff_delay(10, pol) == 900
+
+
+def test_markers_in_storage_skip_steps_and_may_finish_without_jobs() -> None:
+    m = manifest()
+    d = run(m, None, markers={"preprocess", "f0"})
+    assert phases(d)["preprocess"] == "Skipped" and phases(d)["f0"] == "Skipped"
+    assert d.status["steps"]["f0"]["reason"] == "AlreadyComplete"
+    assert [(c.step, c.attempt) for c in d.create] == [("features", 1)]
+    assert reasons(d).count("StepSkipped") == 2
+    # everything already there: Succeeded at once, even when no slot is free
+    d_all = run(m, None, markers=set(STEP_ORDER), policy=Policy(admitted=False))
+    assert d_all.status["phase"] == "Succeeded" and d_all.create == []
+    assert d_all.status["artifacts"]["model"] == "s3://models/rvc/logs/alice/weights/alice.pth"
+    # storage unreadable (None): nothing is skipped, the pipeline itself skips finished work
+    d_none = check(decide(m, None, [], None, T0))
+    assert [c.step for c in d_none.create] == ["preprocess"]
+
+
+def test_restart_safety_adopts_existing_jobs_never_duplicates() -> None:
+    m = manifest()
+    # the operator created the Job, then died before writing the status
+    for state in ("Pending", "Running", "Failed", "Succeeded"):
+        d = run(m, None, [job("preprocess", 1, state, exit_code=1 if state == "Failed" else None)])
+        assert all(c.name != "alice-preprocess-1" for c in d.create), state
+        assert d.status["steps"]["preprocess"]["attempts"] >= 1
+    d_run = run(m, None, [job("preprocess", 1, "Running")])
+    assert d_run.create == [] and d_run.status["steps"]["preprocess"]["job"] == "alice-preprocess-1"
+    d_ok = run(m, None, [job("preprocess", 1, "Succeeded")])
+    assert [c.name for c in d_ok.create] == ["alice-f0-1"]
+    # the same inputs give the same decision: a replayed reconcile asks for the same (deterministic) name
+    st = run(m, None).status
+    first, second = run(m, None), run(m, None)
+    assert [c.name for c in first.create] == [c.name for c in second.create] == ["alice-preprocess-1"]
+    # an older status plus a newer Job in the cluster: adopt the newer attempt
+    st_retry = copy.deepcopy(st)
+    st_retry["steps"]["preprocess"].update(phase="Pending", failures=1, retryAfter="2025-03-01T11:00:00Z")
+    d_adopt = run(m, st_retry, [job("preprocess", 1, "Failed", exit_code=1), job("preprocess", 2, "Running")])
+    assert d_adopt.create == [] and d_adopt.status["steps"]["preprocess"]["job"] == "alice-preprocess-2"
+    assert d_adopt.delete == []
+
+
+def test_missing_job_within_grace_waits_then_retries_or_trusts_marker() -> None:
+    m = manifest()
+    st = run(m, None).status
+    d = run(m, st, [], now=T0 + timedelta(seconds=30))
+    assert d.create == [] and d.status["steps"]["preprocess"]["phase"] == "Running" and d.requeue_after == 90
+    d_marker = run(m, st, [], markers={"preprocess"}, now=T0 + timedelta(minutes=30))
+    assert phases(d_marker)["preprocess"] == "Succeeded" and [c.step for c in d_marker.create] == ["f0"]
+    d_gone = run(m, st, [], now=T0 + timedelta(minutes=30))
+    pre = d_gone.status["steps"]["preprocess"]
+    assert pre["phase"] == "Pending" and pre["failures"] == 1 and "disappeared" in pre["message"]
+    assert d_gone.failures == [("preprocess", "JobMissing")]
+
+
+def test_queued_until_a_slot_is_free() -> None:
+    m = manifest()
+    d = run(m, None, policy=Policy(admitted=False, queue_message="waiting for a free slot: 2 running"))
+    assert d.status["phase"] == "Queued" and d.create == [] and reasons(d) == ["Queued"]
+    assert cond(d, "Progressing")["reason"] == "Queued" and cond(d, "Progressing")["status"] == "False"
+    again = run(m, d.status, policy=Policy(admitted=False))
+    assert again.events == [] and again.status["phase"] == "Queued"
+    go = run(m, d.status)
+    assert go.status["phase"] == "Running" and [c.step for c in go.create] == ["preprocess"]
+    assert cond(go, "Progressing")["lastTransitionTime"] == "2025-03-01T12:00:00Z"
+
+
+def test_admit_counts_running_and_older_waiting() -> None:
+    def exp(name: str, created: str, phase: str | None) -> dict[str, Any]:
+        return {"metadata": {"name": name, "namespace": "v", "uid": name, "creationTimestamp": created},
+                "status": {"phase": phase} if phase else {}}
+
+    me = exp("me", "2025-01-01T00:00:05Z", "Queued")
+    others = [exp("r1", "2025-01-01T00:00:00Z", "Running"), exp("done", "2025-01-01T00:00:00Z", "Succeeded"),
+              exp("old", "2025-01-01T00:00:01Z", "Queued"), exp("young", "2025-01-01T00:00:09Z", None), me]
+    assert admit(me, others, 0) == (True, "")
+    assert admit(me, others, 3)[0] is True  # 1 running + 1 older waiting < 3
+    ok, why = admit(me, others, 2)
+    assert ok is False and "1 running, 1 queued ahead" in why and "RVC_MAX_CONCURRENT_EXPERIMENTS=2" in why
+    assert admit(exp("old", "2025-01-01T00:00:01Z", "Queued"), others, 2)[0] is True
+
+
+def test_spec_change_reruns_from_first_changed_step_with_force() -> None:
+    m1 = manifest(1)
+    st, jobs = complete(m1, "index")
+    d_done = run(m1, st, jobs)
+    assert d_done.status["phase"] == "Succeeded"
+    m2 = manifest(2, f0={"method": "harvest"})
+    assert rerun_point(d_done.status["steps"], step_hashes(parse_manifest(m2))) == "f0"
+    d = run(m2, d_done.status, jobs, markers=set(STEP_ORDER), now=T0 + timedelta(hours=1))
+    assert phases(d) == {"preprocess": "Succeeded", "f0": "Running", "features": "Pending",
+                         "train": "Pending", "index": "Pending"}
+    assert [(c.step, c.attempt, c.force) for c in d.create] == [("f0", 2, True)]  # markers ignored: forced
+    assert d.status["phase"] == "Running" and d.status["observedGeneration"] == 2
+    assert "completionTime" not in d.status
+    assert reasons(d)[:2] == ["SpecChanged", "Started"]
+    # the later steps are not skipped by their old markers while f0 reruns
+    jobs2 = jobs + [job("f0", 2, "Succeeded", force=True)]
+    d2 = run(m2, d.status, jobs2, markers={"preprocess", "f0"})
+    assert [(c.step, c.attempt, c.force) for c in d2.create] == [("features", 2, False)]
+    assert "force" not in d2.status["steps"]["f0"]
+
+
+@pytest.mark.parametrize(("change", "first"), [
+    ({"dataset": {"source": "s3://voices/alice-v2/"}}, "preprocess"),
+    ({"preprocess": {"segmentSeconds": 3.0}}, "preprocess"),
+    ({"model": {"sampleRate": "48k"}}, "preprocess"),
+    ({"model": {"pitchGuidance": False}}, "f0"),
+    ({"features": {"embedder": "s3://w/contentvec.pt"}}, "features"),
+    ({"model": {"version": "v1"}}, "features"),
+    ({"train": {"epochs": 40}}, "train"),
+    ({"train": {"epochs": 10, "batchSize": 8}}, "train"),
+    ({"index": {"kmeansThreshold": 5000}}, "index"),
+    ({"resources": {"memory": "32Gi", "device": "cpu"}}, None),
+    ({"metrics": {"pushgateway": "http://p:9091"}}, None),
+    ({"weightsCache": "s3://w/"}, None),
+])
+def test_rerun_point_per_field(change: dict[str, Any], first: str | None) -> None:
+    m1 = manifest(1)
+    st, jobs = complete(m1, "index")
+    m2 = manifest(2, **change)
+    d = run(m2, st, jobs, markers=set(STEP_ORDER))
+    if first is None:
+        assert d.status["phase"] == "Succeeded" and d.create == [] and d.status["observedGeneration"] == 2
+        assert reasons(d) == []
+    else:
+        assert [(c.step, c.force) for c in d.create] == [(first, True)]
+        i = STEP_ORDER.index(first)
+        assert all(phases(d)[s] == "Succeeded" for s in STEP_ORDER[:i])
+
+
+def test_spec_change_while_running_replaces_the_stale_job() -> None:
+    m1 = manifest(1)
+    st, jobs = complete(m1, "features")
+    assert st["steps"]["train"]["phase"] == "Running"
+    jobs = jobs + [job("train", 1, "Running")]
+    m2 = manifest(2, train={"epochs": 40})
+    d = run(m2, st, jobs)
+    assert [x.name for x in d.delete] == ["alice-train-1"]
+    assert [(c.name, c.force) for c in d.create] == [("alice-train-2", True)]
+    # while the deleted Job is still terminating it is neither adopted nor re-deleted
+    terminating = [j for j in jobs if j.step != "train"] + [job("train", 1, "Running", deleting=True),
+                                                            job("train", 2, "Running", force=True)]
+    d2 = run(m2, d.status, terminating)
+    assert d2.create == [] and d2.delete == []
+    # resources-only change while running: the Job keeps running
+    d3 = run(manifest(3, train={"epochs": 40}, resources={"cpu": "8"}), d2.status, terminating)
+    assert d3.create == [] and d3.delete == [] and d3.status["observedGeneration"] == 3
+
+
+def test_failed_experiment_retries_after_any_spec_change() -> None:
+    m1 = manifest(1)
+    st = run(m1, None).status
+    failed = run(m1, st, [job("preprocess", 1, "Failed", exit_code=2, message="bad")]).status
+    assert failed["phase"] == "Failed"
+    m2 = manifest(2, resources={"memory": "64Gi"})  # inputs unchanged, but the user wants another go
+    d = run(m2, failed, [job("preprocess", 1, "Failed", exit_code=2)])
+    assert [(c.step, c.attempt) for c in d.create] == [("preprocess", 2)]
+    assert d.status["phase"] == "Running" and cond(d, "Failed")["status"] == "False"
+    assert "SpecChanged" in reasons(d)
+
+
+def test_steps_added_and_removed() -> None:
+    m1 = manifest(1, steps=["preprocess"])
+    d = run(m1, None)
+    assert phases(d)["f0"] == "Skipped" and d.status["steps"]["f0"]["reason"] == "NotInSpec"
+    d_ok = run(m1, d.status, [job("preprocess", 1, "Succeeded")])
+    assert d_ok.status["phase"] == "Succeeded" and "model" not in d_ok.status["artifacts"]
+    m2 = manifest(2, steps=["preprocess", "f0", "features"])
+    d2 = run(m2, d_ok.status, [job("preprocess", 1, "Succeeded")])
+    assert [c.step for c in d2.create] == ["f0"] and phases(d2)["preprocess"] == "Succeeded"
+    assert phases(d2)["train"] == "Skipped"
+    # removing the running step stops its Job
+    m3 = manifest(3, steps=["preprocess"])
+    d3 = run(m3, d2.status, [job("preprocess", 1, "Succeeded"), job("f0", 1, "Running")])
+    assert [x.name for x in d3.delete] == ["alice-f0-1"] and d3.status["phase"] == "Succeeded"
+
+
+def test_invalid_spec_fails_then_recovers() -> None:
+    bad = manifest(1, train={"epochs": 0})
+    d = run(bad, None)
+    assert d.status["phase"] == "Failed" and d.create == [] and "spec.train.epochs" in d.status["message"]
+    assert cond(d, "Failed")["reason"] == "InvalidSpec" and reasons(d) == ["InvalidSpec"]
+    assert run(bad, d.status).events == []  # no event storm
+    local = manifest(1, storage={"uri": "/data/out"})
+    d_local = run(local, None)
+    assert d_local.status["phase"] == "Failed" and "spec.storage.uri" in d_local.status["message"]
+    fixed = manifest(2)
+    d2 = run(fixed, d.status)
+    assert d2.status["phase"] == "Running" and [c.step for c in d2.create] == ["preprocess"]
+
+
+def test_stale_active_jobs_are_deleted() -> None:
+    m = manifest()
+    st = run(m, None).status  # preprocess attempt 1 running
+    st["steps"]["preprocess"].update(attempts=2, job="alice-preprocess-2")
+    d = run(m, st, [job("preprocess", 1, "Running"), job("preprocess", 2, "Running")])
+    assert [x.name for x in d.delete] == ["alice-preprocess-1"] and d.create == []
+
+
+def test_deleting_experiment_does_nothing_and_deletion_plan() -> None:
+    m = manifest()
+    m["metadata"]["deletionTimestamp"] = "2025-03-01T12:00:00Z"
+    d = decide(m, {}, [], set(), T0)
+    assert d.create == [] and d.finished
+    jobs = [job("train", 1, "Running"), job("preprocess", 1, "Succeeded"),
+            job("f0", 1, "Running", deleting=True)]
+    keep = plan_deletion(manifest(), jobs)
+    assert keep.jobs == ["alice-preprocess-1", "alice-train-1"] and keep.configmap == "alice-spec"
+    assert keep.artifacts_prefix is None
+    wipe = manifest()
+    wipe["metadata"]["annotations"] = {"rvc-operator.dev/delete-artifacts": "true"}
+    p = plan_deletion(wipe, jobs)
+    assert (p.artifacts_prefix, p.storage_uri) == ("logs/alice/", "s3://models/rvc")
+    assert plan_deletion(manifest(), jobs, delete_artifacts_default=True).artifacts_prefix == "logs/alice/"
+    wipe["metadata"]["annotations"]["rvc-operator.dev/delete-artifacts"] = "false"
+    assert plan_deletion(wipe, jobs, delete_artifacts_default=True).artifacts_prefix is None
+    named = manifest(experimentName="shared-folder")
+    named["metadata"]["annotations"] = {"rvc-operator.dev/delete-artifacts": "true"}
+    assert plan_deletion(named, []).artifacts_prefix == "logs/shared-folder/"
+
+
+def test_progress_is_copied_into_status() -> None:
+    m = manifest()
+    st, jobs = complete(m, "features")
+    prog = {"step": "train", "epoch": 3, "epochs": 10, "epochText": "3/10", "percent": 30.0, "lossG": 31.2,
+            "lossD": 4.1, "lossMel": 21.0, "secondsPerEpoch": 12.5}
+    d = run(m, st, jobs + [job("train", 1, "Running")], progress=prog)
+    assert d.status["progress"] == prog and d.status["phase"] == "Running"
+
+
+# --- summaries of API objects ------------------------------------------------------------------------
+def api_job(name: str, step: str, attempt: int, conditions: list[dict[str, Any]] | None = None,
+            active: int = 0) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {"rvc-operator.dev/step": step,
+                                                  "rvc-operator.dev/attempt": str(attempt)},
+                         "annotations": {"rvc-operator.dev/inputs-hash": "abc",
+                                         "rvc-operator.dev/force": "true"},
+                         "creationTimestamp": "2025-03-01T12:00:00Z"},
+            "status": {"conditions": conditions or [], "active": active, "startTime": "2025-03-01T12:00:01Z"}}
+
+
+def api_pod(exit_code: int | None = None, reason: str = "Error", message: str = "", finished: str = "",
+            phase: str = "Failed", waiting: dict[str, str] | None = None,
+            pod_conditions: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    cs: dict[str, Any] = {"name": "step", "state": {}}
+    if exit_code is not None:
+        cs["state"] = {"terminated": {"exitCode": exit_code, "reason": reason, "message": message,
+                                      "finishedAt": finished}}
+    if waiting:
+        cs["state"] = {"waiting": waiting}
+    return {"metadata": {"name": "p"}, "status": {"phase": phase, "containerStatuses": [cs],
+                                                  "conditions": pod_conditions or []}}
+
+
+def test_summarize_failed_job_picks_newest_pod_error_line() -> None:
+    log_tail = ("12:00:01 INFO preprocess: 12 files\nTraceback...\n"
+                "error: preprocess: no usable audio in s3://voices/alice/: a.txt (not audio)\n")
+    j = api_job("alice-preprocess-1", "preprocess", 1,
+                [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])
+    pods = [api_pod(1, message="error: old", finished="2025-03-01T12:00:05Z"),
+            api_pod(2, message=log_tail, finished="2025-03-01T12:01:00Z")]
+    s = summarize_job(j, pods)
+    assert (s.state, s.exit_code, s.step, s.attempt) == ("Failed", 2, "preprocess", 1)
+    assert s.message == "preprocess: no usable audio in s3://voices/alice/: a.txt (not audio)"
+    assert s.reason == "BackoffLimitExceeded" and s.inputs_hash == "abc" and s.force is True
+    oom = summarize_job(j, [api_pod(137, reason="OOMKilled")])
+    assert oom.reason == "OOMKilled" and oom.exit_code == 137
+
+
+def test_summarize_running_pending_and_succeeded_jobs() -> None:
+    ok = summarize_job(api_job("j", "train", 2, [{"type": "Complete", "status": "True"}]))
+    assert ok.state == "Succeeded" and ok.attempt == 2
+    pull = summarize_job(api_job("j", "train", 1, active=1), [api_pod(phase="Pending", waiting={
+        "reason": "ImagePullBackOff", "message": 'Back-off pulling image "reg/x:1"'})])
+    assert pull.state == "Running" and pull.waiting_reason == "ImagePullBackOff" and "reg/x:1" in pull.waiting
+    sched = summarize_job(api_job("j", "train", 1, active=1), [api_pod(phase="Pending", pod_conditions=[
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}])])
+    assert sched.waiting.startswith("Unschedulable: 0/1 nodes") and sched.active
+    fresh = summarize_job(api_job("j", "f0", 1))
+    assert fresh.state == "Pending" and fresh.exit_code is None
+
+
+def test_image_pull_failure_fails_after_timeout() -> None:
+    m = manifest()
+    st = run(m, None).status
+    pulling = job("preprocess", 1, "Running", waiting="ImagePullBackOff: not found",
+                  waiting_reason="ImagePullBackOff")
+    early = run(m, st, [pulling], now=T0 + timedelta(minutes=2))
+    assert early.status["phase"] == "Running" and "ImagePullBackOff" in early.status["message"]
+    late = run(m, st, [pulling], now=T0 + timedelta(minutes=20))
+    assert late.status["phase"] == "Failed" and "image cannot be pulled" in late.status["message"]
+    assert [x.name for x in late.delete] == ["alice-preprocess-1"]
+
+
+def test_termination_line_and_status_patch() -> None:
+    assert termination_line("a\nerror: bad file x.wav\nTraceback tail") == "bad file x.wav"
+    assert termination_line("only line\n\n") == "only line"
+    assert termination_line("") is None and termination_line(None) is None
+    old = {"phase": "Running", "steps": {"f0": {"phase": "Running", "retryAfter": "t"}}, "message": "m"}
+    new = {"phase": "Running", "steps": {"f0": {"phase": "Succeeded"}}, "currentStep": "features"}
+    assert status_patch(old, new) == {"message": None, "currentStep": "features",
+                                      "steps": {"f0": {"phase": "Succeeded", "retryAfter": None}}}
