@@ -14,7 +14,6 @@ import json
 import time
 
 import torch
-
 from rvc_pipeline.models import build_discriminator, build_generator, get_config
 from rvc_pipeline.train import GanStep, gan_step
 
@@ -79,7 +78,8 @@ def main() -> None:
             st = setup(cpu, "fp32")
             sec, _ = time_steps(st, make_batch(st.cfg, args.batch, args.seconds, cpu), args.steps, cpu)
             results.append({"device": "cpu", "threads": th, "precision": "fp32", "batch": args.batch,
-                            "s_per_step": round(sec, 3), "speedup_vs_rvc_2threads": round(RVC_CPU_2T_SECONDS / sec, 2)})
+                            "s_per_step": round(sec, 3),
+                            "speedup_vs_rvc_2threads": round(RVC_CPU_2T_SECONDS / sec, 2)})
             print(json.dumps(results[-1]), flush=True)
             del st
     if torch.cuda.is_available():

@@ -137,6 +137,9 @@ wheelhouse() {  # wheelhouse IMAGE REQFILE
 ($(cd "$WHEELS" && ls torch-*.whl)): set RVC_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
     ! ls "$WHEELS"/nvidia_* >/dev/null 2>&1 || die "CUDA wheels (nvidia_*) in the $image wheelhouse"
   fi
+  if [ "$image" = pipeline ] && ls "$WHEELS"/torch-*+cpu-*.whl >/dev/null 2>&1; then
+    die "the torch wheel fetched for the CUDA image is the CPU build: check pip's find-links/index configuration"
+  fi
   touch "$WHEELS/.complete"
 }
 
@@ -209,8 +212,7 @@ build_one() {
   fi
   local args=(build -t "$repo:$TAG" -t "$repo:$hash" --label "$LABEL_KEY=$hash" --build-arg "PIP_MODE=$MODE" -f "$CTX/Dockerfile")
   [ -z "$BASE_REF" ] || args+=(--build-arg "BASE_IMAGE=$BASE_REF")
-  "$DOCKER" image inspect "$repo:$TAG" >/dev/null 2>&1 && args+=(--cache-from "$repo:$TAG")
-  [ -z "$BASE_REF" ] || args+=(--cache-from "$BASE_REF")
+  # No --cache-from: with it the classic builder ignores the local layer cache.
   log "docker build $repo:$TAG (inputs $hash, mode $MODE)"
   phase "images: $image docker build" "$DOCKER" "${args[@]}" "$CTX" > "$RVC_CACHE_DIR/build-context/$image.build.log" 2>&1 \
     || { tail -40 "$RVC_CACHE_DIR/build-context/$image.build.log" >&2; die "docker build $repo failed (log: $RVC_CACHE_DIR/build-context/$image.build.log)"; }

@@ -10,8 +10,10 @@ export PATH="$PWD/.venv/bin:$PATH" RVC_NO_PROGRESS=1 PYTHONUNBUFFERED=1
 echo "== lint (ruff)"
 ruff check .
 echo "== CRD is generated from the spec"
-python -m rvc_operator.crd | diff -u crds/rvcexperiments.yaml - \
-  || { echo "crds/rvcexperiments.yaml is stale: run 'python -m rvc_operator.crd > crds/rvcexperiments.yaml'"; exit 1; }
+for f in crds/rvcexperiments.yaml charts/rvc-operator/crds/rvcexperiments.yaml; do
+  python -m rvc_operator.crd | diff -u "$f" - \
+    || { echo "$f is stale: run 'python -m rvc_operator.crd | tee $f'"; exit 1; }
+done
 echo "== unit + integration tests"
 rc=0
 pytest -q -p no:cacheprovider tests/unit tests/integration "$@" || rc=$?

@@ -7,7 +7,6 @@ Watches every namespace, or only RVC_WATCH_NAMESPACE when set. Liveness probe: h
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .config import ConfigError, OperatorConfig
@@ -35,8 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     import kopf
 
     from . import handlers  # noqa: F401 - registers the handlers

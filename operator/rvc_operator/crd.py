@@ -111,7 +111,7 @@ class Condition(_StatusModel):
     type: Literal["Ready", "Progressing", "Failed"] = Field(description="Ready, Progressing or Failed.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason of the last transition.")
-    message: str = Field(default="", description="Human-readable detail.")
+    message: str | None = Field(default=None, description="Human-readable detail.")
     last_transition_time: str = Field(description="When status last changed.")
     observed_generation: int | None = Field(default=None, description="metadata.generation it reflects.")
 
@@ -250,7 +250,8 @@ def structural(node: dict[str, Any], defs: dict[str, Any], path: tuple[str, ...]
         if "items" not in node:
             raise CRDSchemaError(f"{where}: array without items")
         out["items"] = structural(node["items"], defs, (*path, "[]"))
-    if "default" in node and node["default"] is not None and path[-2:] not in _NO_DEFAULT:
+    # an empty-string default reaches the 1.20 API server as null and is refused there
+    if "default" in node and node["default"] not in (None, "") and path[-2:] not in _NO_DEFAULT:
         out["default"] = node["default"]
     if path[-2:] in _NO_DEFAULT:
         out["description"] = out.get("description", "") + _NO_DEFAULT[path[-2:]]
@@ -358,7 +359,8 @@ def build_crd() -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "API version of the object."},
                                 "kind": {"type": "string", "description": "Kind of the object."},
-                                "metadata": {"type": "object", "description": "Standard object metadata."},
+                                # the API server allows nothing but the type here
+                                "metadata": {"type": "object"},
                                 "spec": spec_schema(),
                                 "status": status_schema(),
                             },

@@ -1,6 +1,7 @@
 """kopf handlers: the glue between the cluster, storage and the pure state machine (status.decide).
 
-Every trigger (create, resume, update, a timer every RVC_RECONCILE_INTERVAL seconds) runs `reconcile`:
+Every trigger (create, resume, update, and a sweep of all unfinished experiments every
+RVC_RECONCILE_INTERVAL seconds) runs `reconcile`:
 read the RVCExperiment, its Jobs and pods, and the storage markers; `decide`; create the ConfigMap/Jobs,
 delete superseded Jobs, patch the status (with the resourceVersion it was computed from, so a stale view
 never overwrites a newer one), then post events. Nothing is kept in memory between reconciles except
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -84,7 +86,20 @@ def open_experiment_storage(manifest: dict[str, Any], cfg: OperatorConfig) -> St
     key = (str(st.get("uri", "")), st.get("endpoint") or cfg.s3_endpoint, st.get("region"))
     with _storage_lock:
         if key not in _storage_cache:
-            _storage_cache[key] = open_storage(key[0], endpoint=key[1], region=key[2])
+            storage = open_storage(key[0], endpoint=key[1], region=key[2])
+            client = getattr(storage, "client", None)
+            if client is not None:
+                # The operator only peeks at small objects: fail fast instead of the pipeline's patient
+                # retries, so an unreachable store never stalls a reconcile for minutes.
+                import boto3
+                from botocore.config import Config
+
+                storage.client = boto3.client(  # type: ignore[attr-defined]
+                    "s3", endpoint_url=getattr(storage, "endpoint", None) or None,
+                    region_name=client.meta.region_name,
+                    config=Config(connect_timeout=3, read_timeout=15,
+                                  retries={"max_attempts": 2, "mode": "standard"}))
+            _storage_cache[key] = storage
         return _storage_cache[key]
 
 
@@ -224,7 +239,7 @@ def reconcile(
         status = body.get("status") or {}
         if status.get("phase") in ("Succeeded", "Failed") and status.get("observedGeneration") == meta.get(
                 "generation"):
-            metrics.set_phase(meta.get("uid", name), status.get("phase"))
+            metrics.set_phase(meta.get("uid", name), status.get("phase"), namespace, name)
             return None
         jobs = observe_jobs(api, body)
         view = read_storage_view(body, status, cfg, opener)  # after the Jobs: markers are at least as new
@@ -246,7 +261,7 @@ def reconcile(
             metrics.job_failures.labels(step, why).inc()
         for step in decision.retries:
             metrics.job_retries.labels(step).inc()
-        metrics.set_phase(meta.get("uid", name), decision.status.get("phase"))
+        metrics.set_phase(meta.get("uid", name), decision.status.get("phase"), namespace, name)
         return decision
     return None
 
@@ -383,8 +398,39 @@ class KubeCluster:
             raise
 
 
+    def post_event(self, body: dict[str, Any], ev: Event) -> None:
+        """A core/v1 Event on the experiment. Posted directly (not through kopf.event, which works only
+        inside kopf's per-object tasks, not from the sweep thread); failures are logged, never raised."""
+        meta = body.get("metadata") or {}
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.",
+                         "namespace": meta.get("namespace", "default")},
+            "involvedObject": {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                               "name": meta.get("name"), "namespace": meta.get("namespace"),
+                               "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")},
+            "type": ev.type,
+            "reason": ev.reason,
+            "message": ev.message[:1024],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": {"component": "rvc-operator"},
+            "reportingComponent": "rvc-operator",
+            "reportingInstance": socket.gethostname(),
+        }
+        try:
+            self.core.create_namespaced_event(meta.get("namespace", "default"), event)
+        except Exception as e:  # noqa: BLE001 - events are informational
+            log.warning("%s/%s: could not post event %s: %s", meta.get("namespace"), meta.get("name"),
+                        ev.reason, e)
+
+
 def kopf_post(body: dict[str, Any], ev: Event) -> None:
-    kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+    if _cluster is not None:
+        _cluster.post_event(body, ev)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -418,19 +464,90 @@ def load_kube_config() -> None:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        try:
+            config.load_kube_config()
+        except config.ConfigException as e:
+            raise kopf.PermanentError(f"no Kubernetes credentials (in-cluster or kubeconfig): {e}") from None
+
+
+def due_for_sweep(items: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(namespace, name, uid) of the experiments a periodic sweep must reconcile: all but the finished
+    ones whose spec has not changed since, and those being deleted."""
+    out = []
+    for it in items:
+        meta = it.get("metadata") or {}
+        st = it.get("status") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        finished = st.get("phase") in ("Succeeded", "Failed")
+        if finished and st.get("observedGeneration") == meta.get("generation"):
+            continue
+        out.append((meta.get("namespace", "default"), meta.get("name", ""), meta.get("uid", "")))
+    return out
+
+
+class Sweeper:
+    """Reconciles every unfinished experiment every `interval` seconds, from one background thread.
+
+    kopf's own timers would put a finalizer on every RVCExperiment (kopf needs one to stop per-object
+    timers), so that deleting an experiment would hang whenever the operator is down; this sweep needs none.
+    """
+
+    def __init__(self, api: ClusterAPI, cfg: OperatorConfig, run: Callable[[str, str, str], None],
+                 workers: int = 4) -> None:
+        self.api, self.cfg, self.run, self.workers = api, cfg, run, workers
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sweep_once(self) -> int:
+        due = due_for_sweep(self.api.list_experiments(self.cfg.watch_namespace))
+        if not due:
+            return 0
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(self.workers, len(due))) as ex:
+            list(ex.map(lambda t: self.run(*t), due))
+        return len(due)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.cfg.reconcile_interval):
+            try:
+                self.sweep_once()
+            except Exception:  # noqa: BLE001 - keep sweeping
+                METRICS.reconcile_errors.inc()
+                log.exception("periodic reconcile sweep failed; retrying in %ss", self.cfg.reconcile_interval)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="rvc-sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+_sweeper: Sweeper | None = None
 
 
 @kopf.on.startup()
 def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    global _cluster
+    global _cluster, _sweeper
     configure_settings(settings)
     load_kube_config()
     _cluster = KubeCluster()
     METRICS.serve(CFG.metrics_port)
+    _sweeper = Sweeper(_cluster, CFG, _run)
+    _sweeper.start()
     log.info("rvc-operator: images gpu=%s cpu=%s, default device %s, max concurrent %s, namespace %s",
              CFG.pipeline_image, CFG.cpu_image, CFG.default_device,
              CFG.max_concurrent_experiments or "unlimited", CFG.watch_namespace or "all")
+
+
+@kopf.on.cleanup()
+def _cleanup_operator(**_: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()
 
 
 def _run(namespace: str, name: str, uid: str) -> None:
@@ -439,7 +556,7 @@ def _run(namespace: str, name: str, uid: str) -> None:
     with _lock_for(uid or f"{namespace}/{name}"):
         try:
             reconcile(_cluster, namespace, name, CFG, post=kopf_post)
-        except Exception:  # noqa: BLE001 - the timer retries; count and log
+        except Exception:  # noqa: BLE001 - the next sweep retries; count and log
             METRICS.reconcile_errors.inc()
             log.exception("%s/%s: reconcile failed; retrying in %ss", namespace, name, CFG.reconcile_interval)
 
@@ -448,11 +565,6 @@ def _run(namespace: str, name: str, uid: str) -> None:
 @kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
 @kopf.on.update(API_GROUP, API_VERSION, PLURAL)
 def _on_change(name: str, namespace: str, uid: str, **_: Any) -> None:
-    _run(namespace, name, uid)
-
-
-@kopf.timer(API_GROUP, API_VERSION, PLURAL, interval=CFG.reconcile_interval)
-def _on_timer(name: str, namespace: str, uid: str, **_: Any) -> None:
     _run(namespace, name, uid)
 
 

@@ -1,6 +1,7 @@
 """Prometheus metrics of the operator (served on RVC_METRICS_PORT at /metrics).
 
 rvc_experiments{phase}                   gauge: experiments seen by this operator, by phase
+rvc_experiment_phase{namespace,experiment,phase} gauge: 1 for each experiment's current phase
 rvc_step_duration_seconds{step}          histogram: Job creation to completion of successful steps
 rvc_job_failures_total{step,reason}      counter: failed step attempts (reason: BadInput, MissingWeights,
                                          OOMKilled, BackoffLimitExceeded, DeadlineExceeded, JobMissing, ...)
@@ -32,17 +33,28 @@ class OperatorMetrics:
         self.job_retries = Counter("rvc_job_retries_total", "Retries of failed steps", ["step"], registry=r)
         self.jobs_created = Counter("rvc_jobs_created_total", "Jobs created", ["step"], registry=r)
         self.reconcile_errors = Counter("rvc_reconcile_errors_total", "Reconciles that failed", registry=r)
+        self.experiment_phase = Gauge("rvc_experiment_phase", "Current phase of each experiment (1)",
+                                      ["namespace", "experiment", "phase"], registry=r)
         self._phases: dict[str, str] = {}
+        self._names: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
         for p in PHASES:
             self.experiments.labels(p).set(0)
 
-    def set_phase(self, uid: str, phase: str | None) -> None:
+    def set_phase(self, uid: str, phase: str | None, namespace: str = "", name: str = "") -> None:
         with self._lock:
+            old = self._phases.get(uid)
+            ns_name = self._names.get(uid) or (namespace, name)
+            if old and old != phase and ns_name[1]:
+                self.experiment_phase.remove(*ns_name, old)
             if phase:
                 self._phases[uid] = phase
+                if name:
+                    self._names[uid] = (namespace, name)
+                    self.experiment_phase.labels(namespace, name, phase).set(1)
             else:
                 self._phases.pop(uid, None)
+                self._names.pop(uid, None)
             counts = dict.fromkeys(PHASES, 0)
             for p in self._phases.values():
                 counts[p] = counts.get(p, 0) + 1

@@ -40,7 +40,7 @@ from .jobs import (
 
 ACTIVE = ("Pending", "Running")
 DONE = ("Succeeded", "Skipped")
-IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff")
+IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull")
 
 # The spec fields each step's outputs depend on. A step's hash also covers every earlier step's, so a
 # change reruns the first affected step and everything after it. Fields not listed (resources, metrics,
@@ -364,7 +364,7 @@ def _conditions(st: dict[str, Any], reason: str, now: str, gen: int) -> None:
     prog_reason = {"Queued": "Queued", "Succeeded": "Completed", "Failed": "Failed"}.get(phase or "", reason)
     _set_condition(st, "Progressing", progressing, prog_reason, msg, now, gen)
     _set_condition(st, "Failed", phase == "Failed", reason if phase == "Failed" else "NoFailure",
-                   msg if phase == "Failed" else "", now, gen)
+                   msg if phase == "Failed" else "no failure", now, gen)
     order = {"Ready": 0, "Progressing": 1, "Failed": 2}
     st["conditions"].sort(key=lambda c: order.get(c.get("type"), 9))
 
@@ -414,6 +414,7 @@ def decide(
         st.update(phase="Failed", message=msg, observedGeneration=gen, currentStep=None)
         st.setdefault("completionTime", now_s)
         _conditions(st, "InvalidSpec", now_s, gen)
+        _drop_empty_strings(st)
         d.finished = True
         return d
 
@@ -490,6 +491,7 @@ def decide(
         if progress is not None:
             st["progress"] = progress
         _cleanup_stale_jobs(d, steps, by_step)
+        _drop_empty_strings(st)
         d.finished = True
         return d
 
@@ -619,7 +621,21 @@ def decide(
     _finish_artifacts(st, exp, index_file)
     _cleanup_stale_jobs(d, steps, by_step)
     _conditions(st, reason, now_s, gen)
+    _drop_empty_strings(st)
     return d
+
+
+def _drop_empty_strings(obj: Any) -> None:
+    """Leave out "" values: the status is validated as JSON where some API servers (seen on 1.20) read an
+    empty string as null and refuse it for a string field."""
+    if isinstance(obj, dict):
+        for k in [k for k, v in obj.items() if v == ""]:
+            del obj[k]
+        for v in obj.values():
+            _drop_empty_strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            _drop_empty_strings(v)
 
 
 def _job_error(job: JobSummary, exp: Experiment) -> str:

@@ -70,6 +70,8 @@ def _classify(e: BaseException) -> int:
         return EXIT_NO_WEIGHTS
     if isinstance(e, (SpecError, StepFailed)):
         return EXIT_BAD_INPUT
+    if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError: retrying will not help
+        return EXIT_BAD_INPUT
     if isinstance(e, StorageError):
         return EXIT_ERROR
     return EXIT_ERROR
@@ -132,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         code = _classify(e)
         if args.verbose or code == EXIT_ERROR:
             log.exception("failed")
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e)
+        if type(e).__name__ == "OutOfMemoryError":
+            msg = f"GPU out of memory ({msg.splitlines()[0]}); lower spec.train.batchSize or use a larger GPU"
+        print(f"error: {msg}", file=sys.stderr)
         return code
 
 

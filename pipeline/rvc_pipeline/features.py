@@ -143,8 +143,13 @@ def run(ctx: StepContext) -> dict[str, Any]:
         emb, rw = load_spec_embedder(ctx, device)
         random_weights = random_weights or rw  # any random-weight output taints the whole folder
         dtype = str(emb.dtype).replace("torch.", "")
-        log.info("features: HuBERT %s on %s (%s, %d threads)", emb.source, device, dtype,
-                 threads or torch.get_num_threads())
+        log.info(
+            "features: HuBERT %s on %s (%s, %d threads)",
+            emb.source,
+            device,
+            dtype,
+            threads or torch.get_num_threads(),
+        )
         dim = emb.dim(version)
         if dim != spec.model.feature_dim:
             raise StepFailed(
@@ -168,8 +173,9 @@ def run(ctx: StepContext) -> dict[str, Any]:
                 save_atomic(out_dir / output_name(p.name), f.astype(np.float32, copy=False))
             files_done += len(paths)
             done_seconds += sum(infos[p] for p in paths) / SR
-            ctx.reporter.event("progress", files_done=files_done, files_total=len(wavs),
-                               audio_seconds=round(done_seconds, 3))
+            ctx.reporter.event(
+                "progress", files_done=files_done, files_total=len(wavs), audio_seconds=round(done_seconds, 3)
+            )
     elapsed = time.time() - t0
     if nan_files:
         raise StepFailed(f"NaN in the HuBERT features of {len(nan_files)} file(s): {', '.join(nan_files)}")

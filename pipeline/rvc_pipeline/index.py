@@ -22,10 +22,12 @@ Deliberate differences, none of which changes the files' format or what RVC and 
 * Threads are bounded (faiss OpenMP and the BLAS/OpenMP pools scikit-learn uses) to the step's worker
   count: RVC users report thread blow-ups on big machines.
 * Memory: the features are read into one preallocated matrix (no list of arrays plus a concatenated copy),
-  shuffled in place, and the k-means runs on mini-batches; the full matrix is dropped before training.
+  shuffled in place, and the k-means runs on mini-batches; when k-means replaced the full matrix, it is
+  dropped before training.
 * Features that are not finite or of the wrong width fail the step with the file named.
 * A GPU build of faiss (faiss-gpu does not fall back to the CPU by itself) is used only when
-  ``faiss.get_num_gpus() > 0``; the trained index is copied back to the CPU before it is written.
+  ``faiss.get_num_gpus() > 0``: training and the adds run on the GPU, and the index is copied back to
+  the CPU before each file is written (the files are the same CPU ``IndexIVFFlat`` either way).
 * Files are written atomically (temporary name, then rename); index files of an earlier run with another
   ``n_ivf`` are removed so RVC's lookup finds exactly one ``added_*`` index.
 """
@@ -245,16 +247,38 @@ def train_ivf(
     return index, info
 
 
-def add_vectors(index: Any, vectors: np.ndarray, add_batch: int = ADD_BATCH, n_threads: int | None = None,
-                progress: Any = None) -> float:
-    """Step 8: add the rows in batches of `add_batch` (insertion order = row order). Returns seconds."""
+def add_vectors(
+    index: Any,
+    vectors: np.ndarray,
+    add_batch: int = ADD_BATCH,
+    n_threads: int | None = None,
+    progress: Any = None,
+    use_gpu: bool = False,
+) -> tuple[Any, float]:
+    """Step 8: add the rows in batches of `add_batch` (insertion order = row order).
+
+    Returns the filled CPU index and the seconds it took. With `use_gpu` the trained index is copied to
+    the GPU for the adds (each add assigns its rows to the nearest of n_ivf centroids, the costly part)
+    and copied back.
+    """
+    import faiss
+
     t0 = time.perf_counter()
     starts = range(0, vectors.shape[0], max(1, add_batch))
     it = progress(starts) if progress is not None else starts
     with _OmpThreads(n_threads or _cpu_count()):
+        if use_gpu:
+            res = faiss.StandardGpuResources()
+            target = faiss.index_cpu_to_gpu(res, 0, index)
+        else:
+            target = index
         for i in it:
-            index.add(vectors[i : i + add_batch])
-    return round(time.perf_counter() - t0, 3)
+            target.add(vectors[i : i + add_batch])
+        if use_gpu:
+            index = faiss.index_gpu_to_cpu(target)
+            faiss.extract_index_ivf(index).nprobe = 1
+            del target
+    return index, round(time.perf_counter() - t0, 3)
 
 
 def build_index(
@@ -276,7 +300,8 @@ def build_index(
                                     n_cpu=n_threads)
     index, tinfo = train_ivf(vectors, use_gpu=use_gpu, n_threads=n_threads)
     info.update(tinfo)
-    info["add_seconds"] = add_vectors(index, vectors, add_batch, n_threads=n_threads)
+    index, info["add_seconds"] = add_vectors(index, vectors, add_batch, n_threads=n_threads,
+                                             use_gpu=tinfo["gpu"])
     return index, info
 
 
@@ -349,9 +374,10 @@ def run(ctx: StepContext) -> dict[str, Any]:
     ctx.reporter.event("trained", n_ivf=n_ivf, seconds=tinfo["train_seconds"])
 
     n_batches = math.ceil(vectors.shape[0] / spec.index.add_batch_size)
-    add_s = add_vectors(
+    index, add_s = add_vectors(
         index, vectors, spec.index.add_batch_size, n_threads=threads,
         progress=lambda it: ctx.reporter.bar(it, total=n_batches, desc="index add", unit="batch"),
+        use_gpu=tinfo["gpu"],
     )
     if index.ntotal != vectors.shape[0]:
         raise StepFailed(f"index: added {index.ntotal} vectors, expected {vectors.shape[0]}")

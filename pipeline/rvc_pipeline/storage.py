@@ -160,7 +160,9 @@ class S3Storage:
         self.prefix = prefix.strip("/")
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120)
-        self.client = boto3.client(
+        # A session of its own: the process-wide default session caches the first credentials it
+        # resolves, so a storage opened later with other AWS_* variables would silently use the old ones.
+        self.client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint or None, region_name=region or os.environ.get("AWS_REGION"),
             config=cfg,
         )
@@ -187,10 +189,9 @@ class S3Storage:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as e:  # noqa: BLE001
-            err = self._wrap(e, "")
             if _code(e) in ("404", "NoSuchBucket", "NotFound"):
-                err = StorageError(f"s3://{self.bucket}: bucket does not exist")
-            raise err from None
+                raise StorageError(f"s3://{self.bucket}: bucket does not exist") from None
+            raise self._wrap(e, "") from None
         self._bucket_ok = True
 
     def _wrap(self, err: Exception, key: str) -> StorageError:
@@ -206,8 +207,9 @@ class S3Storage:
         where = f"s3://{self.bucket}/{self._k(key)}"
         if isinstance(err, StorageError):
             return err
-        if not isinstance(err, ClientError) and isinstance(err.__cause__, ClientError):
-            err = err.__cause__  # boto3's upload_file wraps the ClientError in S3UploadFailedError
+        inner = err.__cause__ or err.__context__
+        if not isinstance(err, ClientError) and isinstance(inner, ClientError):
+            err = inner  # boto3's upload_file wraps the ClientError in S3UploadFailedError
         if isinstance(err, ClientError):
             code = _code(err)
             if code == "NoSuchBucket":

@@ -408,12 +408,20 @@ def run(ctx: StepContext) -> dict[str, Any]:
     hp = _hparams(ctx, cfg.to_json(), plan, batch, filelist)
     job = TrainJob(ctx.experiment, str(ctx.workdir), str(filelist), cfg.to_json(), plan, batch,
                    ctx.workers, mute_kind)
-    (exp_dir / "train.log").open("a").write(
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\t{ctx.name}\tINFO\t{hp!r}\n")
+    if _launcher_rank() == 0:
+        with open(exp_dir / "train.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\t{ctx.name}\tINFO\t{hp!r}\n")
     summary = launch(job, ctx)
     summary.update({"items": n_real, "usable_items": ok, "too_short": short, "too_long": long_,
                     "inputs": counts})
     return summary
+
+
+def _launcher_rank() -> int:
+    """This process's rank when a launcher (torchrun) started one process per rank, else 0."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "LOCAL_RANK" in os.environ:
+        return int(os.environ.get("RANK", "0") or 0)
+    return 0
 
 
 def _world_size(spec: Any) -> tuple[int, str]:
@@ -791,8 +799,8 @@ def train_worker(rank: int, world: int, local_rank: int, job: TrainJob, ctx: Ste
                     global_step <= LOG_FIRST_STEPS or global_step % LOG_EVERY_STEPS == 0
                     or now - last_event >= LOG_EVERY_SECONDS):
                 last_event = now
-                reporter.event("train_step", epoch=epoch, global_step=global_step, loss_g=_r(lg), loss_d=_r(ld),
-                               loss_mel=_r(lm), loss_kl=_r(lk), loss_fm=_r(lf),
+                reporter.event("train_step", epoch=epoch, global_step=global_step, loss_g=_r(lg),
+                               loss_d=_r(ld), loss_mel=_r(lm), loss_kl=_r(lk), loss_fm=_r(lf),
                                lr=optim_g.param_groups[0]["lr"], grad_norm_g=_r(gng), grad_norm_d=_r(gnd))
             if step_in_epoch >= steps_per_epoch:
                 break

@@ -112,7 +112,7 @@ def test_pm_step_writes_rvc_files(tmp_path: Path, slices: dict[str, Path]) -> No
     assert summary["method"] == "pm" and summary["frames"] == total_frames
     assert summary["voiced_ratio"] == pytest.approx(voiced / total_frames, abs=1e-4)
     assert 0.3 < summary["voiced_ratio"] < 0.98
-    assert summary["processes"] == 2 and summary["device"] == "cpu"
+    assert summary["processes"] == 1 and summary["device"] == "cpu"  # ~11 s of audio: pm needs no pool
     assert summary["audio_seconds"] == pytest.approx(total_frames / 100, abs=0.05)
     prog = [e for e in read_events(exp_dir / "progress.jsonl", "f0") if e["event"] == "progress"]
     assert prog[0]["files_done"] == 0 and prog[-1]["files_done"] == prog[-1]["files_total"] == 4
@@ -145,6 +145,7 @@ def test_resume_and_settings_change(tmp_path: Path, slices: dict[str, Path]) -> 
     exp2 = experiment(tmp_path, f0={"method": "harvest"})
     s2 = run_step(exp2, "f0", f0step.run, force=True)
     assert s2["computed"] == 4 and s2["resumed"] == 0 and s2["method"] == "harvest"
+    assert s2["processes"] == 2  # harvest is slow: two forked workers
     x, _ = sf.read(exp_dir / "1_16k_wavs" / "0_1.wav", dtype="float32")
     np.testing.assert_array_equal(np.load(nsf_dir / "0_1.wav.npy"), f0step.compute_f0(x, "harvest"))
 
@@ -204,11 +205,28 @@ def test_rmvpe_and_crepe_steps(tmp_path: Path, slices: dict[str, Path]) -> None:
     nsf = np.load(exp_dir / "2b-f0nsf" / "0_0.wav.npy")
     assert nsf.shape == (30,) and nsf.dtype == np.float64
     np.testing.assert_array_equal(np.load(exp_dir / "2a_f0" / "0_0.wav.npy"), f0step.coarse_f0(nsf))
-    exp = experiment(tmp_path, f0={"method": "crepe", "crepeModel": "tiny"})
-    s = run_step(exp, "f0", f0step.run)
+    # crepe on a (requested but absent) GPU: falls back to the CPU
+    exp = experiment(tmp_path, f0={"method": "crepe", "crepeModel": "tiny"}, resources={"device": "gpu"})
+    s = run_step(exp, "f0", f0step.run, force=True)
     assert s["method"] == "crepe" and s["computed"] == 1 and s["resumed"] == 0
+    assert s["device"] == "cpu" and s["processes"] == 1
     nsf = np.load(exp_dir / "2b-f0nsf" / "0_0.wav.npy")
     assert nsf.shape == (30,) and np.abs(nsf[5:-5] / 180 - 1).max() < 0.02
+
+
+@pytest.mark.slow
+def test_crepe_in_spawned_workers(tmp_path: Path) -> None:
+    exp = experiment(tmp_path, f0={"method": "crepe", "crepeModel": "tiny"})
+    exp_dir = tmp_path / "store" / "logs" / "x"
+    in_dir = exp_dir / "1_16k_wavs"
+    in_dir.mkdir(parents=True)
+    for i, hz in enumerate([130.0, 260.0, 390.0]):
+        sf.write(in_dir / f"0_{i}.wav", tone(hz, 0.3), SR, subtype="FLOAT")
+    s = run_step(exp, "f0", f0step.run)
+    assert s["computed"] == 3 and s["processes"] == 2  # torch workers are spawned, one model each
+    for i, hz in enumerate([130.0, 260.0, 390.0]):
+        nsf = np.load(exp_dir / "2b-f0nsf" / f"0_{i}.wav.npy")
+        assert nsf.shape == (30,) and np.abs(nsf[5:-5] / hz - 1).max() < 0.02
 
 
 def test_step_on_s3(tmp_path: Path, s3: Any, slices: dict[str, Path]) -> None:

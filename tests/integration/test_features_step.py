@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from rvc_pipeline import features, hubert
 from rvc_pipeline.progress import read_events
 from rvc_pipeline.spec import Experiment, parse_spec
@@ -37,8 +36,21 @@ def speak(text: str, dest: Path, rate: int = 16000, channels: int = 1, voice: st
     raw = dest.with_suffix(".espeak.wav")
     subprocess.run(["espeak-ng", "-v", voice, "-w", str(raw), text], check=True)
     subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-y", "-i", str(raw), "-ar", str(rate), "-ac", str(channels),
-         "-c:a", "pcm_f32le", str(dest)],
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-i",
+            str(raw),
+            "-ar",
+            str(rate),
+            "-ac",
+            str(channels),
+            "-c:a",
+            "pcm_f32le",
+            str(dest),
+        ],
         check=True,
     )
     raw.unlink()
@@ -48,8 +60,14 @@ def speak(text: str, dest: Path, rate: int = 16000, channels: int = 1, voice: st
 def small_cfg(**kw: Any) -> hubert.HubertConfig:
     # 768-d output and a 256-d final_proj as RVC expects, but narrow convs and 2 layers: fast on CPU
     base: dict[str, Any] = dict(
-        conv_layers=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2, embed_dim=768, ffn_dim=256,
-        heads=12, layers=2, conv_pos=16, conv_pos_groups=16, final_dim=256,
+        conv_layers=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2,
+        embed_dim=768,
+        ffn_dim=256,
+        heads=12,
+        layers=2,
+        conv_pos=16,
+        conv_pos_groups=16,
+        final_dim=256,
     )
     base.update(kw)
     return hubert.HubertConfig(**base)
@@ -158,7 +176,9 @@ def test_missing_embedder_says_where_to_put_it(tmp_path: Path, speech: dict[str,
     with pytest.raises(WeightsNotFound, match=r"hubert_base\.pt") as e:
         run_step(exp, "features", features.run)
     assert str(tmp_path / "weights-cache") in str(e.value)
-    assert not (in_dir.parent / "3_feature768").exists() or not any((in_dir.parent / "3_feature768").iterdir())
+    assert not (in_dir.parent / "3_feature768").exists() or not any(
+        (in_dir.parent / "3_feature768").iterdir()
+    )
 
 
 def test_demo_random_weights_fallback(
@@ -170,7 +190,9 @@ def test_demo_random_weights_fallback(
         summary = run_step(exp, "features", features.run)
     assert summary["random_weights"] is True
     assert json.loads((in_dir.parent / "features.json").read_text())["random_weights"] is True
-    assert any("RANDOMLY INITIALISED" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert any(
+        "RANDOMLY INITIALISED" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records
+    )
     n = sf.info(str(in_dir / "0_2.wav")).frames
     feats = np.load(in_dir.parent / "3_feature768" / "0_2.npy")
     assert feats.shape == ((n - 400) // 320 + 1, 768) and np.isfinite(feats).all()

@@ -458,3 +458,37 @@ def test_kopf_settings_and_run_arguments() -> None:
                     "liveness_endpoint": "http://0.0.0.0:9999/healthz"}
     ns = kopf_arguments(OperatorConfig(watch_namespace="rvc"))
     assert ns["clusterwide"] is False and ns["namespaces"] == ["rvc"]
+
+
+def test_periodic_sweep_reconciles_only_unfinished_experiments(h: Harness) -> None:
+    c = h.cluster
+    c.add_experiment("alice", h.spec())
+    c.add_experiment("bob", h.spec(experimentName="bob"))
+    done = c.add_experiment("carol", h.spec(experimentName="carol"))
+    done["status"] = {"phase": "Succeeded", "observedGeneration": 1}
+    gone = c.add_experiment("dave", h.spec(experimentName="dave"))
+    gone["metadata"]["deletionTimestamp"] = "2025-03-01T12:00:00Z"
+    assert handlers.due_for_sweep(c.list_experiments(None)) == [
+        ("voice", "alice", "uid-alice"), ("voice", "bob", "uid-bob")]
+    ran: list[str] = []
+
+    def run(ns: str, name: str, uid: str) -> None:
+        ran.append(name)
+        h.reconcile(name)
+
+    sweeper = handlers.Sweeper(c, h.cfg, run, workers=1)
+    assert sweeper.sweep_once() == 2 and sorted(ran) == ["alice", "bob"]
+    assert sorted(c.created) == ["alice-preprocess-1", "bob-preprocess-1"]
+    c.update_spec("voice", "carol", h.spec(experimentName="carol", train={"epochs": 9}))  # finished, edited
+    assert ("voice", "carol", "uid-carol") in handlers.due_for_sweep(c.list_experiments("voice"))
+    assert handlers.due_for_sweep(c.list_experiments("elsewhere")) == []
+
+
+def test_no_kopf_handler_needs_a_finalizer() -> None:
+    """Deleting an experiment must never wait for the operator: no timers/daemons/blocking delete handlers."""
+    import kopf
+
+    registry = kopf.get_default_registry()
+    assert registry._spawning.get_all_handlers() == []  # timers and daemons always add kopf's finalizer
+    changing = registry._changing.get_all_handlers()
+    assert changing and all(not h.requires_finalizer for h in changing)

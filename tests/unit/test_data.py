@@ -15,6 +15,7 @@ from rvc_pipeline.data import (
     bucket_index,
     is_mute_item,
     make_mute_files,
+    mute_features_from_embedder,
     read_filelist,
     spec_cache_path,
     write_filelist,
@@ -64,6 +65,22 @@ def test_mute_files(tmp_path: Path) -> None:
     assert np.load(p2["feat"]).mean() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="768"):
         make_mute_files(tmp_path / "m3", "40k", "v2", features=np.zeros((149, 256), np.float32))
+
+
+def test_mute_features_from_an_embedder(tmp_path: Path) -> None:
+    seen: list[np.ndarray] = []
+
+    def extract(w: np.ndarray) -> np.ndarray:  # a HuBERT-like frame count: floor((N-400)/320)+1
+        seen.append(w)
+        return np.full(((len(w) - 400) // 320 + 1, 768), 0.25, np.float32)
+
+    feats = mute_features_from_embedder(extract)
+    assert seen[0].shape == (48000,) and not seen[0].any() and seen[0].dtype == np.float32
+    assert feats.shape == (149, 768)
+    p = make_mute_files(tmp_path, "40k", "v2", feats)
+    assert np.load(p["feat"]).mean() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="frames, channels"):
+        mute_features_from_embedder(lambda w: np.zeros(5))
 
 
 def test_filelist_format_and_mute_lines(tmp_path: Path) -> None:

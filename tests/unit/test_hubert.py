@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from rvc_pipeline import hubert
 from rvc_pipeline.hubert import Embedder, HubertConfig, HubertModel
 
@@ -21,8 +20,14 @@ SMALL_CONV = [(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2  # HuBERT's str
 
 def small_cfg(**kw: object) -> HubertConfig:
     base: dict[str, object] = dict(
-        conv_layers=SMALL_CONV, embed_dim=64, ffn_dim=128, heads=4, layers=3, conv_pos=16,
-        conv_pos_groups=4, final_dim=16,
+        conv_layers=SMALL_CONV,
+        embed_dim=64,
+        ffn_dim=128,
+        heads=4,
+        layers=3,
+        conv_pos=16,
+        conv_pos_groups=4,
+        final_dim=16,
     )
     base.update(kw)
     return HubertConfig(**base)  # type: ignore[arg-type]
@@ -139,9 +144,10 @@ def test_bad_checkpoints_give_clear_errors(tmp_path: Path) -> None:
         hubert.parse_conv_layers("[(512,10,5)")
     with pytest.raises(ValueError, match="unsupported"):
         hubert.parse_conv_layers("__import__('os')")
-    assert hubert.parse_conv_layers(hubert.HUBERT_BASE_CONV) == [(512, 10, 5)] + [(512, 3, 2)] * 4 + [
-        (512, 2, 2)
-    ] * 2
+    assert (
+        hubert.parse_conv_layers(hubert.HUBERT_BASE_CONV)
+        == [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+    )
 
 
 # ---- Hugging Face ---------------------------------------------------------------------------
@@ -162,9 +168,17 @@ def _transformers():
 def test_hf_folder_matches_transformers_hidden_states(tmp_path: Path) -> None:
     transformers = _transformers()
     cfg = transformers.HubertConfig(
-        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, conv_dim=[32] * 7,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, do_stable_layer_norm=False,
-        feat_extract_norm="group", conv_bias=False, classifier_proj_size=16,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=128,
+        conv_dim=[32] * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        do_stable_layer_norm=False,
+        feat_extract_norm="group",
+        conv_bias=False,
+        classifier_proj_size=16,
     )
 
     class WithFinalProj(transformers.HubertModel):  # the layout of RVC's HF ContentVec
@@ -205,7 +219,10 @@ def test_hf_key_mapping_accepts_legacy_weight_norm_names() -> None:
     assert hubert._hf_key("encoder.pos_conv_embed.conv.parametrizations.weight.original1") == (
         "encoder.pos_conv.0.weight_v"
     )
-    assert hubert._hf_key("hubert.encoder.layers.5.layer_norm.bias") == "encoder.layers.5.self_attn_layer_norm.bias"
+    assert (
+        hubert._hf_key("hubert.encoder.layers.5.layer_norm.bias")
+        == "encoder.layers.5.self_attn_layer_norm.bias"
+    )
     assert hubert._hf_key("feature_extractor.conv_layers.0.layer_norm.weight") == (
         "feature_extractor.conv_layers.0.2.weight"
     )

@@ -100,6 +100,27 @@ def test_load_features_bad_file_named(tmp_path: Path, bad: np.ndarray, match: st
         ix.load_features(tmp_path / "f", dim=8)
 
 
+def test_load_features_peak_memory_is_one_matrix(tmp_path: Path) -> None:
+    """Reading into one preallocated matrix: peak allocation about 1x the data, where a list of arrays
+    plus np.concatenate would need 2x (RVC users run out of memory on hours of audio)."""
+    import tracemalloc
+
+    want = _write_feats(tmp_path / "f", [2000] * 8, 256)  # 16 MB of features in 8 files
+    tracemalloc.start()
+    got = ix.load_features(tmp_path / "f", dim=256)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert got.nbytes == want.nbytes == 16_384_000
+    assert peak < 1.15 * got.nbytes, peak / got.nbytes
+
+
+def test_thread_limit_is_restored() -> None:
+    before = faiss.omp_get_max_threads()
+    feats = np.random.default_rng(10).standard_normal((500, 8)).astype(np.float32)
+    ix.build_index(feats, n_threads=1)
+    assert faiss.omp_get_max_threads() == before
+
+
 def test_load_features_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "f").mkdir()
     with pytest.raises(ValueError, match="no .npy feature files"):

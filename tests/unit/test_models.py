@@ -13,8 +13,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from rvc_pipeline.models import (
     DiscriminatorP,
     RVCConfig,
@@ -29,12 +27,22 @@ from rvc_pipeline.models import (
 from rvc_pipeline.models.attentions import MultiHeadAttention
 from rvc_pipeline.models.commons import rand_slice_segments, slice_segments
 from rvc_pipeline.models.modules import ResidualCouplingBlock
+from torch import nn
 
 SEGMENTS = {  # (version, sr) -> (segment samples, hop)
     ("v1", "32k"): (12800, 320), ("v1", "40k"): (12800, 400), ("v1", "48k"): (11520, 480),
     ("v2", "32k"): (12800, 320), ("v2", "40k"): (12800, 400), ("v2", "48k"): (17280, 480),
 }
 PHONE = {"v1": 256, "v2": 768}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small convs on a shared 2-core machine run ~10x faster on one intra-op thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def small_generator(version: str, sr: str, f0: bool, seed: int = 0) -> SynthesizerTrn:
@@ -138,8 +146,8 @@ def test_training_forward_and_infer_shapes(version: str, sr: str) -> None:
     assert float(x_mask[1, 0, lengths[1]:].abs().sum()) == 0.0
     for a in (z, z_p, m_p, logs_p, m_q, logs_q):
         assert a.shape == (2, 16, t)
-    assert float(z[1, :, lengths[1]:].abs().sum()) == 0.0
-    assert -1.0 <= float(o.min()) and float(o.max()) <= 1.0  # tanh output
+    assert float(z[1, :, lengths[1]:].detach().abs().sum()) == 0.0
+    assert float(o.detach().min()) >= -1.0 and float(o.detach().max()) <= 1.0  # tanh output
 
     model.eval()
     d1 = batch(version, model.spec_channels, [5])
@@ -172,7 +180,7 @@ def test_full_v2_40k_generator_forward_and_infer() -> None:
     d = batch("v2", 1025, [34])
     o, ids, *_ = train_forward(model, d)
     assert o.shape == (1, 1, 12800) and 0 <= int(ids[0]) <= 2
-    assert torch.isfinite(o).all() and float(o.std()) > 0
+    assert torch.isfinite(o).all() and float(o.detach().std()) > 0
     model.eval()
     d3 = batch("v2", 1025, [3])
     audio = infer(model, d3)[0]
@@ -203,10 +211,10 @@ def test_determinism_under_seed() -> None:
     a = train_forward(model, d)
     torch.manual_seed(1234)
     b = train_forward(model, d)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[5][0], b[5][0])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[4][0], b[4][0])
     torch.manual_seed(99)
     c = train_forward(model, d)
-    assert not torch.equal(a[5][0], c[5][0])  # posterior sample differs
+    assert not torch.equal(a[4][0], c[4][0])  # posterior sample differs
     model.eval()
     d1 = batch("v1", model.spec_channels, [6])
     assert torch.equal(infer(model, d1, seed=5)[0], infer(model, d1, seed=5)[0])
@@ -326,8 +334,13 @@ def test_sine_phase_stays_exact_for_long_inputs() -> None:
     frames = 6000  # 60 s
     sine, _, _ = SineGen(sr, noise_std=0.0)(torch.full((1, frames), f0), upp)
     n = np.arange(frames * upp - 4800, frames * upp, dtype=np.float64)  # the last 0.1 s
-    expected = 0.1 * np.sin(2 * np.pi * ((f0 * (n + 1) / sr) % 1.0))
-    assert np.max(np.abs(sine[0, -4800:, 0].numpy() - expected)) < 1e-4
+    f0_32 = float(np.float32(f0))  # the model sees the float32 value
+    expected = 0.1 * np.sin(2 * np.pi * ((f0_32 * (n + 1) / sr) % 1.0))
+    assert np.max(np.abs(sine[0, -4800:, 0].numpy() - expected)) < 1e-5
+    # a plain float32 cumulative sum over samples drifts by far more than that
+    naive = torch.cumsum(torch.full((frames * upp,), f0 / sr, dtype=torch.float32), 0)[-4800:]
+    drift = np.max(np.abs(0.1 * np.sin(2 * np.pi * naive.double().numpy()) - expected))
+    assert drift > 1e-3
 
 
 def test_sine_source_voicing_noise_and_harmonics() -> None:
@@ -352,7 +365,8 @@ def test_sine_source_voicing_noise_and_harmonics() -> None:
         spec = np.abs(np.fft.rfft(h[0, :, i].numpy()))
         assert abs(np.argmax(spec) * 40000 / 40000 - 200.0 * (i + 1)) <= 1.0
     src = SourceModuleHnNSF(40000)
-    out = src(f, 400)
+    with torch.no_grad():
+        out = src(f, 400)
     assert out.shape == (1, 20000, 1) and float(out.abs().max()) < 1.0
 
 

@@ -517,3 +517,20 @@ def test_termination_line_and_status_patch() -> None:
     new = {"phase": "Running", "steps": {"f0": {"phase": "Succeeded"}}, "currentStep": "features"}
     assert status_patch(old, new) == {"message": None, "currentStep": "features",
                                       "steps": {"f0": {"phase": "Succeeded", "retryAfter": None}}}
+
+
+def test_status_never_holds_empty_strings() -> None:
+    """Some API servers (seen on 1.20) read "" as null and refuse the status patch."""
+
+    def strings(o: Any) -> list[str]:
+        if isinstance(o, dict):
+            return [x for v in o.values() for x in strings(v)]
+        if isinstance(o, list):
+            return [x for v in o for x in strings(v)]
+        return [o] if isinstance(o, str) else []
+
+    m = manifest()
+    st, jobs = complete(m, "index")
+    for d in (run(m, None), run(m, st, jobs), run(manifest(1, train={"epochs": 0}), None)):
+        assert "" not in strings(d.status)
+    assert cond(run(m, None), "Failed")["message"] == "no failure"

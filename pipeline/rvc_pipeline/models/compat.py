@@ -218,6 +218,8 @@ def check_compatible(state_dict: Mapping[str, Any], version: str, sr: str | int,
                   else f"{version} discriminator")
     if not shapes:
         raise ValueError(f"{what}: holds no tensors, expected a {spec_label}")
+    if info["kind"] != want:
+        raise ValueError(f"{what}: is {_label(info)}; expected a {spec_label}")
     if want == "discriminator":
         expected = dict(discriminator_shapes(version))
     elif want == "generator":

@@ -1,0 +1,133 @@
+"""Benchmark: the f0 step (pm, dio, harvest, crepe tiny/full) in seconds of audio per wall second.
+
+The audio is real speech (rvc_pipeline.voices: espeak-ng / flite / festival voices) at 16 kHz, cut into
+RVC-like pieces of 3.7 s every 3.4 s (about 103 pieces for 6 minutes, like DESIGN.md's data set) and written
+as float32 WAVs to a local experiment's 1_16k_wavs/. Each run is the whole step through the I/O shell
+(`run_step(force=True)` after deleting the outputs): process start-up, loading, f0, saving both .npy files.
+"step" is that wall time; "pure" is compute_f0 alone in this process (no I/O, no start-up), for reference.
+
+RVC's own figures on this machine kind (DESIGN.md), 6 min / 103 pieces, one / two processes:
+pm 9.7 s / 5.3 s, dio 12.2 s / 6.4 s, harvest 108 s / 54 s.
+
+    .venv/bin/python bench/bench_f0.py --seconds 360 --procs 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from rvc_pipeline import f0 as f0step
+from rvc_pipeline.spec import parse_manifest
+from rvc_pipeline.stepio import run_step
+from rvc_pipeline.voices import make_voice_set
+
+SR = 16000
+RVC_SECONDS = {"pm": (9.7, 5.3), "dio": (12.2, 6.4), "harvest": (108.0, 54.0)}  # 360 s, 1 / 2 processes
+RVC_AUDIO = 360.0
+
+
+def make_pieces(seconds: float, work: Path) -> list[np.ndarray]:
+    n_files = max(1, round(seconds / 30))
+    src = make_voice_set(work / "voices", n_files=n_files, seconds_each=seconds / n_files, seed=7, sr=SR)
+    pieces: list[np.ndarray] = []
+    for p in src:
+        x, sr = sf.read(p, dtype="float32")
+        assert sr == SR
+        for s in range(0, len(x), int(3.4 * SR)):
+            piece = x[s : s + int(3.7 * SR)]
+            if len(piece) >= SR // 2:
+                pieces.append(piece)
+    return pieces
+
+
+def write_set(root: Path, pieces: list[np.ndarray]) -> Path:
+    d = root / "store" / "logs" / "bench" / "1_16k_wavs"
+    shutil.rmtree(d.parent, ignore_errors=True)
+    d.mkdir(parents=True)
+    for i, x in enumerate(pieces):
+        sf.write(d / f"{i // 10}_{i % 10}.wav", x, SR, subtype="FLOAT")
+    return d
+
+
+def run_once(root: Path, method: str, procs: int, crepe_model: str = "full") -> tuple[float, dict]:
+    exp = parse_manifest({"metadata": {"name": "bench"}, "spec": {
+        "dataset": {"source": str(root / "data")},
+        "storage": {"uri": str(root / "store")},
+        "resources": {"device": "cpu", "parallelism": procs},
+        "f0": {"method": method, "crepeModel": crepe_model},
+    }})
+    exp_dir = root / "store" / "logs" / "bench"
+    for sub in ("2a_f0", "2b-f0nsf"):
+        shutil.rmtree(exp_dir / sub, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = run_step(exp, "f0", f0step.run, force=True)
+    return time.perf_counter() - t0, summary
+
+
+def pure(pieces: list[np.ndarray], method: str, **opts: object) -> float:
+    f0step.compute_f0(pieces[0][: SR // 2], method, **opts)  # imports, model load, decoder compilation
+    t0 = time.perf_counter()
+    for x in pieces:
+        f0step.compute_f0(x, method, **opts)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=360.0, help="seconds of speech for pm/dio/harvest")
+    ap.add_argument("--crepe-tiny-seconds", type=float, default=30.0)
+    ap.add_argument("--crepe-full-seconds", type=float, default=8.0)
+    ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--methods", nargs="+", default=["pm", "dio", "harvest", "crepe-tiny", "crepe-full"])
+    args = ap.parse_args()
+    os.environ["RVC_NO_PROGRESS"] = "1"
+    logging.basicConfig(level=logging.WARNING)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-f0-"))
+    try:
+        pieces = make_pieces(args.seconds, work)
+        total = sum(len(p) for p in pieces) / SR
+        print(f"cores: {len(os.sched_getaffinity(0))}; speech: {total:.1f} s in {len(pieces)} pieces "
+              f"(3.7 s every 3.4 s, float32 16 kHz)")
+        print(f"{'method':<11} {'procs':>5} {'audio s':>8} {'step s':>8} {'x real':>8} {'pure x1':>8} "
+              f"{'RVC s':>7} {'RVC x':>6} {'speed-up':>8}")
+        for m in args.methods:
+            method, model = (m.split("-") + ["full"])[:2] if m.startswith("crepe") else (m, "full")
+            if method == "crepe":
+                secs = args.crepe_tiny_seconds if model == "tiny" else args.crepe_full_seconds
+                subset, acc = [], 0.0
+                for p in pieces:
+                    if acc >= secs:
+                        break
+                    subset.append(p)
+                    acc += len(p) / SR
+            else:
+                subset = pieces
+            audio = sum(len(p) for p in subset) / SR
+            root = work / "exp"
+            write_set(root, subset)
+            p_time = pure(subset[: max(1, len(subset) // 4)], method, model=model)
+            p_audio = sum(len(p) for p in subset[: max(1, len(subset) // 4)]) / SR
+            for procs in args.procs:
+                wall, summary = run_once(root, method, procs, model)
+                assert summary["computed"] == len(subset), summary
+                rvc = RVC_SECONDS.get(method)
+                rvc_s = rvc[min(procs, 2) - 1] * audio / RVC_AUDIO if rvc and procs <= 2 else None
+                print(f"{m:<11} {procs:>5} {audio:>8.1f} {wall:>8.2f} {audio / wall:>8.1f} "
+                      f"{p_audio / p_time:>8.1f} "
+                      + (f"{rvc_s:>7.1f} {audio / rvc_s:>6.1f} {rvc_s / wall:>7.2f}x" if rvc_s else
+                         f"{'-':>7} {'-':>6} {'-':>8}"), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
