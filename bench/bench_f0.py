@@ -4,7 +4,10 @@ The audio is real speech (rvc_pipeline.voices: espeak-ng / flite / festival voic
 RVC-like pieces of 3.7 s every 3.4 s (about 103 pieces for 6 minutes, like DESIGN.md's data set) and written
 as float32 WAVs to a local experiment's 1_16k_wavs/. Each run is the whole step through the I/O shell
 (`run_step(force=True)` after deleting the outputs): process start-up, loading, f0, saving both .npy files.
-"step" is that wall time; "pure" is compute_f0 alone in this process (no I/O, no start-up), for reference.
+"step" is that wall time; "pure" is compute_f0 alone in this process (no I/O, no start-up), for reference;
+"rvc-like" (with --baseline) is RVC's per-file loop measured here under the same load: a new Python process
+that imports the f0 libraries, then per file an ffmpeg subprocess to load it (RVC's load_audio), f0 and
+two np.save calls, files split over the processes as RVC does (paths[i::n]).
 
 RVC's own figures on this machine kind (DESIGN.md), 6 min / 103 pieces, one / two processes:
 pm 9.7 s / 5.3 s, dio 12.2 s / 6.4 s, harvest 108 s / 54 s.
@@ -72,6 +75,34 @@ def run_once(root: Path, method: str, procs: int, crepe_model: str = "full") -> 
     return time.perf_counter() - t0, summary
 
 
+RVC_LIKE = r"""
+import sys, subprocess, numpy as np, parselmouth, pyworld
+from rvc_pipeline.f0 import compute_f0, coarse_f0
+method, i, n, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+for path in files[i::n]:
+    cmd = ["ffmpeg", "-nostdin", "-threads", "0", "-i", path, "-f", "f32le", "-acodec", "pcm_f32le",
+           "-ac", "1", "-ar", "16000", "-"]
+    out = subprocess.run(cmd, capture_output=True, check=True).stdout
+    x = np.frombuffer(out, np.float32)
+    f0 = compute_f0(x, method)
+    np.save(path + ".nsf", f0)
+    np.save(path + ".coarse", coarse_f0(f0))
+"""
+
+
+def rvc_like(files: list[Path], method: str, procs: int) -> float:
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    ps = [subprocess.Popen([sys.executable, "-c", RVC_LIKE, method, str(i), str(procs), *map(str, files)])
+          for i in range(procs)]
+    for p in ps:
+        if p.wait() != 0:
+            raise RuntimeError("rvc-like baseline failed")
+    return time.perf_counter() - t0
+
+
 def pure(pieces: list[np.ndarray], method: str, **opts: object) -> float:
     f0step.compute_f0(pieces[0][: SR // 2], method, **opts)  # imports, model load, decoder compilation
     t0 = time.perf_counter()
@@ -87,6 +118,7 @@ def main() -> None:
     ap.add_argument("--crepe-full-seconds", type=float, default=8.0)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--methods", nargs="+", default=["pm", "dio", "harvest", "crepe-tiny", "crepe-full"])
+    ap.add_argument("--baseline", action="store_true", help="also time the RVC-like per-file loop")
     args = ap.parse_args()
     os.environ["RVC_NO_PROGRESS"] = "1"
     logging.basicConfig(level=logging.WARNING)
@@ -125,6 +157,12 @@ def main() -> None:
                       f"{p_audio / p_time:>8.1f} "
                       + (f"{rvc_s:>7.1f} {audio / rvc_s:>6.1f} {rvc_s / wall:>7.2f}x" if rvc_s else
                          f"{'-':>7} {'-':>6} {'-':>8}"), flush=True)
+                if args.baseline and method in RVC_SECONDS:
+                    files = sorted((root / "store" / "logs" / "bench" / "1_16k_wavs").glob("*.wav"))
+                    base = rvc_like(files, method, procs)
+                    print(f"{'  rvc-like':<11} {procs:>5} {audio:>8.1f} {base:>8.2f} {audio / base:>8.1f} "
+                          f"{'':>8} {'':>7} {'':>6} {base / wall:>7.2f}x  (same machine and load)",
+                          flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -106,6 +106,16 @@ SRC
   log "base image $BASE_REF from $tarball"
 }
 
+# A requirements file has two parts: normal pins, then (after a line starting with
+# "# --no-deps") pins installed without their dependencies.
+split_requirements() {  # split_requirements REQFILE OUT_MAIN OUT_NODEPS
+  awk -v main="$2" -v nodeps="$3" '
+    /^#[[:space:]]*--no-deps/ {nd = 1; next}
+    /^[[:space:]]*(#|$)/ {next}
+    {print > (nd ? nodeps : main)}' "$1"
+  touch "$2" "$3"
+}
+
 # --- wheelhouse: every wheel the image needs, fetched on the host --------------------------
 WHEELS=""
 wheelhouse() {  # wheelhouse IMAGE REQFILE
@@ -117,8 +127,12 @@ wheelhouse() {  # wheelhouse IMAGE REQFILE
   key="$(cat "$req" <(echo "$pyver ${RVC_TORCH_INDEX_URL:-}") | sha)"
   WHEELS="$RVC_CACHE_DIR/wheelhouse/$image-$key"
   [ -f "$WHEELS/.complete" ] && return 0
-  rm -rf "$WHEELS"; mkdir -p "$WHEELS"
-  args=(--only-binary=:all: -r "$req" -d "$WHEELS")
+  # Drop this image's older wheelhouses (other requirements), then fetch.
+  find "$RVC_CACHE_DIR/wheelhouse" -mindepth 1 -maxdepth 1 -regextype posix-extended \
+    -regex ".*/$image-[0-9a-f]{16}(\.(req|nodeps|log))?" -exec rm -rf {} +
+  mkdir -p "$WHEELS"
+  split_requirements "$req" "$WHEELS.req" "$WHEELS.nodeps"
+  args=(--only-binary=:all: -d "$WHEELS")
   [ -z "${RVC_TORCH_INDEX_URL:-}" ] || args+=(--extra-index-url "$RVC_TORCH_INDEX_URL")
   local hostpy
   hostpy="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
@@ -129,9 +143,11 @@ wheelhouse() {  # wheelhouse IMAGE REQFILE
     args+=(--platform manylinux2014_x86_64)
   fi
   log "pip download for $image (Python $pyver) into $WHEELS"
-  python3 -m pip download -q --progress-bar off "${args[@]}" > "$WHEELS.log" 2>&1 \
+  { python3 -m pip download -q --progress-bar off "${args[@]}" -r "$WHEELS.req" \
+    && { [ ! -s "$WHEELS.nodeps" ] || python3 -m pip download -q --progress-bar off "${args[@]}" --no-deps -r "$WHEELS.nodeps"; }
+  } > "$WHEELS.log" 2>&1 \
     || { grep -v 'is ignored: it is neither' "$WHEELS.log" | tail -20 >&2; die "pip download for $image failed (requirements: $req)"; }
-  rm -f "$WHEELS.log"
+  rm -f "$WHEELS.log" "$WHEELS.req" "$WHEELS.nodeps"
   if [ "$image" = pipeline-cpu ]; then
     ls "$WHEELS"/torch-*+cpu-*.whl >/dev/null 2>&1 || die "the torch wheel fetched for $image is not the CPU build \
 ($(cd "$WHEELS" && ls torch-*.whl)): set RVC_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
@@ -169,7 +185,7 @@ context() {  # context IMAGE REQFILE
   CTX="$RVC_CACHE_DIR/build-context/$image"
   rm -rf "$CTX"; mkdir -p "$CTX/src" "$CTX/wheels"
   cp "$HERE/$image.Dockerfile" "$CTX/Dockerfile"
-  cp "$req" "$CTX/requirements.txt"
+  split_requirements "$req" "$CTX/requirements.txt" "$CTX/requirements-nodeps.txt"
   if [ -n "$WHEELS" ]; then cp -al "$WHEELS"/*.whl "$CTX/wheels/" 2>/dev/null || cp "$WHEELS"/*.whl "$CTX/wheels/"; fi
   (cd "$ROOT" && tar --exclude='__pycache__' --exclude='*.pyc' --exclude='*.egg-info' \
      -cf - pyproject.toml pipeline operator $(ls README.md LICENSE 2>/dev/null)) | tar -C "$CTX/src" -xf -
@@ -179,7 +195,7 @@ context() {  # context IMAGE REQFILE
 inputs_hash() {
   {
     echo "mode=$MODE base=$BASE_KEY"
-    (cd "$CTX" && find Dockerfile requirements.txt src -type f -print0 | sort -z | xargs -0 sha256sum)
+    (cd "$CTX" && find Dockerfile requirements.txt requirements-nodeps.txt src -type f -print0 | sort -z | xargs -0 sha256sum)
     (cd "$CTX/wheels" && find . -name '*.whl' -printf '%f %s\n' | sort)
   } | sha
 }

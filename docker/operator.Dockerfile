@@ -15,11 +15,12 @@ RUN apt-get update \
 FROM python AS deps
 ARG PIP_MODE=wheelhouse
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-COPY requirements.txt /build/requirements.txt
+COPY requirements.txt requirements-nodeps.txt /build/
 COPY wheels/ /build/wheels/
 RUN python3 -m venv /opt/venv \
  && if [ "$PIP_MODE" = wheelhouse ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/build/wheels; fi \
  && /opt/venv/bin/pip install -r /build/requirements.txt \
+ && { [ ! -s /build/requirements-nodeps.txt ] || /opt/venv/bin/pip install --no-deps -r /build/requirements-nodeps.txt; } \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
 
 # This project, as a wheel (built from the current checkout copied into src/).

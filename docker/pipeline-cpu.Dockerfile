@@ -1,5 +1,5 @@
 # rvc-pipeline-cpu: every RVC step on CPU (the fallback the tests use). torch CPU build,
-# ffmpeg, libsndfile; no CUDA, no compilers, no pip caches.
+# ffmpeg, libsndfile; no CUDA, no compilers, no pip caches, no torch C++ headers/tests.
 #
 # Build with docker/build.sh (wheelhouse mode: no package index needed inside the build).
 ARG BASE_IMAGE=debian:bookworm-slim
@@ -15,15 +15,18 @@ ARG PIP_MODE=wheelhouse
 # Online mode only: where the CPU build of torch comes from.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-COPY requirements.txt /build/requirements.txt
+COPY requirements.txt requirements-nodeps.txt /build/
 COPY wheels/ /build/wheels/
 RUN python3 -m venv /opt/venv \
  && if [ "$PIP_MODE" = wheelhouse ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/build/wheels; \
     else export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi \
  && /opt/venv/bin/pip install -r /build/requirements.txt \
- && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} + \
- && find /opt/venv -path '*/site-packages/*' \( -name 'tests' -o -name 'test' \) -type d \
-      \( -path '*/scipy/*' -o -path '*/numpy/*' -o -path '*/sklearn/*' -o -path '*/pandas/*' \) -prune -exec rm -rf {} +
+ && { [ ! -s /build/requirements-nodeps.txt ] || /opt/venv/bin/pip install --no-deps -r /build/requirements-nodeps.txt; } \
+ && sp=/opt/venv/lib/python3.11/site-packages \
+ && rm -rf "$sp/torch/test" "$sp/torch/include" \
+ && find "$sp/torch/bin" -type f ! -name torch_shm_manager -delete \
+ && find "$sp/numpy" "$sp/scipy" "$sp/sklearn" -type d -name tests -prune -exec rm -rf {} +
+# (byte-code caches are kept: step pods start faster when torch's modules need no compiling)
 
 FROM deps AS project
 COPY src/ /build/src/

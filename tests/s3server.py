@@ -49,7 +49,9 @@ def _moto_command(port: int) -> list[str]:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: ask Linux to SIGTERM it when the test process dies (even by SIGKILL)."""
+    """In the child before exec: ask Linux to SIGTERM it when the test process dies (even by SIGKILL), so
+    a killed pytest leaves no server behind. (Linux ties this to the starting *thread*: call start_moto
+    from a thread that lives as long as the server, e.g. pytest's main thread.)"""
     try:
         import ctypes
         import signal
@@ -71,7 +73,7 @@ def start_moto(port: int = 0, env: dict[str, str] | None = None,
     senv = {**os.environ, **TEST_CREDENTIALS, **(env or {})}
     # the server logs every request: send that to a file, never to a pipe nobody drains (it would fill
     # up after a few hundred requests and block the server)
-    log = tempfile.TemporaryFile()
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop(), it outlives this function
     proc = subprocess.Popen(_moto_command(port), env=senv, stdout=log, stderr=subprocess.STDOUT,
                             preexec_fn=_die_with_parent)
 

@@ -426,6 +426,8 @@ def run(ctx: StepContext) -> dict[str, Any]:
         procs, per, batch_files, threads = 1, 64, 64, 0
     else:
         procs = min(workers, len(items), _useful_procs(todo, method)) if items else 1
+        if method in TORCH_METHODS:  # a torch process already uses several cores: >= 4 threads each
+            procs = min(procs, max(1, workers // 4))
         per = max(1, min(32, math.ceil(len(items) / (procs * 4)))) if items else 1
         batch_files = 1
         threads = max(1, len(os.sched_getaffinity(0)) // procs) if procs > 1 else 0

@@ -30,6 +30,9 @@ log = logging.getLogger("rvc_pipeline")
 SR = 16000
 IN_DIR = "1_16k_wavs"
 SUMMARY_FILE = "features.json"
+PUSH_EVERY_SECONDS = 120.0
+CPU_BATCH_SECONDS = 16.0
+"""Batch cap on CPU: per-clip CPU time is flat from 1 to 16 clips of 3.7 s, fewer/larger ops help threads."""
 
 
 def feature_dir_name(version: str) -> str:
@@ -97,9 +100,11 @@ def run(ctx: StepContext) -> dict[str, Any]:
 
     spec = ctx.spec
     version = spec.model.version
-    ctx.pull(IN_DIR)
+    out_name = feature_dir_name(version)
+    # earlier partial outputs (a preempted run) come back too, so the rerun resumes where it stopped
+    ctx.pull(IN_DIR, out_name, SUMMARY_FILE)
     in_dir = ctx.exp_dir / IN_DIR
-    out_dir = ctx.exp_dir / feature_dir_name(version)
+    out_dir = ctx.exp_dir / out_name
     wavs = sorted(p for p in in_dir.glob("*.wav") if p.is_file()) if in_dir.is_dir() else []
     if not wavs:
         raise StepFailed(f"no .wav files in {in_dir}; run the preprocess step first")
@@ -130,7 +135,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
     summary_path = ctx.exp_dir / SUMMARY_FILE
     prev = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     random_weights = bool(prev.get("random_weights", False))
-    device, dtype, threads = "none", "none", 0
+    device, dtype, threads, n_batches = "none", "none", 0, 0
     nan_files: list[str] = []
     done_seconds = 0.0
     t0 = time.time()
@@ -159,23 +164,41 @@ def run(ctx: StepContext) -> dict[str, Any]:
         from .hubert import batches_by_seconds
 
         todo.sort(key=lambda p: (infos[p], p.name))
-        batches = batches_by_seconds([infos[p] for p in todo], spec.features.batch_seconds)
+        batch_s = float(spec.features.batch_seconds)
+        if device == "cpu":  # on CPU big batches only add memory traffic (bench/bench_features.py)
+            batch_s = min(batch_s, CPU_BATCH_SECONDS)
+        batches = batches_by_seconds([infos[p] for p in todo], batch_s)
+        n_batches = len(batches)
         files_done = skipped
         ctx.reporter.event("progress", files_done=files_done, files_total=len(wavs), audio_seconds=0.0)
-        for batch in ctx.reporter.bar(batches, total=len(batches), desc="features", unit="batch"):
-            paths = [todo[i] for i in batch]
-            feats = emb.extract([read_16k(p) for p in paths], version)
-            for p, f in zip(paths, feats):
-                if np.isnan(f).any():
-                    nan_files.append(p.name)
-                    log.error("features: %s has NaN features; not saved", p.name)
-                    continue
-                save_atomic(out_dir / output_name(p.name), f.astype(np.float32, copy=False))
-            files_done += len(paths)
-            done_seconds += sum(infos[p] for p in paths) / SR
-            ctx.reporter.event(
-                "progress", files_done=files_done, files_total=len(wavs), audio_seconds=round(done_seconds, 3)
-            )
+        last_push = time.time()
+        try:
+            for batch in ctx.reporter.bar(batches, total=len(batches), desc="features", unit="batch"):
+                paths = [todo[i] for i in batch]
+                feats = emb.extract([read_16k(p) for p in paths], version)
+                for p, f in zip(paths, feats):
+                    if np.isnan(f).any():
+                        nan_files.append(p.name)
+                        log.error("features: %s has NaN features; not saved", p.name)
+                        continue
+                    save_atomic(out_dir / output_name(p.name), f.astype(np.float32, copy=False))
+                files_done += len(paths)
+                done_seconds += sum(infos[p] for p in paths) / SR
+                ctx.reporter.event(
+                    "progress",
+                    files_done=files_done,
+                    files_total=len(wavs),
+                    audio_seconds=round(done_seconds, 3),
+                )
+                if ctx.remote and time.time() - last_push > PUSH_EVERY_SECONDS:
+                    ctx.push(out_name)  # checkpoint progress: a preempted pod loses little
+                    last_push = time.time()
+        finally:
+            if ctx.remote:
+                try:
+                    ctx.push(out_name)
+                except Exception as e:  # noqa: BLE001 - never hide the step's own error
+                    log.warning("features: could not push partial outputs: %s", e)
     elapsed = time.time() - t0
     if nan_files:
         raise StepFailed(f"NaN in the HuBERT features of {len(nan_files)} file(s): {', '.join(nan_files)}")
@@ -192,6 +215,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "device": device,
         "dtype": dtype,
         "threads": threads,
+        "batches": n_batches,
         "files_total": len(wavs),
         "files_written": len(todo),
         "files_skipped": skipped,

@@ -743,13 +743,10 @@ def save_fairseq_checkpoint(
 
 def _hf_key(k: str) -> str | None:
     """Map one HF HubertModel key to the fairseq name (None: not part of the model)."""
-    for prefix in ("hubert.", "model."):
-        if k.startswith(prefix) and not k.startswith("model.final_proj"):
-            k = k[len(prefix) :]
-    if k.startswith("model.final_proj"):
-        k = k[len("model.") :]
-    if k == "masked_spec_embed":
-        return None
+    if k.startswith("hubert."):  # HubertForCTC / ForSequenceClassification wrap the model
+        k = k[len("hubert.") :]
+    if not k.startswith(("feature_extractor.", "feature_projection.", "encoder.", "final_proj.")):
+        return None  # masked_spec_embed, lm_head, classifier heads: not used for features
     reps = [
         ("feature_projection.layer_norm.", "layer_norm."),
         ("feature_projection.projection.", "post_extract_proj."),

@@ -498,7 +498,7 @@ def resolve_embedder(embedder: Any, spec: ExperimentSpec | None, device: str, ha
         if not demo_random_weights:
             raise
         log.warning(DEMO_WARNING.format(what=f"HuBERT embedder {ref!r}"))
-        return random_embedder(device, half), True
+        return random_embedder(device, half, seed=0), True  # the same weights as the features step
     try:
         return load_embedder(path, device, half), False
     except (ValueError, RuntimeError, OSError) as e:

@@ -195,14 +195,8 @@ class S3Storage:
         self._bucket_ok = True
 
     def _wrap(self, err: Exception, key: str) -> StorageError:
-        from botocore.exceptions import (
-            ClientError,
-            HTTPClientError,
-            NoCredentialsError,
-        )
-        from botocore.exceptions import (
-            ConnectionError as BotoConnectionError,
-        )
+        from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         where = f"s3://{self.bucket}/{self._k(key)}"
         if isinstance(err, StorageError):
@@ -233,27 +227,20 @@ class S3Storage:
         """Objects under the folder `prefix`, or the object `prefix` itself (as LocalStorage does)."""
         full = self._k(prefix)
         folder = full + "/" if full else ""
+        kwargs: dict[str, str] = {"Bucket": self.bucket, "Prefix": folder}
+        if not recursive:
+            kwargs["Delimiter"] = "/"
         out: list[ObjectInfo] = []
         try:
-            if recursive:
-                # Prefix without the slash, so that a key naming one object lists that object; keys that
-                # merely start with the same letters ("a/b" vs "a/bc") are filtered out below.
-                pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
-            else:
-                pages = self.client.get_paginator("list_objects_v2").paginate(
-                    Bucket=self.bucket, Prefix=folder, Delimiter="/")
-            for page in pages:
+            for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
                 for o in page.get("Contents", []):
-                    k = o["Key"]
-                    if k.endswith("/") or not (k == full or k.startswith(folder)):
-                        continue
-                    etag = str(o.get("ETag", "")).strip('"') or None
-                    out.append(ObjectInfo(self._rel(k), int(o["Size"]), etag))
-            if not out and full and not recursive:
+                    if not o["Key"].endswith("/"):
+                        out.append(ObjectInfo(self._rel(o["Key"]), int(o["Size"]), _etag(o.get("ETag"))))
+            if not out and full:
+                # not a folder: maybe one object (how ctx.pull("progress.jsonl") fetches a single file)
                 try:
                     h = self.client.head_object(Bucket=self.bucket, Key=full)
-                    out.append(ObjectInfo(self._rel(full), int(h["ContentLength"]),
-                                          str(h.get("ETag", "")).strip('"') or None))
+                    out.append(ObjectInfo(self._rel(full), int(h["ContentLength"]), _etag(h.get("ETag"))))
                 except Exception as e:  # noqa: BLE001
                     if _code(e) not in ("404", "NoSuchKey", "NotFound"):
                         raise
@@ -309,6 +296,10 @@ class S3Storage:
             self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
         except Exception as e:  # noqa: BLE001
             raise self._wrap(e, key) from None
+
+
+def _etag(v: object) -> str | None:
+    return str(v).strip('"') or None if v else None
 
 
 def _code(err: Exception) -> str:

@@ -216,7 +216,8 @@ def test_rmvpe_and_crepe_steps(tmp_path: Path, slices: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 def test_crepe_in_spawned_workers(tmp_path: Path) -> None:
-    exp = experiment(tmp_path, f0={"method": "crepe", "crepeModel": "tiny"})
+    # torch methods get one process per 4 workers: parallelism 8 -> 2 processes
+    exp = experiment(tmp_path, f0={"method": "crepe", "crepeModel": "tiny"}, resources={"parallelism": 8})
     exp_dir = tmp_path / "store" / "logs" / "x"
     in_dir = exp_dir / "1_16k_wavs"
     in_dir.mkdir(parents=True)

@@ -20,6 +20,8 @@ from rvc_pipeline.spec import Experiment, parse_spec
 from rvc_pipeline.stepio import StepFailed, run_step
 from rvc_pipeline.weights import WeightsNotFound
 
+from tests.s3server import S3Endpoint
+
 pytestmark = pytest.mark.skipif(
     not (shutil.which("espeak-ng") and shutil.which("ffmpeg")), reason="needs espeak-ng and ffmpeg"
 )
@@ -231,3 +233,36 @@ def test_no_input_fails(tmp_path: Path, ckpt: Path) -> None:
     exp = experiment(tmp_path, features={"embedder": str(ckpt)})
     with pytest.raises(StepFailed, match="no .wav files"):
         run_step(exp, "features", features.run)
+
+
+def test_s3_storage_and_resume_from_pushed_outputs(
+    s3: S3Endpoint, ckpt: Path, speech: dict[str, Path]
+) -> None:
+    c = s3.client()
+    c.upload_file(str(ckpt), s3.bucket, "weights/hubert_small.pt")
+    for name, src in speech.items():
+        c.upload_file(str(src), s3.bucket, f"runs/logs/exp/1_16k_wavs/{name}")
+    data = {
+        "dataset": {"source": s3.uri("voices")},
+        "storage": {"uri": s3.uri("runs"), "endpoint": s3.url},
+        "resources": {"device": "cpu", "parallelism": 1},
+        "features": {"embedder": s3.uri("weights/hubert_small.pt")},
+    }
+    exp = Experiment(metadata={"name": "exp"}, spec=parse_spec(data))
+
+    def outputs() -> set[str]:
+        pages = c.get_paginator("list_objects_v2").paginate(
+            Bucket=s3.bucket, Prefix="runs/logs/exp/3_feature768/"
+        )
+        return {o["Key"].rsplit("/", 1)[1] for p in pages for o in p.get("Contents", [])}
+
+    first = run_step(exp, "features", features.run)
+    assert first["files_written"] == 4 and first["threads"] == 1
+    assert outputs() == {"0_0.npy", "0_1.npy", "0_2.npy", "1_0.npy"}
+    stored = json.loads(c.get_object(Bucket=s3.bucket, Key="runs/logs/exp/features.json")["Body"].read())
+    assert stored["files_total"] == 4
+    # a later pod (fresh scratch) pulls what was already pushed and computes only the missing file
+    c.delete_object(Bucket=s3.bucket, Key="runs/logs/exp/3_feature768/0_2.npy")
+    again = run_step(exp, "features", features.run, force=True)
+    assert again["files_written"] == 1 and again["files_skipped"] == 3
+    assert outputs() == {"0_0.npy", "0_1.npy", "0_2.npy", "1_0.npy"}

@@ -227,6 +227,8 @@ def test_hf_key_mapping_accepts_legacy_weight_norm_names() -> None:
         "feature_extractor.conv_layers.0.2.weight"
     )
     assert hubert._hf_key("masked_spec_embed") is None
+    assert hubert._hf_key("lm_head.weight") is None
+    assert hubert._hf_key("hubert.final_proj.bias") == "final_proj.bias"
 
 
 # ---- frames, sizes, batching ----------------------------------------------------------------
