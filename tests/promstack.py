@@ -66,6 +66,11 @@ class PromStack:
                 p.kill()
 
 
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as f:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
+
+
 def available() -> bool:
     return bool(shutil.which("prometheus") and shutil.which("prometheus-pushgateway"))
 
@@ -74,18 +79,16 @@ def start_prom_stack(tmp: Path, extra_targets: list[str] | None = None) -> PromS
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     pg_port, prom_port = free_port(), free_port()
-    procs = [subprocess.Popen(
-        ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{pg_port}"],
-        stdout=open(tmp / "pushgateway.log", "w"), stderr=subprocess.STDOUT)]
+    procs = [_spawn(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{pg_port}"],
+                    tmp / "pushgateway.log")]
     targets = [f"127.0.0.1:{pg_port}", *(extra_targets or [])]
     (tmp / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n  - job_name: rvc\n    honor_labels: true\n    static_configs:\n"
         f"      - targets: {json.dumps(targets)}\n")
-    procs.append(subprocess.Popen(
+    procs.append(_spawn(
         ["prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}"],
-        stdout=open(tmp / "prometheus.log", "w"), stderr=subprocess.STDOUT))
+         f"--web.listen-address=127.0.0.1:{prom_port}"], tmp / "prometheus.log"))
     stack = PromStack(f"http://127.0.0.1:{pg_port}", f"http://127.0.0.1:{prom_port}", procs)
     try:
         _wait_http(stack.pushgateway + "/metrics")

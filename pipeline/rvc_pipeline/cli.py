@@ -13,7 +13,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .spec import STEP_ORDER, Experiment, SpecError, load_manifest

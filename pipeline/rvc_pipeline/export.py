@@ -42,20 +42,36 @@ def small_model_weights(net_g_state_dict: Mapping[str, torch.Tensor]) -> Ordered
     )
 
 
+def _check_against_config(sd: Mapping[str, torch.Tensor], cfg: RVCConfig, version: str, f0: bool,
+                          sr_name: str) -> None:
+    """The state dict must have exactly the shapes of the generator that `cfg` builds (RVC builds it from
+    the experiment's config.json, which the exported config list records), so RVC can load the file."""
+    spk = int(sd["emb_g.weight"].shape[0]) if "emb_g.weight" in sd else 109
+    with torch.device("meta"):
+        ref = SynthesizerTrn(*constructor_args(cfg, spk), version=version, f0=f0)
+    want = {k: v for k, v in normalized_shapes(ref.state_dict()).items() if not k.startswith("enc_q.")}
+    have = {k: v for k, v in normalized_shapes(sd).items() if not k.startswith("enc_q.")}
+    if want != have:
+        # explain with the standard architectures when it is one of them, else list the differences
+        check_compatible(sd, version, sr_name, f0, "export: generator state dict", kind="generator",
+                         allow_missing_enc_q=True)
+        diff = sorted(set(want.items()) ^ set(have.items()))[:8]
+        raise ValueError(f"export: generator state dict does not match its config.json; differing: {diff}")
+
+
 def export_small_model(net_g_state_dict: Mapping[str, torch.Tensor], cfg: RVCConfig, version: str, f0: bool,
                        path: str | os.PathLike[str], info: str,
                        extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write RVC's small-model file at `path` (atomically); returns a summary.
 
-    The state dict is checked first against the (version, cfg sample rate, f0) architecture, so a file
+    The state dict is checked first against the generator that `cfg` builds (version, f0), so a file
     that RVC could not load is never written. `extra` keys are added after RVC's own (they may not
     override them).
     """
     if version not in VERSIONS:
         raise ValueError(f"export: version {version!r} is not one of {list(VERSIONS)}")
     sr_name = normalize_sample_rate(cfg.sampling_rate)
-    check_compatible(net_g_state_dict, version, sr_name, f0, "export: generator state dict",
-                     kind="generator", allow_missing_enc_q=True)
+    _check_against_config(net_g_state_dict, cfg, version, f0, sr_name)
     weight = small_model_weights(net_g_state_dict)
     spk = int(weight["emb_g.weight"].shape[0])
     opt: OrderedDict[str, Any] = OrderedDict()

@@ -38,7 +38,8 @@ class Reporter:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         with open(self.exp_dir / PROGRESS_FILE, "a") as f:
             f.write(json.dumps(rec, default=_jsonable) + "\n")
-        numeric = {k: float(v) for k, v in fields.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric = {k: float(v) for k, v in fields.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if numeric:
             self.push(numeric)
         return rec

@@ -175,12 +175,15 @@ def run_step(
     """Run one step through the I/O shell. Returns its summary (or the stored one if skipped)."""
     storage = open_artifacts(exp)
     name = exp.name
+    # Under torchrun every rank runs this shell; rank 0 alone owns markers, events and uploads.
+    primary = os.environ.get("RANK", "0") in ("", "0")
     if not force and is_complete(storage, name, step):
         summary = read_marker(storage, name, step) or {}
         summary["skipped"] = True
         log.info("%s: already complete (marker %s), skipping", step, marker_key(name, step))
         return summary
-    invalidate_from(storage, name, step)
+    if primary:
+        invalidate_from(storage, name, step)
     local = storage.local_path()
     own_scratch = False
     if local is not None:

@@ -22,8 +22,12 @@ def helm() -> str:
 
 
 def render(helm: str, *args: str) -> list[dict]:
-    out = subprocess.run([helm, "template", "rvc", str(CHART), "-n", "rvc-system", *args],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [helm, "template", "rvc", str(CHART), "-n", "rvc-system", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -59,10 +63,23 @@ def test_default_render_is_secure_and_minimal(helm):
 
 
 def test_values_reach_the_operator(helm):
-    docs = render(helm, "--set-json", 'gpu.nodeSelector={"pool":"gpu-l4"}', "--set", "s3.credentialsSecret=s3creds",
-                  "--set", "s3.endpoint=http://minio:9000", "--set", "maxConcurrentExperiments=3",
-                  "--set", "pushgateway=http://pg:9091", "--set", "jobs.backoffLimit=5",
-                  "--set", "pipeline.defaultDevice=cpu")
+    docs = render(
+        helm,
+        "--set-json",
+        'gpu.nodeSelector={"pool":"gpu-l4"}',
+        "--set",
+        "s3.credentialsSecret=s3creds",
+        "--set",
+        "s3.endpoint=http://minio:9000",
+        "--set",
+        "maxConcurrentExperiments=3",
+        "--set",
+        "pushgateway=http://pg:9091",
+        "--set",
+        "jobs.backoffLimit=5",
+        "--set",
+        "pipeline.defaultDevice=cpu",
+    )
     c = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in c["env"]}
     assert json.loads(env["RVC_GPU_NODE_SELECTOR"]["value"]) == {"pool": "gpu-l4"}
@@ -82,12 +99,23 @@ def test_env_names_are_the_ones_the_operator_reads(helm):
     c = by_kind(render(helm), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
     for e in c["env"]:
         if e["name"].startswith("RVC_"):
-            assert f'"{e["name"]}"' in src, f"{e['name']} is set by the chart but not read by rvc_operator.config"
+            assert f'"{e["name"]}"' in src, (
+                f"{e['name']} is set by the chart but not read by rvc_operator.config"
+            )
 
 
 def test_monitoring_objects_are_optional(helm):
-    docs = render(helm, "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true",
-                  "--set", "metrics.prometheusRule.enabled=true", "--set", "metrics.grafanaDashboard.enabled=true")
+    docs = render(
+        helm,
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.podMonitor.enabled=true",
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--set",
+        "metrics.grafanaDashboard.enabled=true",
+    )
     assert len(by_kind(docs, "ServiceMonitor")) == 1 and len(by_kind(docs, "PodMonitor")) == 1
     rule = by_kind(docs, "PrometheusRule")[0]
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
@@ -100,10 +128,13 @@ def test_monitoring_objects_are_optional(helm):
 
 
 def test_created_secret_requires_keys(helm):
-    r = subprocess.run([helm, "template", "rvc", str(CHART), "--set", "s3.createSecret=true"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [helm, "template", "rvc", str(CHART), "--set", "s3.createSecret=true"], capture_output=True, text=True
+    )
     assert r.returncode != 0 and "s3.accessKeyId is required" in r.stderr
-    docs = render(helm, "--set", "s3.createSecret=true", "--set", "s3.accessKeyId=a", "--set", "s3.secretAccessKey=b")
+    docs = render(
+        helm, "--set", "s3.createSecret=true", "--set", "s3.accessKeyId=a", "--set", "s3.secretAccessKey=b"
+    )
     sec = by_kind(docs, "Secret")[0]
     assert sec["stringData"] == {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
 
@@ -125,8 +156,11 @@ def test_every_value_is_documented():
             documented.add(key)
         if m.group(3).strip():  # has an inline value: a leaf
             leaves.append(key)
-    undocumented = [k for k in leaves
-                    if not any(".".join(k.split(".")[:n]) in documented for n in range(1, k.count(".") + 2))]
+    undocumented = [
+        k
+        for k in leaves
+        if not any(".".join(k.split(".")[:n]) in documented for n in range(1, k.count(".") + 2))
+    ]
     assert not undocumented, f"values without a '# --' comment: {undocumented}"
     missing = [k for k in documented if f"`{k}`" not in readme]
     assert not missing, f"values missing from charts/rvc-operator/README.md: {missing}"

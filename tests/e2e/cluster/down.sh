@@ -35,10 +35,10 @@ stop kube-controller-manager
 stop kube-apiserver
 stop etcd
 stop dockerd   # only when up.sh started it
-# Volumes the kubelet mounted (secrets, configmaps, emptyDirs on tmpfs).
-if [ -d "$RUN/kubelet" ]; then
-  awk -v d="$RUN/kubelet/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
-fi
+# Mounts left under the run folder: the kubelet's root (it bind-mounts it onto itself to
+# make it shared), pod volumes (secrets, configmaps, emptyDirs) and dockerd's netns file.
+awk -v d="$RUN" '$2 == d || index($2, d "/") == 1 {print $2}' /proc/mounts | sort -r \
+  | while read -r m; do umount -l "$m" 2>/dev/null || log "could not unmount $m"; done
 rm -rf "$RUN/etcd" "$RUN/kubelet" "$RUN/docker-exec"
 if [ "${1:-}" = "--purge" ]; then rm -rf "$RUN"; log "removed $RUN"; fi
 printf '[timing] %-36s %5d s\n' "down" $((SECONDS - t0)) >&2
