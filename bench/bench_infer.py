@@ -3,7 +3,7 @@
 A full-size v2 40k generator with pitch (random weights, exported in RVC's small-model format) and a
 full-size HuBERT-base (random weights; speed does not depend on the weights) convert ~25 s of real speech
 (espeak-ng) with pm f0 and RVC's fp32 windowing constants, without and with a retrieval index (index_rate
-0.75, an IVF index of ~90 s of other speech features built as the index step does). The end-to-end figure
+0.75, an IVF index of ~60 s of other speech features built as the index step does). The end-to-end figure
 (`convert_file`: model load, weight-norm folding, ffmpeg decoding, WAV writing) and the per-stage split
 (f0, HuBERT + retrieval, generator) are printed for each thread count.
 
@@ -13,6 +13,7 @@ full-size HuBERT-base (random weights; speed does not depend on the weights) con
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import tempfile
 import time
@@ -46,11 +47,17 @@ def speak(path: Path, seconds: float, voice: str = "en-us") -> Path:
     return path
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (user + system): less sensitive than wall time to a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=25.0, help="length of the input speech")
     ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
-    ap.add_argument("--index-seconds", type=float, default=90.0, help="speech behind the index")
+    ap.add_argument("--index-seconds", type=float, default=60.0, help="speech behind the index")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,19 +80,23 @@ def main() -> None:
         print(f"input: {audio_s:.1f} s of espeak-ng speech; index: {index.ntotal} vectors "
               f"(IVF{iinfo['n_ivf']}, built in {time.perf_counter() - t0:.1f} s); model: v2 40k f0 "
               f"(random weights), HuBERT-base (random weights), pm f0, fp32 constants (1, 6, 38, 41)")
-        print(f"{'threads':>7} {'index':>6} {'wall s':>7} {'RTF':>6} {'f0 s':>6} {'hubert s':>9} "
-              f"{'synth s':>8} {'load s':>7} {'segments':>8}")
+        print(f"{'threads':>7} {'index':>6} {'wall s':>7} {'RTF':>6} {'cpu s':>7} {'audio s/cpu s':>13} "
+              f"{'f0 s':>6} {'hubert s':>9} {'synth s':>8} {'load s':>7} {'segments':>8}")
         for threads in args.threads:
             torch.set_num_threads(threads)
             for use_index in (False, True):
+                c0 = cpu_seconds()
                 info = convert_file(model, inp, work / "out.wav", index=index_file if use_index else None,
                                     embedder=emb, f0_method="pm", index_rate=0.75 if use_index else 0.0,
                                     device="cpu", seed=0)
+                cpu = cpu_seconds() - c0
                 print(f"{threads:>7} {'yes' if use_index else 'no':>6} {info['seconds']:>7.1f} "
-                      f"{info['realtime_factor']:>6.2f} {info['f0_seconds']:>6.1f} "
+                      f"{info['realtime_factor']:>6.2f} {cpu:>7.1f} {info['input_seconds'] / cpu:>13.2f} "
+                      f"{info['f0_seconds']:>6.1f} "
                       f"{info['features_seconds']:>9.1f} {info['synthesis_seconds']:>8.1f} "
                       f"{info['load_seconds']:>7.1f} {info['segments']:>8}")
-        print("RTF = input audio seconds / wall seconds of convert_file (above 1: faster than real time)")
+        print("RTF = input audio seconds / wall seconds of convert_file (above 1: faster than real time); "
+              "cpu s = this process's CPU time (user + system)")
 
 
 if __name__ == "__main__":

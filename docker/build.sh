@@ -55,8 +55,9 @@ log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 phase() {
   local name="$1"; shift
-  local t0=${EPOCHREALTIME/./} rc=0
-  "$@" || rc=$?
+  local t0=${EPOCHREALTIME/./}
+  "$@"   # under `set -e` a failure ends the script here (unless phase is itself tested)
+  local rc=$?
   local dt=$(( (${EPOCHREALTIME/./} - t0) / 100000 ))
   printf '[timing] %-36s %5d.%d s\n' "$name" $((dt / 10)) $((dt % 10)) >&2
   return $rc
@@ -187,8 +188,16 @@ context() {  # context IMAGE REQFILE
   cp "$HERE/$image.Dockerfile" "$CTX/Dockerfile"
   split_requirements "$req" "$CTX/requirements.txt" "$CTX/requirements-nodeps.txt"
   if [ -n "$WHEELS" ]; then cp -al "$WHEELS"/*.whl "$CTX/wheels/" 2>/dev/null || cp "$WHEELS"/*.whl "$CTX/wheels/"; fi
-  (cd "$ROOT" && tar --exclude='__pycache__' --exclude='*.pyc' --exclude='*.egg-info' \
-     -cf - pyproject.toml pipeline operator $(ls README.md LICENSE 2>/dev/null)) | tar -C "$CTX/src" -xf -
+  # The files a clone of the checkout would have (tracked + new, not ignored), so the inputs
+  # hash is the same here and on a clean clone of the same commit.
+  if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard -- pyproject.toml README.md LICENSE pipeline operator \
+       | xargs -0 -r sh -c 'for f; do [ -f "$f" ] && printf "%s\0" "$f"; done' sh \
+       | tar --null -T - -cf -) | tar -C "$CTX/src" -xf -
+  else
+    (cd "$ROOT" && tar --exclude='__pycache__' --exclude='*.pyc' --exclude='*.egg-info' \
+       -cf - pyproject.toml pipeline operator $(ls README.md LICENSE 2>/dev/null)) | tar -C "$CTX/src" -xf -
+  fi
   [ -f "$CTX/src/README.md" ] || echo "# rvc-operator" > "$CTX/src/README.md"
 }
 

@@ -342,15 +342,15 @@ def _device(ctx: StepContext, method: str) -> str:
     return "cpu"
 
 
-# rough speed of one process, in seconds of audio per second (2-core machine, see bench/bench_f0.py)
-_SPEED = {"pm": 120.0, "dio": 60.0, "harvest": 4.0, "crepe": 0.5, "rmvpe": 1.0}
+# rough speed of one CPU process, in seconds of audio per second (bench/bench_f0.py on a 2-core machine)
+_SPEED = {"pm": 400.0, "dio": 110.0, "harvest": 3.5, "crepe": 1.0, "rmvpe": 1.0}
 
 
 def _useful_procs(wavs: list[Path], method: str) -> int:
-    """Worker processes worth starting: about one per 0.5 s of estimated single-process work, so a
+    """Worker processes worth starting: about one per second of estimated single-process work, so a
     handful of short files is not slowed down by pool start-up."""
     audio_s = sum(max(0, w.stat().st_size - 58) / 4 for w in wavs) / SR  # float32 samples
-    return max(1, math.ceil(audio_s / _SPEED[method] / 0.5))
+    return max(1, math.ceil(audio_s / _SPEED[method]))
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:

@@ -158,6 +158,31 @@ def invalidate_from(storage: Storage, experiment: str, step: str) -> None:
         storage.delete(marker_key(experiment, s))
 
 
+# Per-file outputs that f0 and features resume from (they skip files whose outputs exist).
+RESUMABLE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "f0": ("2a_f0", "2b-f0nsf"),
+    "features": ("3_feature256", "3_feature768"),
+}
+
+
+def clear_stale_outputs(storage: Storage, experiment: str, step: str, force: bool) -> list[str]:
+    """Before `step` runs, delete per-file outputs that would otherwise be resumed from wrongly: those of
+    every later resumable step (they derive from what `step` is about to rewrite), and the step's own when
+    forced (a forced rerun recomputes everything). Returns the folders cleared."""
+    later = STEP_ORDER[STEP_ORDER.index(step) + 1:]
+    folders = [f for s in later for f in RESUMABLE_OUTPUTS.get(s, ())]
+    if force:
+        folders += list(RESUMABLE_OUTPUTS.get(step, ()))
+    cleared = []
+    for folder in folders:
+        objs = storage.list(f"logs/{experiment}/{folder}")
+        _parallel(lambda o: storage.delete(o.key), objs)
+        if objs:
+            cleared.append(folder)
+            log.info("%s: removed %d stale files of %s", step, len(objs), folder)
+    return cleared
+
+
 def open_artifacts(exp: Experiment) -> Storage:
     st = exp.spec.storage
     return open_storage(st.uri, endpoint=st.endpoint, region=st.region)
@@ -184,6 +209,7 @@ def run_step(
         return summary
     if primary:
         invalidate_from(storage, name, step)
+        clear_stale_outputs(storage, name, step, force)
     local = storage.local_path()
     own_scratch = False
     if local is not None:
@@ -201,6 +227,8 @@ def run_step(
         # the progress log of earlier steps, so that pushing it back appends rather than replaces
         ctx.pull(PROGRESS_FILE)
         t0 = time.time()
+        if not primary:
+            return fn(ctx) or {}
         reporter.event("start")
         try:
             summary = fn(ctx) or {}

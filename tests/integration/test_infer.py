@@ -35,6 +35,7 @@ from rvc_pipeline.infer import (
     convert,
     convert_file,
     cut_points,
+    extract_f0,
     limit_peak,
     pitch_features,
     plan_segments,
@@ -46,6 +47,7 @@ from rvc_pipeline.infer import (
 from rvc_pipeline.models import build_generator, constructor_args, get_config
 from rvc_pipeline.models.synthesizer import SynthesizerTrn
 from scipy.io import wavfile
+from scipy.signal import medfilt
 
 SMALL_CONV = [(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2  # HuBERT's strides, narrow channels
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -204,6 +206,14 @@ def test_pitch_transpose_doubles_f0_and_coarse_follows(speech: dict[str, Path]) 
     np.testing.assert_array_equal(coarse12, coarse_f0(2 * f0))  # coarse mapped after transposing
     voiced = f0 > 0
     assert (coarse12[voiced] > coarse0[voiced]).all() and (coarse12[~voiced] == 1).all()
+    # harvest: median filter (kernel 3) over harvest's own len//160 + 1 frames only when filter_radius > 2
+    p_len = len(x) // 160
+    raw = compute_f0(x, "harvest", p_len + 1)
+    np.testing.assert_array_equal(extract_f0(x, p_len, "harvest", 3), medfilt(raw, 3)[:p_len])
+    np.testing.assert_array_equal(extract_f0(x, p_len, "harvest", 2), raw[:p_len])
+    assert not np.array_equal(medfilt(raw, 3), raw)
+    with pytest.raises(InferError, match="rmvpe.pt"):
+        extract_f0(x, p_len, "rmvpe")
     np.testing.assert_allclose(transpose_f0(np.array([100.0, 0.0]), -12), [50.0, 0.0])
     np.testing.assert_allclose(transpose_f0(np.array([100.0]), 7), [100 * 2 ** (7 / 12)])
 

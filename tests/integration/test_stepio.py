@@ -327,3 +327,35 @@ def _as_file(data: bytes) -> Any:
     import io
 
     return io.BytesIO(data)
+
+
+def test_rerun_of_an_early_step_clears_resumable_outputs_of_later_steps(s3: S3Endpoint) -> None:
+    """f0/features skip files whose outputs exist; after preprocess reruns, those outputs are stale."""
+    exp = _exp(s3)
+    base = f"logs/{EXP}"
+    for key in ("2a_f0/0_0.wav.npy", "2b-f0nsf/0_0.wav.npy", "3_feature768/0_0.npy", "G_10.pth"):
+        _put(s3, f"{base}/{key}", b"old")
+
+    def noop(ctx: StepContext) -> dict[str, Any]:
+        return {}
+
+    run_step(exp, "preprocess", noop)
+    left = set(_keys(s3))
+    assert not any("/2a_f0/" in k or "/2b-f0nsf/" in k or "/3_feature768/" in k for k in left)
+    assert f"{base}/G_10.pth" in left  # checkpoints are never deleted by a rerun
+
+    _put(s3, f"{base}/3_feature768/0_0.npy", b"partial")
+    run_step(exp, "features", noop)  # not forced: a resume keeps the step's own finished files
+    assert f"{base}/3_feature768/0_0.npy" in _keys(s3)
+    run_step(exp, "features", noop, force=True)  # forced: everything is recomputed
+    assert f"{base}/3_feature768/0_0.npy" not in _keys(s3)
+
+
+def test_only_rank_zero_writes_markers(s3: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    exp = _exp(s3)
+    monkeypatch.setenv("RANK", "1")
+    assert run_step(exp, "train", lambda ctx: {"rank": 1}) == {"rank": 1}
+    assert not any(k.endswith("train.done.json") or k.endswith(PROGRESS_FILE) for k in _keys(s3))
+    monkeypatch.setenv("RANK", "0")
+    run_step(exp, "train", lambda ctx: {})
+    assert is_complete(S3Storage(s3.uri("runs"), endpoint=s3.url), EXP, "train")

@@ -17,8 +17,9 @@ die() { log "ERROR: $*"; exit 1; }
 # phase NAME CMD...: run CMD and print how long it took.
 phase() {
   local name="$1"; shift
-  local t0=${EPOCHREALTIME/./} rc=0
-  "$@" || rc=$?
+  local t0=${EPOCHREALTIME/./}
+  "$@"   # under `set -e` a failure ends the script here (unless phase is itself tested)
+  local rc=$?
   local dt=$(( (${EPOCHREALTIME/./} - t0) / 100000 ))
   printf '[timing] %-36s %5d.%d s\n' "$name" $((dt / 10)) $((dt % 10)) >&2
   return $rc
