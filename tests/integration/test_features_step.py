@@ -154,7 +154,8 @@ def test_v2_features_match_the_model_and_resume(tmp_path: Path, ckpt: Path, spee
     keep = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir() if p.name != "0_1.npy"}
     before = np.load(out_dir / "0_1.npy")
     (out_dir / "0_1.npy").unlink()
-    again = run_step(exp, "features", features.run, force=True)
+    (in_dir.parent / ".rvc" / "features.done.json").unlink()  # as after an interrupted run: no marker
+    again = run_step(exp, "features", features.run)
     assert again["files_written"] == 1 and again["files_skipped"] == 3
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir() if p.name != "0_1.npy"} == keep
     np.testing.assert_allclose(np.load(out_dir / "0_1.npy"), before, atol=1e-5)
@@ -263,6 +264,7 @@ def test_s3_storage_and_resume_from_pushed_outputs(
     assert stored["files_total"] == 4
     # a later pod (fresh scratch) pulls what was already pushed and computes only the missing file
     c.delete_object(Bucket=s3.bucket, Key="runs/logs/exp/3_feature768/0_2.npy")
-    again = run_step(exp, "features", features.run, force=True)
+    c.delete_object(Bucket=s3.bucket, Key="runs/logs/exp/.rvc/features.done.json")  # pod died: no marker
+    again = run_step(exp, "features", features.run)
     assert again["files_written"] == 1 and again["files_skipped"] == 3
     assert outputs() == {"0_0.npy", "0_1.npy", "0_2.npy", "1_0.npy"}
