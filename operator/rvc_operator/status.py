@@ -18,13 +18,11 @@ storage). See docs/operator.md for the spec-change rules (`rerun_point`).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from rvc_pipeline.spec import STEP_ORDER, Experiment, SpecError, parse_manifest
+from rvc_pipeline.spec import STEP_ORDER, Experiment, SpecError, parse_manifest, step_hashes
 
 from .jobs import (
     ANN_DELETE_ARTIFACTS,
@@ -41,18 +39,6 @@ from .jobs import (
 ACTIVE = ("Pending", "Running")
 DONE = ("Succeeded", "Skipped")
 IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull")
-
-# The spec fields each step's outputs depend on. A step's hash also covers every earlier step's, so a
-# change reruns the first affected step and everything after it. Fields not listed (resources, metrics,
-# steps, storage endpoint/region/secret, weightsCache) change where or how pods run, not what they make.
-STEP_INPUTS: dict[str, tuple[str, ...]] = {
-    "preprocess": ("dataset", "storage.uri", "@name", "model.sampleRate", "preprocess"),
-    "f0": ("f0", "model.pitchGuidance"),
-    "features": ("features", "model.version", "demoRandomWeights"),
-    "train": ("train", "model"),
-    "index": ("index",),
-}
-
 
 # ---------------------------------------------------------------------------------------------------
 # observed Jobs
@@ -252,26 +238,6 @@ def parse_time(s: str | None) -> datetime | None:
     except ValueError:
         return None
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-
-
-def _get(d: dict[str, Any], dotted: str) -> Any:
-    cur: Any = d
-    for k in dotted.split("."):
-        cur = cur.get(k) if isinstance(cur, dict) else None
-    return cur
-
-
-def step_hashes(exp: Experiment) -> dict[str, str]:
-    """Cumulative hash of the inputs of each step (see STEP_INPUTS)."""
-    spec = exp.spec.model_dump(mode="json", by_alias=True)
-    out: dict[str, str] = {}
-    prev = ""
-    for s in STEP_ORDER:
-        values = {k: (exp.name if k == "@name" else _get(spec, k)) for k in STEP_INPUTS[s]}
-        blob = prev + json.dumps(values, sort_keys=True, default=str)
-        prev = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        out[s] = prev
-    return out
 
 
 def rerun_point(steps_status: dict[str, Any], hashes: dict[str, str]) -> str | None:

@@ -6,6 +6,8 @@ Importing this module must never import torch (the operator image has no torch).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from enum import Enum
 from pathlib import Path
@@ -407,3 +409,36 @@ def load_manifest(path: str | Path) -> Experiment:
         return parse_manifest(docs[0])
     except SpecError as e:
         raise SpecError(f"{p}: {e}") from None
+
+
+# The spec fields each step's outputs depend on. A step's hash also covers every earlier step's, so a
+# change reruns the first affected step and everything after it. Fields not listed (resources, metrics,
+# steps, storage endpoint/region/secret, weightsCache) change where or how a step runs, not what it makes.
+# Used by the step markers (a rerun after a spec change recomputes) and by the operator (spec updates).
+STEP_INPUTS: dict[str, tuple[str, ...]] = {
+    "preprocess": ("dataset", "storage.uri", "@name", "model.sampleRate", "preprocess"),
+    "f0": ("f0", "model.pitchGuidance"),
+    "features": ("features", "model.version", "demoRandomWeights"),
+    "train": ("train", "model"),
+    "index": ("index",),
+}
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    cur: Any = d
+    for k in dotted.split("."):
+        cur = cur.get(k) if isinstance(cur, dict) else None
+    return cur
+
+
+def step_hashes(exp: Experiment) -> dict[str, str]:
+    """Cumulative hash of the inputs of each step (see STEP_INPUTS)."""
+    spec = exp.spec.model_dump(mode="json", by_alias=True)
+    out: dict[str, str] = {}
+    prev = ""
+    for s in STEP_ORDER:
+        values = {k: (exp.name if k == "@name" else _get(spec, k)) for k in STEP_INPUTS[s]}
+        blob = prev + json.dumps(values, sort_keys=True, default=str)
+        prev = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        out[s] = prev
+    return out

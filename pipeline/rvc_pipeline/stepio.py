@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .progress import PROGRESS_FILE, Reporter
-from .spec import STEP_ORDER, Experiment
+from .spec import STEP_ORDER, Experiment, step_hashes
 from .storage import Storage, StorageError, open_storage, same_content, scratch_dir
 
 log = logging.getLogger("rvc_pipeline")
@@ -202,11 +202,18 @@ def run_step(
     name = exp.name
     # Under torchrun every rank runs this shell; rank 0 alone owns markers, events and uploads.
     primary = os.environ.get("RANK", "0") in ("", "0")
+    inputs_hash = step_hashes(exp)[step]
     if not force and is_complete(storage, name, step):
         summary = read_marker(storage, name, step) or {}
-        summary["skipped"] = True
-        log.info("%s: already complete (marker %s), skipping", step, marker_key(name, step))
-        return summary
+        done_hash = summary.get("inputs_hash")
+        if done_hash in (None, inputs_hash):
+            summary["skipped"] = True
+            log.info("%s: already complete (marker %s), skipping", step, marker_key(name, step))
+            return summary
+        # the spec fields this step depends on changed since it ran: recompute everything it makes
+        log.info("%s: the spec changed since this step ran (inputs %s -> %s); running it again",
+                 step, done_hash, inputs_hash)
+        force = True
     if primary:
         invalidate_from(storage, name, step)
         clear_stale_outputs(storage, name, step, force)
@@ -239,7 +246,8 @@ def run_step(
             except Exception as pe:  # noqa: BLE001 - never hide the step's own error
                 log.warning("%s: could not upload %s after the failure: %s", step, PROGRESS_FILE, pe)
             raise
-        summary = {"step": step, "experiment": name, "seconds": round(time.time() - t0, 3), **summary}
+        summary = {"step": step, "experiment": name, "seconds": round(time.time() - t0, 3),
+                   "inputs_hash": inputs_hash, **summary}
         reporter.event("done", seconds=summary["seconds"])
         ctx.push(PROGRESS_FILE)
         storage.write_bytes(marker_key(name, step), json.dumps(summary, indent=1, default=str).encode())

@@ -359,3 +359,29 @@ def test_only_rank_zero_writes_markers(s3: S3Endpoint, monkeypatch: pytest.Monke
     monkeypatch.setenv("RANK", "0")
     run_step(exp, "train", lambda ctx: {})
     assert is_complete(S3Storage(s3.uri("runs"), endpoint=s3.url), EXP, "train")
+
+
+def test_spec_change_reruns_the_affected_step_and_later_ones(s3: S3Endpoint) -> None:
+    """The marker records a hash of the spec fields the step depends on (rvc_pipeline.spec.STEP_INPUTS)."""
+    calls: list[str] = []
+
+    def rec(ctx: StepContext) -> dict[str, Any]:
+        calls.append(f"{ctx.step}:{ctx.spec.f0.method}")
+        return {}
+
+    for s in STEP_ORDER:
+        run_step(_exp(s3), s, rec)
+    assert len(calls) == len(STEP_ORDER)
+    calls.clear()
+    for s in STEP_ORDER:  # same spec: everything is skipped
+        assert run_step(_exp(s3), s, rec)["skipped"] is True
+    assert calls == []
+    _put(s3, f"logs/{EXP}/2a_f0/0_0.wav.npy", b"pm output")
+    for s in STEP_ORDER:  # f0 method changed: preprocess is kept, f0 and everything after it rerun
+        run_step(_exp(s3, f0={"method": "harvest"}), s, rec)
+    assert calls == ["f0:harvest", "features:harvest", "train:harvest", "index:harvest"]
+    assert f"logs/{EXP}/2a_f0/0_0.wav.npy" not in _keys(s3)  # old pm output is not resumed from
+    calls.clear()
+    for s in STEP_ORDER:  # a resources-only change reruns nothing
+        run_step(_exp(s3, f0={"method": "harvest"}, resources={"device": "cpu", "parallelism": 2}), s, rec)
+    assert calls == []
