@@ -10,7 +10,6 @@ pipeline runs end to end, the voice is not meaningful.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -72,7 +71,7 @@ def main_demo(args: argparse.Namespace) -> int:
     print(f"  manifest : {mpath}")
     print(f"  model    : {model}")
     print(f"  index    : {index[0] if index else '(none)'}")
-    print(f"  converted: {out} ({json.dumps(info, default=str)})")
+    print(f"  converted: {out} ({info.get('output_seconds', 0):.1f} s at {info.get('sr')} Hz)")
     if any(s.get("random_weights") for s in summaries):
         print("\n  WARNING: no HuBERT / pretrained weights were found, so RANDOM weights were used.")
         print("  The pipeline ran end to end, but the voice is NOT meaningful. See docs/weights.md.")
