@@ -358,3 +358,20 @@ def arctic_sample(cache: Path | None = None) -> Path | None:
     tmp.write_bytes(data)
     os.replace(tmp, out)
     return out
+
+
+def speak(text: str, dest: Path | str, *, sr: int = 16000, channels: int = 1, voice: str = "en",
+          speed: int | None = None, pitch: int | None = None) -> Path:
+    """One espeak-ng utterance as a float32 WAV at `sr` with `channels` (ffmpeg converts); returns dest."""
+    dest = Path(dest)
+    raw = dest.with_suffix(".espeak.wav")
+    cmd = ["espeak-ng", "-v", voice]
+    if speed is not None:
+        cmd += ["-s", str(speed)]
+    if pitch is not None:
+        cmd += ["-p", str(pitch)]
+    _run([*cmd, "-w", str(raw), text])
+    _run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(raw), "-ar", str(sr), "-ac",
+          str(channels), "-c:a", "pcm_f32le", str(dest)])
+    raw.unlink()
+    return dest

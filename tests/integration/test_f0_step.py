@@ -4,7 +4,6 @@ changes, failures that name their cause, rmvpe weights, and S3 storage (moto ser
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from rvc_pipeline import f0 as f0step
+from rvc_pipeline import voices
 from rvc_pipeline.progress import read_events
 from rvc_pipeline.spec import Experiment, SpecError, parse_manifest
 from rvc_pipeline.stepio import StepFailed, run_step
@@ -30,12 +30,7 @@ SENTENCES = [
 
 
 def speak(text: str, dest: Path, voice: str = "en") -> Path:
-    raw = dest.with_suffix(".espeak.wav")
-    subprocess.run(["espeak-ng", "-v", voice, "-w", str(raw), text], check=True)
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(raw), "-ar", "16000", "-ac", "1",
-                    "-c:a", "pcm_f32le", str(dest)], check=True)
-    raw.unlink()
-    return dest
+    return voices.speak(text, dest, voice=voice)
 
 
 def tone(hz: float, seconds: float) -> np.ndarray:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from rvc_pipeline import features, hubert
+from rvc_pipeline import features, hubert, voices
 from rvc_pipeline.progress import read_events
 from rvc_pipeline.spec import Experiment, parse_spec
 from rvc_pipeline.stepio import StepFailed, run_step
@@ -35,28 +34,7 @@ SENTENCES = [
 
 
 def speak(text: str, dest: Path, rate: int = 16000, channels: int = 1, voice: str = "en") -> Path:
-    raw = dest.with_suffix(".espeak.wav")
-    subprocess.run(["espeak-ng", "-v", voice, "-w", str(raw), text], check=True)
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-loglevel",
-            "error",
-            "-y",
-            "-i",
-            str(raw),
-            "-ar",
-            str(rate),
-            "-ac",
-            str(channels),
-            "-c:a",
-            "pcm_f32le",
-            str(dest),
-        ],
-        check=True,
-    )
-    raw.unlink()
-    return dest
+    return voices.speak(text, dest, sr=rate, channels=channels, voice=voice)
 
 
 def small_cfg(**kw: Any) -> hubert.HubertConfig:

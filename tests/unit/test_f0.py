@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rvc_pipeline import crepe, rmvpe
+from rvc_pipeline import crepe, rmvpe, voices
 from rvc_pipeline.f0 import coarse_f0 as coarse
 from rvc_pipeline.f0 import compute_f0, compute_f0_batch, frame_count, get_rmvpe, pad_centred
 
@@ -216,11 +215,8 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     if not (shutil.which("espeak-ng") and shutil.which("ffmpeg")):
         pytest.skip("needs espeak-ng and ffmpeg")
     d = tmp_path_factory.mktemp("speech")
-    raw, out = d / "raw.wav", d / "s16k.wav"
     text = "A rainbow is a meteorological phenomenon that is caused by reflection of light in water droplets."
-    subprocess.run(["espeak-ng", "-v", "en", "-w", str(raw), text], check=True)
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(raw), "-ar", "16000", "-ac", "1",
-                    "-c:a", "pcm_f32le", str(out)], check=True)
+    out = voices.speak(text, d / "s16k.wav")
     import soundfile as sf
 
     x, sr = sf.read(str(out), dtype="float32")
