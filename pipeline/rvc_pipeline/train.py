@@ -690,6 +690,9 @@ def train_worker(rank: int, world: int, local_rank: int, job: TrainJob, ctx: Ste
         if "scaler" in gi and gi["scaler"] and scaler.is_enabled():
             scaler.load_state_dict(gi["scaler"])
         history = gi.get("history") or {}
+        if gi.get("random_weights"):
+            # the weights descend from a DEMO random init: the resumed run and its export must say so too
+            plan.random_weights = True
         init_info.update(resumed_from=plan.g, resumed_epoch=done,
                          optimizer_restored=gi.get("optimizer_restored"))
         if plan.kind == "resume_from" and done >= t.epochs:
@@ -925,7 +928,7 @@ def _save(job: TrainJob, ctx: StepContext | None, net_g: Any, net_d: Any, optim_
     num = ck.LATEST_ONLY_STEP if spec.train.save_latest_only else global_step
     common = {"global_step": global_step, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
               "version": spec.model.version, "sr": spec.model.sample_rate,
-              "f0": int(spec.model.pitch_guidance)}
+              "f0": int(spec.model.pitch_guidance), "random_weights": bool(job.init.random_weights)}
     d_path = exp_dir / f"D_{num}.pth"
     g_path = exp_dir / f"G_{num}.pth"
     # D first, then G: resume looks for G files, so a G always has its D beside it.
