@@ -67,13 +67,18 @@ PF=$!
 trap 'kill $PF 2>/dev/null || true' EXIT
 sleep 3
 
-# The same test body as the local-cluster e2e, pointed at this cluster (external mode): it creates the
-# bucket and the credentials Secret, installs the chart, uploads a generated voice set, applies the
-# example experiment (CPU fallback), waits for Succeeded and prints where the model is.
+# The same test body as the local-cluster e2e (tests/e2e/test_operator_e2e.py, shared code in
+# tests/e2e/e2e_env.py), pointed at this cluster (external mode): it creates the bucket, installs the chart
+# (which creates the credentials Secret from the AWS_* values below), uploads a generated voice set,
+# applies a small CPU-fallback experiment with every step, deletes the operator pod and later the training
+# pod on the way (the experiment must still succeed, resuming training from its checkpoint), checks the
+# model and index in MinIO and prints where they are. Prometheus checks are skipped in this mode. The
+# operator stays installed afterwards (helm uninstall rvc-operator -n $NS removes it).
 export RVC_E2E_CLUSTER=external
 export RVC_E2E_NAMESPACE=$NS
 export RVC_E2E_S3_ENDPOINT_HOST=http://127.0.0.1:19000
 export RVC_E2E_S3_ENDPOINT_POD=http://minio.$NS:9000
+export RVC_E2E_BUCKET=${RVC_E2E_BUCKET:-rvc-e2e}
 export AWS_ACCESS_KEY_ID=rvc-e2e AWS_SECRET_ACCESS_KEY=rvc-e2e-secret AWS_DEFAULT_REGION=us-east-1
 export RVC_E2E_IMAGE_PULL_POLICY=Never
 .venv/bin/pytest -q -s -p no:cacheprovider tests/e2e/test_operator_e2e.py -k one_click

@@ -79,8 +79,9 @@ def start_prom_stack(tmp: Path, extra_targets: list[str] | None = None) -> PromS
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     pg_port, prom_port = free_port(), free_port()
-    procs = [_spawn(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{pg_port}"],
-                    tmp / "pushgateway.log")]
+    # Debian's pushgateway persists to /var/lib/prometheus by default: keep each stack's data its own
+    procs = [_spawn(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{pg_port}",
+                     f"--persistence.file={tmp / 'pushgateway.data'}"], tmp / "pushgateway.log")]
     targets = [f"127.0.0.1:{pg_port}", *(extra_targets or [])]
     (tmp / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"

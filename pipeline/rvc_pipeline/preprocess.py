@@ -310,7 +310,9 @@ def process_file(job: FileJob) -> FileReport:
     except AudioError as e:
         _remove_pieces(job.idx0, gt_dir, wav16_dir)
         rep.status, rep.pieces, rep.piece_seconds = "skipped", 0, 0.0
-        rep.reason = f"not audio or corrupt: {str(e).removeprefix(f'{job.path}: ')}"
+        why = str(e).removeprefix(f"{job.path}: ")
+        # audio.py's own messages already say "not audio or corrupt (...)": do not say it twice
+        rep.reason = why if why.startswith("not audio or corrupt") else f"not audio or corrupt: {why}"
         rep.duration_s = round(stream.seconds, 3)
         rep.log.append(f"{job.name}\t-> skipped: {rep.reason}")
         return rep

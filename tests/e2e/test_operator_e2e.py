@@ -1,0 +1,388 @@
+"""The operator on a real cluster, installed with its Helm chart, training a real (tiny) RVC model.
+
+One experiment (`one_click_run`, module-scoped) runs every step on the CPU fallback while it is disturbed
+twice, and records what it sees; the tests below assert one property each on those observations:
+
+* test_one_click_succeeds: `kubectl apply` -> Succeeded; status.artifacts point at a model that loads as
+  an RVC model and an index faiss reads; printer columns; one Job per step with deterministic names and
+  owner references; events; Prometheus sees the operator's gauge and the training step's Pushgateway
+  metrics (local mode).
+* test_operator_restart_mid_experiment: the operator pod is deleted while a step Job runs; the Deployment
+  recreates it; the experiment completes with exactly one Job per step.
+* test_training_pod_deleted_resumes_from_checkpoint: once the first G_*.pth is in S3 the training pod is
+  deleted; the Job's next pod resumes from that checkpoint (progress.jsonl: a `train_start` with
+  `init: resume` at epoch > 1, no epoch trained twice).
+
+Then a second experiment with only corrupt files fails permanently with the files named
+(test_corrupt_data_fails_with_message), and the last test deletes experiments and uninstalls the chart
+(test_delete_experiment_then_helm_uninstall).
+
+Modes (local cluster built here, or an external one such as Kind): see tests/e2e/e2e_env.py. Only the
+one-click test is meant for external mode (`-k one_click`); it prints where the model is.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.e2e_env import (
+    CRD_NAME,
+    LABEL_STEP,
+    STEPS,
+    E2EEnv,
+    progress_events,
+    running_pod,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3600)]
+
+# Full-size v2 40k models (a G_/D_ checkpoint pair is 1.3 GB): two epochs of one step each, a checkpoint
+# after each; the training pod is deleted during epoch 2 and the Job's next pod resumes at epoch 2.
+EPOCHS = 2
+ONE_CLICK_TIMEOUT = 1200.0
+
+
+@dataclass
+class Disruption:
+    """One deliberate disturbance: what was deleted, when, and what replaced it."""
+
+    deleted: str = ""
+    step: str = ""
+    at_seconds: float = 0.0
+    replacement: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OneClickRun:
+    name: str
+    exp_prefix: str  # key prefix of logs/<name>/ in the bucket
+    seconds: float = 0.0
+    final: dict[str, Any] | None = None
+    error: str | None = None
+    jobs_seen: dict[str, set[str]] = field(default_factory=dict)  # step -> every Job name ever listed
+    pods_seen: dict[str, set[str]] = field(default_factory=dict)  # Job -> every pod name ever listed
+    restart: Disruption = field(default_factory=Disruption)
+    train_kill: Disruption = field(default_factory=Disruption)
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    get_output: str = ""
+    wide_output: str = ""
+
+    def require_success(self) -> dict[str, Any]:
+        assert self.error is None and self.final is not None, self.error
+        return self.final
+
+
+def _observe(env: E2EEnv, run: OneClickRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    jobs = env.jobs(run.name)
+    pods = env.pods(run.name)
+    for j in jobs:
+        step = j["metadata"]["labels"].get(LABEL_STEP, "?")
+        run.jobs_seen.setdefault(step, set()).add(j["metadata"]["name"])
+    for p in pods:
+        jn = p["metadata"]["labels"].get("job-name", "?")
+        run.pods_seen.setdefault(jn, set()).add(p["metadata"]["name"])
+    return jobs, pods
+
+
+@pytest.fixture(scope="module")
+def one_click_run(e2e_env: E2EEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OneClickRun]:
+    env = e2e_env
+    tmp = tmp_path_factory.mktemp("one-click")
+    name = f"one-click-{env.run_id}"
+    run = OneClickRun(name=name, exp_prefix=f"models/logs/{name}")
+    t_data = time.monotonic()
+    env.upload_voice_set(tmp, f"datasets/{name}")
+    env.timed("one-click: voice set made and uploaded", time.monotonic() - t_data)
+
+    env.apply(env.experiment(name, f"datasets/{name}", epochs=EPOCHS))
+    t0 = time.monotonic()
+    operator_pod = env.wait_operator_pod()
+
+    def tick(obj: dict[str, Any]) -> None:
+        _jobs, pods = _observe(env, run)
+        now = time.monotonic() - t0
+        # 1. the operator pod goes away while a step Job has a running pod
+        if not run.restart.deleted:
+            p = running_pod(pods)
+            if p is not None:
+                step = p["metadata"]["labels"].get(LABEL_STEP, "?")
+                env.kubectl("-n", env.namespace, "delete", "pod", operator_pod, "--wait=false")
+                run.restart = Disruption(deleted=operator_pod, step=step, at_seconds=now,
+                                         detail={"job": p["metadata"]["labels"].get("job-name")})
+                print(f"\n[one-click] {now:.0f} s: deleted operator pod {operator_pod} while "
+                      f"{step} runs ({p['metadata']['name']})", flush=True)
+        elif not run.restart.replacement:
+            for op in env.operator_pods():
+                st = op.get("status") or {}
+                if op["metadata"]["name"] != operator_pod and st.get("phase") == "Running":
+                    run.restart.replacement = op["metadata"]["name"]
+                    run.restart.detail["replaced_after_s"] = round(now - run.restart.at_seconds, 1)
+                    print(f"[one-click] {now:.0f} s: operator pod {run.restart.replacement} running",
+                          flush=True)
+        # 2. the training pod goes away once the first checkpoint is in S3
+        train_pod = running_pod(pods, "train")
+        if not run.train_kill.deleted and train_pod is not None:
+            ckpts = sorted(k.rsplit("/", 1)[1] for k in env.s3_keys(f"{run.exp_prefix}/G_"))
+            if ckpts:
+                pod_name = train_pod["metadata"]["name"]
+                env.kubectl("-n", env.namespace, "delete", "pod", pod_name, "--wait=false")
+                run.train_kill = Disruption(deleted=pod_name, step="train", at_seconds=now,
+                                            detail={"checkpoints": ckpts})
+                print(f"[one-click] {now:.0f} s: deleted training pod {pod_name} (checkpoints in S3: "
+                      f"{ckpts})", flush=True)
+        elif (run.train_kill.deleted and not run.train_kill.replacement and train_pod is not None
+              and train_pod["metadata"]["name"] != run.train_kill.deleted):
+            run.train_kill.replacement = train_pod["metadata"]["name"]
+            print(f"[one-click] {now:.0f} s: training continues in pod {run.train_kill.replacement}",
+                  flush=True)
+
+    try:
+        run.final = env.wait_phase(name, ("Succeeded",), ONE_CLICK_TIMEOUT, tick=tick)
+    except (AssertionError, TimeoutError) as e:
+        run.error = str(e)
+    run.seconds = time.monotonic() - t0
+    env.timed("one-click experiment (apply -> Succeeded, 2 disruptions)", run.seconds)
+    _observe(env, run)
+    run.jobs = env.jobs(name)
+    run.events = env.events(name, (run.final or {}).get("metadata", {}).get("uid"))
+    run.get_output = env.kubectl("-n", env.namespace, "get", "rvcx", name).stdout
+    run.wide_output = env.kubectl("-n", env.namespace, "get", "rvcexperiments", name, "-o", "wide").stdout
+    if run.final is not None:
+        arts = run.final["status"].get("artifacts") or {}
+        print(f"\n[one-click] {name} Succeeded in {run.seconds:.0f} s\n{run.get_output}"
+              f"  model: {arts.get('model')}\n  index: {arts.get('index')}\n  logs:  {arts.get('logs')}\n"
+              f"  S3 endpoint (from this machine): {env.s3_host}", flush=True)
+    yield run
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_one_click_succeeds(e2e_env: E2EEnv, one_click_run: OneClickRun, tmp_path: Path) -> None:
+    import faiss
+    import torch
+    from rvc_pipeline.export import load_small_model, read_small_model
+
+    env, run = e2e_env, one_click_run
+    obj = run.require_success()
+    st = obj["status"]
+    uid = obj["metadata"]["uid"]
+    assert st["phase"] == "Succeeded"
+    assert st["observedGeneration"] == obj["metadata"]["generation"]
+    assert {s: st["steps"][s]["phase"] for s in STEPS} == dict.fromkeys(STEPS, "Succeeded")
+    conds = {c["type"]: c["status"] for c in st["conditions"]}
+    assert conds == {"Ready": "True", "Progressing": "False", "Failed": "False"}
+    assert st["progress"]["epoch"] == EPOCHS and st["progress"]["percent"] == 100.0
+
+    # artifacts: the exported model and the index, both real and readable
+    arts = st["artifacts"]
+    prefix = f"s3://{env.bucket}/{run.exp_prefix}/"
+    assert arts["logs"] == prefix
+    assert arts["model"] == f"{prefix}weights/{run.name}.pth"
+    model_path = tmp_path / "model.pth"
+    model_path.write_bytes(env.s3_get(arts["model"].removeprefix(f"s3://{env.bucket}/")))
+    raw = read_small_model(model_path)
+    assert {"weight", "config", "info", "sr", "f0", "version"} <= set(raw)
+    assert raw["sr"] == "40k" and raw["f0"] == 1 and raw["version"] == "v2"
+    assert "DEMO random init" in raw["info"]  # no real weights here: says so in the model itself
+    for key in ("enc_p.emb_phone.weight", "emb_g.weight", "dec.conv_pre.weight",
+                "flow.flows.0.enc.in_layers.0.bias"):
+        assert key in raw["weight"], key
+    assert tuple(raw["weight"]["enc_p.emb_phone.weight"].shape) == (192, 768)  # v2: 768-d HuBERT features
+    assert all(v.dtype == torch.float16 for v in raw["weight"].values())  # RVC saves half precision
+    net, meta = load_small_model(model_path)
+    assert meta["version"] == "v2" and meta["f0"] is True and meta["sr"] == 40000
+    assert sum(p.numel() for p in net.parameters()) > 1_000_000
+
+    assert arts["index"].startswith(f"{prefix}added_IVF") and arts["index"].endswith(f"_{run.name}_v2.index")
+    index_path = tmp_path / "added.index"
+    index_path.write_bytes(env.s3_get(arts["index"].removeprefix(f"s3://{env.bucket}/")))
+    index = faiss.read_index(str(index_path))
+    assert index.d == 768 and index.ntotal > 100
+    keys = env.s3_keys(f"{run.exp_prefix}/")
+    assert any(k.rsplit("/", 1)[1].startswith("G_") for k in keys)
+    assert {f"{run.exp_prefix}/.rvc/{s}.done.json" for s in STEPS} <= set(keys)
+
+    # kubectl get rvcx: the printer columns
+    header, row = run.get_output.strip().splitlines()[:2]
+    assert header.split()[:4] == ["NAME", "PHASE", "STEP", "EPOCH"]
+    assert row.split()[:2] == [run.name, "Succeeded"] and f"{EPOCHS}/{EPOCHS}" in row.split()
+    assert "all steps complete" in run.wide_output
+
+    # one Job per step, deterministic names, owned by the experiment
+    names = sorted(j["metadata"]["name"] for j in run.jobs)
+    assert names == sorted(f"{run.name}-{s}-1" for s in STEPS)
+    for j in run.jobs:
+        (owner,) = j["metadata"]["ownerReferences"]
+        assert owner["kind"] == "RVCExperiment" and owner["uid"] == uid and owner["controller"] is True
+        assert j["status"].get("succeeded") == 1
+        pod_spec = j["spec"]["template"]["spec"]
+        assert pod_spec["containers"][0]["image"] == env.pipeline_cpu_image
+        assert pod_spec.get("hostNetwork", False) is env.host_network
+    assert {s: st["steps"][s]["job"] for s in STEPS} == {s: f"{run.name}-{s}-1" for s in STEPS}
+
+    # events posted by the operator
+    reasons = [e["reason"] for e in run.events]
+    assert reasons.count("JobCreated") == len(STEPS), reasons
+    assert reasons.count("StepSucceeded") == len(STEPS), reasons
+    assert "Succeeded" in reasons
+    assert all(e["source"].get("component") == "rvc-operator" for e in run.events)
+
+    if env.prom is None:
+        print("[one-click] Prometheus checks skipped: external mode has no Prometheus of this test")
+        return
+    # Prometheus: the operator's gauge (scraped from its /metrics) and training progress (Pushgateway)
+    operator = f'instance="127.0.0.1:{env.metrics_port}"'
+    res = env.prom.wait_for(f'rvc_experiments{{phase="Succeeded",{operator}}} >= 1', timeout=60)
+    assert float(res[0]["value"][1]) >= 1
+    res = env.prom.wait_for(f'rvc_experiment_phase{{experiment="{run.name}",phase="Succeeded"}}', 60)
+    assert float(res[0]["value"][1]) == 1
+    epoch = env.prom.wait_for(f'max_over_time(rvc_epoch{{experiment="{run.name}",step="train"}}[1h])', 60)
+    last = env.prom.wait_for(f'rvc_epoch{{experiment="{run.name}",step="train"}}', 60)
+    assert float(last[0]["value"][1]) == EPOCHS, last
+    assert float(epoch[0]["value"][1]) == EPOCHS, epoch
+    loss = env.prom.wait_for(f'rvc_loss_g{{experiment="{run.name}",step="train"}}', 60)
+    assert 0 < float(loss[0]["value"][1]) < 1e4
+    created = env.prom.wait_for(f'sum(rvc_jobs_created_total{{{operator}}})', 60)
+    assert float(created[0]["value"][1]) >= 1
+
+
+def test_operator_restart_mid_experiment(e2e_env: E2EEnv, one_click_run: OneClickRun) -> None:
+    env, run = e2e_env, one_click_run
+    obj = run.require_success()
+    r = run.restart
+    assert r.deleted and r.step in STEPS, r
+    assert r.replacement and r.replacement != r.deleted, r
+    print(f"\n[restart] operator pod {r.deleted} deleted at {r.at_seconds:.0f} s during {r.step}; "
+          f"{r.replacement} running {r.detail.get('replaced_after_s')} s later")
+    # the Deployment replaced the pod; the old one is gone
+    pods = {p["metadata"]["name"] for p in env.operator_pods()}
+    assert r.deleted not in pods and r.replacement in pods
+    # exactly one Job per step: nothing was created twice, before or after the restart
+    assert {s: sorted(v) for s, v in run.jobs_seen.items()} == {s: [f"{run.name}-{s}-1"] for s in STEPS}
+    steps = obj["status"]["steps"]
+    assert {s: (steps[s]["attempts"], steps[s].get("failures", 0)) for s in STEPS} == dict.fromkeys(
+        STEPS, (1, 0))
+    # the step that ran during the restart finished under the new operator
+    events = [e for e in run.events
+              if e["reason"] == "StepSucceeded" and e["message"].startswith(f"{r.step}:")]
+    assert len(events) == 1, events
+
+
+def test_training_pod_deleted_resumes_from_checkpoint(e2e_env: E2EEnv, one_click_run: OneClickRun) -> None:
+    env, run = e2e_env, one_click_run
+    obj = run.require_success()
+    k = run.train_kill
+    assert k.deleted, "the training pod was never seen running with a checkpoint in S3"
+    train_job = f"{run.name}-train-1"
+    assert k.deleted in run.pods_seen[train_job]
+    assert len(run.pods_seen[train_job]) >= 2, run.pods_seen  # the Job made a new pod (backoffLimit)
+    assert run.jobs_seen["train"] == {train_job}  # ... inside the same Job
+    assert obj["status"]["steps"]["train"]["attempts"] == 1
+    first_ckpt = k.detail["checkpoints"][0]  # G_<global step>.pth
+
+    events = [e for e in progress_events(env, run.exp_prefix) if e.get("step") == "train"]
+    starts = [e for e in events if e["event"] == "train_start"]
+    print(f"\n[resume] training pod {k.deleted} deleted at {k.at_seconds:.0f} s with {k.detail}; "
+          f"train_start events: {[(s['start_epoch'], s['init']) for s in starts]}")
+    resumed = starts[-1]
+    assert resumed["init"] == "resume", starts
+    assert resumed["start_epoch"] > 1 and resumed["resumed_epoch"] == resumed["start_epoch"] - 1
+    assert resumed["resumed_from"].endswith(".pth") and Path(resumed["resumed_from"]).name.startswith("G_")
+    assert int(first_ckpt[2:-4]) <= resumed["global_step"]
+    if len(starts) > 1:  # the first run's record (kept when its progress.jsonl reached S3 before the kill)
+        assert starts[0]["start_epoch"] == 1 and starts[0]["init"] != "resume"
+    # after the resume every remaining epoch ran exactly once, up to the last one
+    i = events.index(resumed)
+    after = [e["epoch"] for e in events[i:] if e["event"] == "epoch"]
+    assert after == list(range(resumed["start_epoch"], EPOCHS + 1)), after
+    summary = json.loads(env.s3_get(f"{run.exp_prefix}/train_summary.json"))
+    assert summary["init"] == "resume" and summary["start_epoch"] == resumed["start_epoch"]
+    assert summary["last_epoch"] == EPOCHS
+
+
+def test_corrupt_data_fails_with_message(e2e_env: E2EEnv, tmp_path: Path) -> None:
+    env = e2e_env
+    name = f"corrupt-{env.run_id}"
+    files = [Path(k).name for k in env.upload_corrupt_set(tmp_path, f"datasets/{name}")]
+    env.apply(env.experiment(name, f"datasets/{name}"))
+    t0 = time.monotonic()
+    jobs_seen: set[str] = set()
+    pods_seen: set[str] = set()
+
+    def tick(_obj: dict[str, Any]) -> None:
+        jobs_seen.update(j["metadata"]["name"] for j in env.jobs(name))
+        pods_seen.update(p["metadata"]["name"] for p in env.pods(name))
+
+    obj = env.wait_phase(name, ("Failed",), 300, tick=tick)
+    env.timed("corrupt-data experiment (apply -> Failed)", time.monotonic() - t0)
+    st = obj["status"]
+    pre = st["steps"]["preprocess"]
+    print(f"\n[corrupt] {name}: {st['message']}")
+    assert pre["phase"] == "Failed" and pre["exitCode"] == 2 and pre["reason"] == "BadInput"
+    assert pre["attempts"] == 1 and pre.get("failures", 0) == 0
+    for f in files:
+        assert f in st["message"], (f, st["message"])
+    assert all(st["steps"][s]["phase"] == "Pending" for s in STEPS[1:])
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Failed"]["status"] == "True" and conds["Ready"]["status"] == "False"
+    warnings = [e for e in env.events(name, obj["metadata"]["uid"]) if e["type"] == "Warning"]
+    assert {e["reason"] for e in warnings} == {"StepFailed", "Failed"}, warnings
+    assert all(all(f in e["message"] for f in files) for e in warnings), warnings
+
+    # no retry storm: one Job, and nothing new while the operator sweeps a few more times (every 3 s)
+    time.sleep(10)
+    jobs_seen.update(j["metadata"]["name"] for j in env.jobs(name))
+    assert jobs_seen == {f"{name}-preprocess-1"}, jobs_seen
+    assert len(pods_seen) <= 2, pods_seen  # 1.20's Job controller may start one more pod before the delete
+    again = env.get_experiment(name)
+    assert again is not None and again["status"]["steps"]["preprocess"]["attempts"] == 1
+    assert again["status"]["phase"] == "Failed"
+    if env.prom is not None:
+        res = env.prom.wait_for('rvc_job_failures_total{step="preprocess",reason="BadInput"}', 60)
+        assert float(res[0]["value"][1]) >= 1
+
+
+def test_delete_experiment_then_helm_uninstall(e2e_env: E2EEnv, one_click_run: OneClickRun) -> None:
+    env, run = e2e_env, one_click_run
+    run.require_success()
+    keys_before = env.s3_keys(f"{run.exp_prefix}/")
+    assert keys_before
+    # deleting an experiment removes its Jobs, pods and ConfigMap (owner references + the operator)
+    assert len(env.jobs(run.name)) == len(STEPS) and len(env.pods(run.name)) >= len(STEPS)
+    t0 = time.monotonic()
+    env.delete_experiment(run.name)
+    wait_until(f"{run.name}'s Jobs, pods and ConfigMap to go",
+               lambda: not env.jobs(run.name) and not env.pods(run.name) and env.kubectl(
+                   "-n", env.namespace, "get", "configmap", f"{run.name}-spec", check=False).returncode != 0,
+               120, diagnostics=lambda: env.kubectl("-n", env.namespace, "get", "all", check=False).stdout)
+    env.timed("delete experiment -> Jobs/pods gone", time.monotonic() - t0)
+    assert env.get_experiment(run.name) is None
+    # artifacts stay in S3 (no delete-artifacts annotation)
+    assert env.s3_keys(f"{run.exp_prefix}/") == keys_before
+
+    # helm uninstall: the operator goes, the CRD (in the chart's crds/) and the other experiment stay
+    t0 = time.monotonic()
+    env.uninstall_operator()
+    wait_until("the operator pods to go", lambda: not env.operator_pods(), 120)
+    env.timed("helm uninstall -> operator gone", time.monotonic() - t0)
+    assert env.kubectl("-n", env.namespace, "get", "deployment", env.deployment, check=False).returncode != 0
+    crd = env.get_json("crd", CRD_NAME)
+    assert crd["spec"]["names"]["kind"] == "RVCExperiment"
+    corrupt = f"corrupt-{env.run_id}"
+    remaining = env.get_experiment(corrupt)
+    if remaining is not None:
+        # deleting an experiment while no operator runs still works (no finalizer) and the garbage
+        # collector removes what it owned
+        assert not remaining["metadata"].get("finalizers")
+        env.delete_experiment(corrupt)
+        wait_until(f"{corrupt} to go", lambda: env.get_experiment(corrupt) is None
+                   and not env.jobs(corrupt) and not env.pods(corrupt), 120)
