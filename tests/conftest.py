@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,15 @@ def arctic_wav() -> Path:
     if p is None:
         pytest.skip("arctic_a0007.wav unavailable (pysptk sdist could not be downloaded)")
     return p
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Run a module's tests with one torch intra-op thread (small models on a busy 2-core machine are
+    several times faster that way), restoring the previous count afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

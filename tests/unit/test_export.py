@@ -23,13 +23,8 @@ CFG = get_config("v2", "40k")
 ALL_GENERATORS = [(v, sr, f0) for v in ("v1", "v2") for sr in ("32k", "40k", "48k") for f0 in (True, False)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convs on a shared 2-core machine run much faster on one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small convs on a shared 2-core machine run much faster on one intra-op thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,13 +36,8 @@ SEGMENTS = {  # (version, sr) -> (segment samples, hop)
 PHONE = {"v1": 256, "v2": 768}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convs on a shared 2-core machine run ~10x faster on one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small convs on a shared 2-core machine run much faster on one intra-op thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_generator(version: str, sr: str, f0: bool, seed: int = 0) -> SynthesizerTrn:

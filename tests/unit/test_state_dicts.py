@@ -30,13 +30,8 @@ _CANDIDATES = [
 REF = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convs on a shared 2-core machine run ~10x faster on one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small convs on a shared 2-core machine run much faster on one intra-op thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TSV_NAMES = [
     f"G-{v}-{sr}-{f}" for v in ("v1", "v2") for sr in ("32k", "40k", "48k") for f in ("f0", "nof0")

@@ -19,6 +19,18 @@ from .weightnorm import remove_all_weight_norm, weight_norm
 PERIODS: dict[str, tuple[int, ...]] = {"v1": (2, 3, 5, 7, 11, 17), "v2": (2, 3, 5, 7, 11, 17, 23, 37)}
 
 
+def _conv_stack(convs: nn.ModuleList, conv_post: nn.Module,
+                x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Each conv then LeakyReLU(0.1), then conv_post: (flattened logits, every activation + the logits)."""
+    fmap: list[torch.Tensor] = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
+        fmap.append(x)
+    x = conv_post(x)
+    fmap.append(x)
+    return torch.flatten(x, 1, -1), fmap
+
+
 class DiscriminatorS(nn.Module):
     """Scale discriminator on raw audio (grouped strided Conv1d stack)."""
 
@@ -33,13 +45,7 @@ class DiscriminatorS(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x [B, 1, T] -> (logits [B, N], 7 feature maps)."""
-        fmap: list[torch.Tensor] = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmap.append(x)
-        x = self.conv_post(x)
-        fmap.append(x)
-        return torch.flatten(x, 1, -1), fmap
+        return _conv_stack(self.convs, self.conv_post, x)
 
 
 class DiscriminatorP(nn.Module):
@@ -63,14 +69,7 @@ class DiscriminatorP(nn.Module):
             n_pad = self.period - t % self.period
             x = F.pad(x, (0, n_pad), "reflect")
             t = t + n_pad
-        x = x.view(b, c, t // self.period, self.period)
-        fmap: list[torch.Tensor] = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmap.append(x)
-        x = self.conv_post(x)
-        fmap.append(x)
-        return torch.flatten(x, 1, -1), fmap
+        return _conv_stack(self.convs, self.conv_post, x.view(b, c, t // self.period, self.period))
 
 
 class MultiPeriodDiscriminator(nn.Module):
