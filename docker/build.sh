@@ -51,17 +51,9 @@ done
 [ "$MODE" = wheelhouse ] || [ "$MODE" = online ] || { echo "--mode must be wheelhouse or online" >&2; exit 2; }
 ((${#IMAGES[@]})) || IMAGES=(operator pipeline-cpu)
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-phase() {
-  local name="$1"; shift
-  local t0=${EPOCHREALTIME/./}
-  "$@"   # under `set -e` a failure ends the script here (unless phase is itself tested)
-  local rc=$?
-  local dt=$(( (${EPOCHREALTIME/./} - t0) / 100000 ))
-  printf '[timing] %-36s %5d.%d s\n' "$name" $((dt / 10)) $((dt % 10)) >&2
-  return $rc
-}
+# log, die, phase
+# shellcheck source=../scripts/common.sh
+. "$ROOT/scripts/common.sh"
 if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER="$(command -v docker || true)"; fi
 [ -n "$DOCKER" ] || die "no docker CLI (apt-get install docker.io)"
 export DOCKER_BUILDKIT=0   # the classic builder ships with Debian's docker.io

@@ -65,3 +65,14 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def offline_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No weight can be found or downloaded: an empty weights cache, no network look-up, no progress
+    bars. Returns the (empty) cache folder."""
+    cache = tmp_path / "weights-cache"
+    monkeypatch.setenv("RVC_WEIGHTS_DIR", str(cache))
+    monkeypatch.setenv("RVC_OFFLINE", "1")
+    monkeypatch.setenv("RVC_NO_PROGRESS", "1")
+    return cache

@@ -492,6 +492,15 @@ def pick_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+def _backward(scaler: Any, optim: torch.optim.Optimizer, loss: torch.Tensor,
+              net: torch.nn.Module) -> torch.Tensor:
+    """Zero the grads, backward the (scaled) loss, unscale; returns the total grad norm (no clipping)."""
+    optim.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optim)
+    return _grad_norm(net.parameters())
+
+
 def _grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -587,10 +596,7 @@ def gan_step(
     loss_d, _, _ = discriminator_loss(d_real, d_fake)
     if LOSS_HOOK is not None:
         loss_d = LOSS_HOOK(global_step, "d", loss_d)
-    st.optim_d.zero_grad(set_to_none=True)
-    st.scaler.scale(loss_d).backward()
-    st.scaler.unscale_(st.optim_d)
-    gn_d = _grad_norm(st.net_d.parameters()).to(device)
+    gn_d = _backward(st.scaler, st.optim_d, loss_d, st.net_d).to(device)
     ok_d = _all_finite(torch.stack([loss_d.detach(), gn_d]), st.world)
     if ok_d:
         st.scaler.step(st.optim_d)
@@ -604,10 +610,7 @@ def gan_step(
     loss_g = l_gen + l_fm + l_mel + l_kl
     if LOSS_HOOK is not None:
         loss_g = LOSS_HOOK(global_step, "g", loss_g)
-    st.optim_g.zero_grad(set_to_none=True)
-    st.scaler.scale(loss_g).backward()
-    st.scaler.unscale_(st.optim_g)
-    gn_g = _grad_norm(st.net_g.parameters()).to(device)
+    gn_g = _backward(st.scaler, st.optim_g, loss_g, st.net_g).to(device)
     vals = torch.stack([loss_g.detach(), gn_g, loss_d.detach(), gn_d, l_mel.detach(), l_kl.detach(),
                         l_fm.detach()]).float()
     ok_g = _all_finite(vals[:2], st.world)

@@ -17,9 +17,12 @@ from rvc_pipeline.spec import Experiment, SpecError, parse_manifest
 from rvc_pipeline.stepio import StepFailed, run_step
 from rvc_pipeline.weights import WeightsNotFound
 
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("espeak-ng") and shutil.which("ffmpeg")), reason="needs espeak-ng and ffmpeg"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (shutil.which("espeak-ng") and shutil.which("ffmpeg")), reason="needs espeak-ng and ffmpeg"
+    ),
+    pytest.mark.usefixtures("offline_weights"),
+]
 
 SR = 16000
 SENTENCES = [
@@ -48,13 +51,6 @@ def slices(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     sf.write(d / "1_0.wav", tone(200.0, 2.3), SR, subtype="FLOAT")
     out["1_0.wav"] = d / "1_0.wav"
     return out
-
-
-@pytest.fixture(autouse=True)
-def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RVC_WEIGHTS_DIR", str(tmp_path / "weights-cache"))
-    monkeypatch.setenv("RVC_OFFLINE", "1")
-    monkeypatch.setenv("RVC_NO_PROGRESS", "1")
 
 
 def experiment(root: Path, uri: str | None = None, **spec: Any) -> Experiment:

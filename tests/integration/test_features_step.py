@@ -21,9 +21,12 @@ from rvc_pipeline.weights import WeightsNotFound
 
 from tests.s3server import S3Endpoint
 
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("espeak-ng") and shutil.which("ffmpeg")), reason="needs espeak-ng and ffmpeg"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (shutil.which("espeak-ng") and shutil.which("ffmpeg")), reason="needs espeak-ng and ffmpeg"
+    ),
+    pytest.mark.usefixtures("offline_weights"),
+]
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -67,13 +70,6 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {f"0_{i}.wav": speak(t, d / f"0_{i}.wav") for i, t in enumerate(SENTENCES[:3])}
     out["1_0.wav"] = speak(SENTENCES[3], d / "1_0.wav", channels=2)
     return out
-
-
-@pytest.fixture(autouse=True)
-def _offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RVC_WEIGHTS_DIR", str(tmp_path / "weights-cache"))
-    monkeypatch.setenv("RVC_OFFLINE", "1")
-    monkeypatch.setenv("RVC_NO_PROGRESS", "1")
 
 
 def experiment(root: Path, **spec: Any) -> Experiment:

@@ -26,10 +26,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_one_click_on_s3_then_convert(s3: S3Endpoint, voice_dir: Path, tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RVC_WEIGHTS_DIR", str(tmp_path / "empty-weights-cache"))
-    monkeypatch.setenv("RVC_OFFLINE", "1")
-    monkeypatch.setenv("RVC_NO_PROGRESS", "1")
+                                      offline_weights: Path) -> None:
     c = s3.client()
     wavs = sorted(voice_dir.glob("*.wav"))[:3]
     for w in wavs:

@@ -81,12 +81,8 @@ def install_hooks() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _hooks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-
+def _hooks(monkeypatch: pytest.MonkeyPatch, offline_weights: Path) -> None:
     monkeypatch.setattr(train, "DISCRIMINATOR_FACTORY", TinyD)
-    monkeypatch.setenv("RVC_WEIGHTS_DIR", str(tmp_path / "no-weights"))
-    monkeypatch.setenv("RVC_OFFLINE", "1")
-    monkeypatch.setenv("RVC_NO_PROGRESS", "1")
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,9 @@ K8S_VERSION="v1.20.2"
 # Bump when the patches in build-kubernetes.sh change, so cached binaries are rebuilt.
 K8S_PATCH_LEVEL="1"
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-# phase NAME CMD...: run CMD and print how long it took.
-phase() {
-  local name="$1"; shift
-  local t0=${EPOCHREALTIME/./}
-  "$@"   # under `set -e` a failure ends the script here (unless phase is itself tested)
-  local rc=$?
-  local dt=$(( (${EPOCHREALTIME/./} - t0) / 100000 ))
-  printf '[timing] %-36s %5d.%d s\n' "$name" $((dt / 10)) $((dt % 10)) >&2
-  return $rc
-}
+# log, die, phase
+# shellcheck source=../../../scripts/common.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/scripts/common.sh"
 
 # Install Debian packages that are missing (no recommends, non-interactive).
 ensure_pkgs() {
