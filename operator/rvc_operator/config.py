@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from .ownership import ANY_NAMESPACE, PrefixError, canonical_prefix
 
 
 class ConfigError(ValueError):
@@ -51,6 +54,8 @@ class OperatorConfig:
     delete_artifacts_default: bool = False
     watch_namespace: str | None = None
     reconcile_interval: float = 10.0
+    # namespace ("*": any other) -> allowed s3:// prefixes of experiment folders; None: no allow-list
+    storage_allowed_prefixes: dict[str, tuple[str, ...]] | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -86,11 +91,15 @@ class OperatorConfig:
             delete_artifacts_default=r.bool("RVC_DELETE_ARTIFACTS_DEFAULT", False),
             watch_namespace=r.str("RVC_WATCH_NAMESPACE"),
             reconcile_interval=r.float("RVC_RECONCILE_INTERVAL", 10.0, minimum=1.0),
+            storage_allowed_prefixes=r.prefix_table("RVC_STORAGE_ALLOWED_PREFIXES"),
         )
         for i, t in enumerate(cfg.gpu_tolerations):
             if not isinstance(t, dict):
                 raise ConfigError(f"RVC_GPU_TOLERATIONS[{i}]: expected a JSON object, got {t!r}")
         return cfg
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class _Reader:
@@ -175,3 +184,22 @@ class _Reader:
         if not isinstance(v, list):
             raise ConfigError(f"{name}: expected a JSON list, got {v!r}")
         return v
+
+    def prefix_table(self, name: str) -> dict[str, tuple[str, ...]] | None:
+        """{namespace or "*": [s3:// prefix, ...]}; unset or {} = no allow-list (None)."""
+        v = self._json(name)
+        if not v:
+            return None
+        if not isinstance(v, dict):
+            raise ConfigError(f"{name}: expected a JSON object {{namespace: [s3:// prefixes]}}, got {v!r}")
+        out: dict[str, tuple[str, ...]] = {}
+        for ns, prefixes in v.items():
+            if ns != ANY_NAMESPACE and not _DNS_LABEL.match(ns):
+                raise ConfigError(f"{name}: {ns!r} is neither a namespace name nor {ANY_NAMESPACE!r}")
+            if not isinstance(prefixes, list):
+                raise ConfigError(f"{name}[{ns!r}]: expected a list of s3:// prefixes, got {prefixes!r}")
+            try:
+                out[ns] = tuple(canonical_prefix(p) for p in prefixes)
+            except PrefixError as e:
+                raise ConfigError(f"{name}[{ns!r}]: {e}") from None
+        return out

@@ -11,6 +11,10 @@ Deletion: no finalizer is added (deleting an experiment never hangs on the opera
 ConfigMap carry owner references, so the garbage collector removes them; when the operator sees the
 DELETED event it also deletes the Jobs itself (propagationPolicy Background) and, if the annotation
 rvc-operator.dev/delete-artifacts is "true", the experiment's folder in storage.
+
+Storage is touched only as the experiment may (rvc_operator/ownership.py): within the storage prefixes the
+administrator allows its namespace, and only a folder whose ownership record (logs/<name>/.rvc/owner.json)
+names this resource's uid; that record is written when the experiment starts.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import kopf
-from rvc_pipeline.spec import API_GROUP, API_VERSION, PLURAL, STEP_ORDER, SpecError, parse_manifest
+from rvc_pipeline.spec import API_GROUP, API_VERSION, PLURAL, STEP_ORDER, Experiment
+from rvc_pipeline.stepio import MARKER_DIR
 from rvc_pipeline.storage import Storage, open_storage
 
-from . import progress_reader
+from . import ownership, progress_reader
 from .config import OperatorConfig
 from .jobs import build_job_spec, build_spec_configmap, experiment_selector
 from .metrics import METRICS, OperatorMetrics
+from .ownership import Owner, Refusal, folder_key, owner_key
 from .status import (
     Decision,
     Event,
@@ -103,13 +109,87 @@ def open_experiment_storage(manifest: dict[str, Any], cfg: OperatorConfig) -> St
         return _storage_cache[key]
 
 
-def _experiment_name(manifest: dict[str, Any]) -> str | None:
+@dataclasses.dataclass
+class StorageAccess:
+    """What this reconcile may do with the experiment's storage. `storage` is set only when the folder is
+    this resource's (ownership record checked or just written); `refusal` when the operator must not
+    touch it; neither when storage could not be read this time (the state machine goes on without it)."""
+
+    storage: Storage | None = None
+    name: str = ""
+    markers: set[str] | None = None
+    refusal: Refusal | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderState:
+    markers: set[str]
+    record_present: bool
+    record: Owner | None
+
+
+def read_folder_state(storage: Storage, name: str) -> FolderState:
+    """One listing of logs/<name>/.rvc/: the step markers and the ownership record (read when small)."""
+    objs = storage.list(f"logs/{name}/{MARKER_DIR}/")
+    markers = progress_reader.markers_in([o.key for o in objs], STEP_ORDER)
+    rec = next((o for o in objs if o.key == owner_key(name)), None)
+    if rec is None:
+        return FolderState(markers, False, None)
+    data = storage.read_bytes(rec.key) if rec.size <= ownership.MAX_RECORD_BYTES else None
+    return FolderState(markers, True, ownership.parse_record(data))
+
+
+def has_older_rival(api: ClusterAPI, body: dict[str, Any], exp: Experiment, cfg: OperatorConfig) -> bool:
+    """Whether an older live RVCExperiment, allowed there itself, names the same endpoint and folder."""
+    mine = ownership.location(exp, cfg.s3_endpoint)
+    for other in api.list_experiments(cfg.watch_namespace):
+        o_exp, _ = ownership.admit_storage(other, cfg.storage_allowed_prefixes, cfg.s3_endpoint)
+        place = ownership.location(o_exp, cfg.s3_endpoint) if o_exp is not None else None
+        if ownership.is_older_rival(body, mine, other, place):
+            return True
+    return False
+
+
+def settle_owner(api: ClusterAPI, body: dict[str, Any], exp: Experiment, storage: Storage,
+                 cfg: OperatorConfig, now: datetime, *, takeover: bool = True) -> tuple[str, set[str]]:
+    """(verdict, markers): OWNED once the record names this resource (writing it when the folder is
+    unowned, or `takeover` from a deleted namesake), else FOREIGN."""
+    me, name = Owner.of(body, now), exp.name
+    state = read_folder_state(storage, name)
+    rival = not state.record_present and bool(state.markers) and has_older_rival(api, body, exp, cfg)
+    verdict = ownership.verdict(state.record, state.record_present, me, bool(state.markers), rival)
+    if verdict == ownership.CLAIM:
+        if not storage.create_exclusive(owner_key(name), me.to_json()):
+            state = read_folder_state(storage, name)  # lost a race: the winner's record decides
+            won = state.record is not None and state.record.uid == me.uid
+            return (ownership.OWNED if won else ownership.FOREIGN), state.markers
+        log.info("%s/%s: wrote ownership record %s", me.namespace, me.name, owner_key(name))
+        return ownership.OWNED, state.markers
+    if verdict == ownership.TAKEOVER and takeover:
+        storage.write_bytes(owner_key(name), me.to_json())
+        log.info("%s/%s: took over %s from a deleted namesake", me.namespace, me.name, owner_key(name))
+        return ownership.OWNED, state.markers
+    return (verdict if verdict == ownership.OWNED else ownership.FOREIGN), state.markers
+
+
+def storage_access(api: ClusterAPI, body: dict[str, Any], cfg: OperatorConfig, opener: StorageOpener,
+                   now: datetime) -> StorageAccess:
+    """Allow-list first (storage is not even opened when refused), then the ownership record."""
+    exp, refusal = ownership.admit_storage(body, cfg.storage_allowed_prefixes, cfg.s3_endpoint)
+    if exp is None:
+        return StorageAccess(refusal=refusal)
     try:
-        meta = manifest.get("metadata") or {}
-        body = {"metadata": {"name": meta.get("name")}, "spec": manifest.get("spec") or {}}
-        return parse_manifest(body).name
-    except SpecError:
-        return None
+        storage = opener(body, cfg)
+        verdict, markers = settle_owner(api, body, exp, storage, cfg, now)
+    except Exception as e:  # noqa: BLE001 - storage trouble must not stop the state machine
+        meta = body.get("metadata") or {}
+        log.warning("%s/%s: cannot read storage (%s); continuing from the cluster state only",
+                    meta.get("namespace"), meta.get("name"), e)
+        return StorageAccess(name=exp.name)
+    if verdict != ownership.OWNED:
+        return StorageAccess(name=exp.name, refusal=Refusal(
+            "StorageOwnedElsewhere", ownership.OWNED_ELSEWHERE.format(name=exp.name)))
+    return StorageAccess(storage=storage, name=exp.name, markers=markers)
 
 
 @dataclasses.dataclass
@@ -119,18 +199,16 @@ class StorageView:
     index_file: str | None = None
 
 
-def read_storage_view(manifest: dict[str, Any], status: dict[str, Any], cfg: OperatorConfig,
-                      opener: StorageOpener) -> StorageView:
+def read_storage_view(manifest: dict[str, Any], status: dict[str, Any], access: StorageAccess) -> StorageView:
     """Markers (always), training progress (while train runs or until its final epoch is shown) and the
-    index file (once the index step may have finished). Storage errors leave the fields None."""
-    view = StorageView()
-    name = _experiment_name(manifest)
-    if name is None:
+    index file (once the index step may have finished), of an owned folder only. Storage errors leave the
+    fields None."""
+    view = StorageView(markers=access.markers)
+    storage, name = access.storage, access.name
+    if storage is None or view.markers is None:
         return view
     steps = status.get("steps") or {}
     try:
-        storage = opener(manifest, cfg)
-        view.markers = progress_reader.read_markers(storage, name, STEP_ORDER)
         train = (steps.get("train") or {}).get("phase")
         shown = status.get("progress") or {}
         if train == "Running" or (train == "Succeeded" and shown.get("percent") != 100.0):
@@ -242,9 +320,10 @@ def reconcile(
             metrics.set_phase(meta.get("uid", name), status.get("phase"), namespace, name)
             return None
         jobs = observe_jobs(api, body)
-        view = read_storage_view(body, status, cfg, opener)  # after the Jobs: markers are at least as new
+        access = storage_access(api, body, cfg, opener, now())  # after the Jobs: markers are as new
+        view = read_storage_view(body, status, access)
         decision = decide(body, status, jobs, view.markers, now(), policy=make_policy(body, api, cfg),
-                          progress=view.progress, index_file=view.index_file)
+                          progress=view.progress, index_file=view.index_file, refusal=access.refusal)
         apply_decision(api, body, decision, cfg, metrics)
         patch = status_patch(status, decision.status)
         if patch:
@@ -280,18 +359,36 @@ def cleanup(api: ClusterAPI, body: dict[str, Any], cfg: OperatorConfig, *,
     api.delete_configmap(ns, plan.configmap)
     deleted: list[str] = []
     if plan.artifacts_prefix:
-        try:
-            storage = opener(body, cfg)
-            for o in storage.list(plan.artifacts_prefix):
-                storage.delete(o.key)
-                deleted.append(o.key)
-            log.info("%s/%s: deleted %d artifact(s) under %s/%s", ns, meta.get("name"), len(deleted),
-                     plan.storage_uri, plan.artifacts_prefix)
-        except Exception as e:  # noqa: BLE001
-            log.error("%s/%s: could not delete artifacts under %s: %s", ns, meta.get("name"),
-                      plan.artifacts_prefix, e)
+        deleted = delete_owned_artifacts(api, body, cfg, opener)
     metrics.forget(meta.get("uid", ""))
     return deleted
+
+
+def delete_owned_artifacts(api: ClusterAPI, body: dict[str, Any], cfg: OperatorConfig,
+                           opener: StorageOpener) -> list[str]:
+    """Delete logs/<name>/ of a deleted experiment, only when allowed and owned by its uid: keys under that
+    folder only, the ownership record last (not in the returned list of artifacts deleted)."""
+    meta = body.get("metadata") or {}
+    who = f"{meta.get('namespace', 'default')}/{meta.get('name')}"
+    exp, refusal = ownership.admit_storage(body, cfg.storage_allowed_prefixes, cfg.s3_endpoint)
+    if exp is None:
+        log.warning("%s: artifacts kept: %s", who, refusal.message if refusal else "no usable s3:// storage")
+        return []
+    deleted: list[str] = []
+    try:
+        storage = opener(body, cfg)
+        verdict, _ = settle_owner(api, body, exp, storage, cfg, datetime.now(timezone.utc), takeover=False)
+        if verdict != ownership.OWNED:
+            log.warning("%s: artifacts kept: %s", who, ownership.OWNED_ELSEWHERE.format(name=exp.name))
+            return []
+        for key in ownership.deletable_keys([o.key for o in storage.list(folder_key(exp.name))], exp.name):
+            storage.delete(key)
+            deleted.append(key)
+        log.info("%s: deleted %d object(s) under %s/%s", who, len(deleted), exp.spec.storage.uri,
+                 folder_key(exp.name))
+    except Exception as e:  # noqa: BLE001
+        log.error("%s: could not delete artifacts under %s: %s", who, folder_key(exp.name), e)
+    return [k for k in deleted if k != owner_key(exp.name)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -542,6 +639,17 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     log.info("rvc-operator: images gpu=%s cpu=%s, default device %s, max concurrent %s, namespace %s",
              CFG.pipeline_image, CFG.cpu_image, CFG.default_device,
              CFG.max_concurrent_experiments or "unlimited", CFG.watch_namespace or "all")
+    log_storage_policy(CFG)
+
+
+def log_storage_policy(cfg: OperatorConfig) -> None:
+    if cfg.storage_allowed_prefixes is None:
+        log.warning("RVC_STORAGE_ALLOWED_PREFIXES is not set: experiments in any namespace may name any "
+                    "s3:// storage, which the operator then reads (and with delete-artifacts deletes) with "
+                    "its own credentials, within ownership records; set the chart value "
+                    "storage.allowedPrefixes to confine each namespace (docs/operator.md)")
+    else:
+        log.info("storage allow-list: %s", cfg.storage_allowed_prefixes)
 
 
 @kopf.on.cleanup()

@@ -26,6 +26,7 @@ import re
 from typing import Any
 
 import yaml
+from rvc_pipeline import errors
 from rvc_pipeline.spec import API_GROUP, API_VERSION, KIND, STEP_ORDER, Experiment, parse_manifest
 
 from .config import OperatorConfig
@@ -49,7 +50,7 @@ SPEC_PATH = f"{SPEC_DIR}/{SPEC_FILE}"
 SCRATCH = "/scratch"
 
 GPU_RESOURCE = "nvidia.com/gpu"
-PERMANENT_EXIT_CODES = (2, 3)  # rvc-pipeline: 2 bad spec/data, 3 missing weights
+PERMANENT_EXIT_CODES = errors.PERMANENT_EXIT_CODES  # rvc-pipeline: 2 bad spec/data, 3 missing weights
 
 _DNS_BAD = re.compile(r"[^a-z0-9.-]+")
 
@@ -220,9 +221,19 @@ def _node_selector(exp: Experiment, gpu: bool, cfg: OperatorConfig) -> dict[str,
     return dict(cfg.gpu_node_selector if gpu else cfg.cpu_node_selector)
 
 
-def _env(exp: Experiment, gpu: bool) -> list[dict[str, Any]]:
+def lease_owner(manifest: dict[str, Any]) -> str:
+    """RVC_LEASE_OWNER of the step pods: `<namespace>/<name>/<uid>`. The pipeline's experiment lease
+    records it, so a later pod of the same experiment (a retry, a rescheduled pod) may take over its own
+    lease, while another resource naming the same folder may not."""
+    meta = manifest.get("metadata") or {}
+    uid = owner_reference(manifest)["uid"]  # ValueError naming metadata.uid when missing
+    return f"{meta.get('namespace', 'default')}/{meta['name']}/{uid}"
+
+
+def _env(exp: Experiment, gpu: bool, owner: str) -> list[dict[str, Any]]:
     st = exp.spec.storage
     env: list[dict[str, Any]] = [
+        {"name": "RVC_LEASE_OWNER", "value": owner},
         {"name": "RVC_SCRATCH", "value": SCRATCH},
         {"name": "HOME", "value": SCRATCH},
         {"name": "TMPDIR", "value": SCRATCH},
@@ -320,7 +331,7 @@ def build_job_spec(
         "image": step_image(exp, step, cfg),
         "imagePullPolicy": cfg.image_pull_policy,
         "command": command,
-        "env": _env(exp, gpu),
+        "env": _env(exp, gpu, lease_owner(exp_manifest)),
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {

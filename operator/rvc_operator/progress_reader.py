@@ -167,9 +167,14 @@ def read_progress(storage: Storage, experiment: str, total_epochs: int | None = 
 def read_markers(storage: Storage, experiment: str, steps: tuple[str, ...]) -> set[str]:
     """Steps whose completion marker logs/<exp>/.rvc/<step>.done.json exists (one listing)."""
     prefix = f"logs/{experiment}/{MARKER_DIR}"
+    return markers_in([o.key for o in storage.list(prefix)], steps)
+
+
+def markers_in(keys: list[str], steps: tuple[str, ...]) -> set[str]:
+    """Steps of `steps` whose <step>.done.json is among `keys` (a listing of logs/<exp>/.rvc/)."""
     found = set()
-    for o in storage.list(prefix):
-        name = PurePosixPath(o.key).name
+    for key in keys:
+        name = PurePosixPath(key).name
         if name.endswith(".done.json"):
             step = name[: -len(".done.json")]
             if step in steps:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from rvc_pipeline import errors
 from rvc_pipeline.spec import STEP_ORDER, Experiment, SpecError, parse_manifest, step_hashes
 
 from .jobs import (
@@ -35,6 +36,7 @@ from .jobs import (
     configmap_name,
     job_name,
 )
+from .ownership import Refusal
 
 ACTIVE = ("Pending", "Running")
 DONE = ("Succeeded", "Skipped")
@@ -351,10 +353,12 @@ def decide(
     policy: Policy = Policy(),
     progress: dict[str, Any] | None = None,
     index_file: str | None = None,
+    refusal: Refusal | None = None,
 ) -> Decision:
     """One reconcile step. See the module docstring; `markers` = steps whose completion marker exists in
     storage (None = storage unreadable), `progress` = training progress for status.progress, `index_file` =
-    key of the added_*.index file (relative to spec.storage.uri) found in storage."""
+    key of the added_*.index file (relative to spec.storage.uri) found in storage, `refusal` = why the
+    operator will not touch the experiment's storage (allow-list, ownership record): phase Failed."""
     now_s = iso(now)
     meta = manifest.get("metadata") or {}
     gen = int(meta.get("generation") or 1)
@@ -371,18 +375,10 @@ def decide(
         exp = parse_manifest(_spec_manifest(manifest))
         _validate_for_cluster(exp, policy)
     except SpecError as e:
-        msg = f"invalid spec: {e}"
-        if not (old_phase == "Failed" and old.get("message") == msg and old.get("observedGeneration") == gen):
-            d.event("Warning", "InvalidSpec", msg)
-        for j in jobs:
-            if j.active:
-                d.delete_job(j.name, "invalid spec")
-        st.update(phase="Failed", message=msg, observedGeneration=gen, currentStep=None)
-        st.setdefault("completionTime", now_s)
-        _conditions(st, "InvalidSpec", now_s, gen)
-        _drop_empty_strings(st)
-        d.finished = True
-        return d
+        return _refuse(d, old, jobs, gen, now_s, "InvalidSpec", f"invalid spec: {e}")
+    if refusal is not None:
+        _forget_storage_view(st)
+        return _refuse(d, old, jobs, gen, now_s, refusal.reason, refusal.message)
 
     name = exp.name
     hashes = step_hashes(exp)
@@ -591,6 +587,36 @@ def decide(
     return d
 
 
+def _refuse(d: Decision, old: dict[str, Any], jobs: list[JobSummary], gen: int, now_s: str, reason: str,
+            msg: str) -> Decision:
+    """Phase Failed without running anything (invalid spec, storage refused); active Jobs are deleted.
+    The Warning event is posted once per message and generation."""
+    st = d.status
+    same = old.get("phase") == "Failed" and old.get("message") == msg
+    if not (same and old.get("observedGeneration") == gen):
+        d.event("Warning", reason, msg)
+    for j in jobs:
+        if j.active:
+            d.delete_job(j.name, reason)
+    st.update(phase="Failed", message=msg, observedGeneration=gen, currentStep=None)
+    st.setdefault("completionTime", now_s)
+    _conditions(st, reason, now_s, gen)
+    _drop_empty_strings(st)
+    d.finished = True
+    return d
+
+
+def _forget_storage_view(st: dict[str, Any]) -> None:
+    """Drop what the status shows from storage (progress, artifacts, steps skipped because of markers):
+    a refused experiment must show nothing of a folder the operator may not read for it."""
+    st.pop("progress", None)
+    st.pop("artifacts", None)
+    for ss in (st.get("steps") or {}).values():
+        if ss.get("reason") == "AlreadyComplete":
+            ss.clear()
+            ss.update(_new_step())
+
+
 def _drop_empty_strings(obj: Any) -> None:
     """Leave out "" values: the status is validated as JSON where some API servers (seen on 1.20) read an
     empty string as null and refuse it for a string field."""
@@ -628,7 +654,7 @@ def _classify(job: JobSummary, exp: Experiment, ss: dict[str, Any], now: datetim
     """(permanent, reason). Exit codes 2/3 of rvc-pipeline are permanent (bad spec/data, missing
     weights), as are an OOM kill under a memory limit and an image that cannot be pulled for long."""
     if job.exit_code in PERMANENT_EXIT_CODES:
-        return True, "BadInput" if job.exit_code == 2 else "MissingWeights"
+        return True, "BadInput" if job.exit_code == errors.EXIT_BAD_INPUT else "MissingWeights"
     if job.reason == "OOMKilled" and exp.spec.resources.memory:
         return True, "OOMKilled"
     if job.waiting_reason == "InvalidImageName":

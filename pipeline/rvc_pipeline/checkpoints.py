@@ -144,25 +144,18 @@ def checkpoint_pairs(folder: Path) -> list[tuple[Path, Path]]:
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """torch.load a checkpoint on CPU; CheckpointCorrupt if it cannot be read."""
+    """Load a checkpoint on CPU through rvc_pipeline.safeload (never a full unpickle).
+
+    CheckpointCorrupt if it cannot be read (truncated, empty, garbage: the caller may fall back to an
+    older one); safeload.UnsafeFile (a StepFailed) if it needs any Python object beyond tensors and
+    plain data: refused, nothing of it ran."""
+    from . import safeload
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointCorrupt(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise CheckpointCorrupt(f"{path}: empty file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - anything unreadable
-        msg = str(e)
-        if "Weights only load failed" in msg or "weights_only" in msg:
-            # Files of some RVC forks carry extra Python objects; they are the user's own inputs.
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as e2:  # noqa: BLE001
-                raise CheckpointCorrupt(f"{path}: cannot be read ({type(e2).__name__}: {e2})") from None
-        else:
-            raise CheckpointCorrupt(f"{path}: cannot be read, probably truncated "
-                                    f"({type(e).__name__}: {msg[:200]})") from None
+        obj = safeload.load(path, what="training checkpoint")
+    except safeload.UnreadableFile as e:
+        raise CheckpointCorrupt(str(e)) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), Mapping):
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointIncompatible(

@@ -1,7 +1,8 @@
 """`rvc-pipeline`: one sub-command per step, `run` (every step of the manifest, locally), `infer`, `demo`.
 
-Exit codes: 0 success, 2 bad spec or bad input (permanent), 3 missing weights (permanent),
-1 anything else (may be transient). The operator uses them to decide whether to retry.
+Exit codes (rvc_pipeline.errors): 0 success, 1 transient or unexpected (may be retried), 2 bad spec or
+bad input (permanent), 3 missing weights (permanent), 130 interrupted. The operator uses them to decide
+whether to retry. A foreseeable failure prints one `error:` line; only an unexpected one a traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
+from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NO_WEIGHTS, EXIT_OK, EXIT_TRANSIENT, classify
 from .spec import STEP_ORDER, Experiment, SpecError, load_manifest
 
 log = logging.getLogger("rvc_pipeline")
@@ -29,12 +32,22 @@ STEPS: dict[str, str] = {
     "index": "rvc_pipeline.index:run",
 }
 
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NO_WEIGHTS = 0, 1, 2, 3
+EXIT_ERROR = EXIT_TRANSIENT  # the former name
+__all__ = ["EXIT_BAD_INPUT", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_NO_WEIGHTS", "EXIT_OK", "main"]
 
 
 def step_function(step: str) -> Callable[..., dict[str, Any]]:
     mod, _, fn = STEPS[step].partition(":")
     return getattr(importlib.import_module(mod), fn)
+
+
+def writer_lease(exp: Experiment) -> AbstractContextManager[object]:
+    """One writer per experiment (rvc_pipeline.lease): every command that writes it (each step, run,
+    demo) holds the lease; a second one fails at once with LeaseHeld naming the holder."""
+    from .lease import hold
+    from .stepio import open_artifacts
+
+    return hold(open_artifacts(exp), exp.name)
 
 
 def run_steps(exp: Experiment, steps: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
@@ -43,13 +56,15 @@ def run_steps(exp: Experiment, steps: list[str] | None = None, force: bool = Fal
 
     todo = [s for s in STEP_ORDER if s in (steps or exp.spec.steps)]
     summaries = []
-    for s in todo:
-        t0 = time.time()
-        log.info("== %s: %s", exp.name, s)
-        summary = run_step(exp, s, step_function(s), force=force)
-        summaries.append(summary)
-        state = "skipped (already complete)" if summary.get("skipped") else f"done in {time.time() - t0:.1f}s"
-        log.info("== %s: %s %s", exp.name, s, state)
+    with writer_lease(exp):
+        for s in todo:
+            t0 = time.time()
+            log.info("== %s: %s", exp.name, s)
+            summary = run_step(exp, s, step_function(s), force=force, check_inputs=True)
+            summaries.append(summary)
+            took = f"done in {time.time() - t0:.1f}s"
+            state = "skipped (already complete)" if summary.get("skipped") else took
+            log.info("== %s: %s %s", exp.name, s, state)
     return summaries
 
 
@@ -60,20 +75,19 @@ def _print_summary(summaries: list[dict[str, Any]]) -> None:
         print(f"{s.get('step', '?'):>10}: " + ", ".join(f"{k}={v}" for k, v in short.items()))
 
 
-def _classify(e: BaseException) -> int:
-    from .stepio import StepFailed
-    from .storage import StorageError
-    from .weights import WeightsNotFound
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a pod deleted or preempted, `kill`) unwinds like an exit, so the writer lease is released
+    and scratch is cleaned up instead of the lease lingering until it expires."""
+    import signal
+    import threading
 
-    if isinstance(e, WeightsNotFound):
-        return EXIT_NO_WEIGHTS
-    if isinstance(e, (SpecError, StepFailed)):
-        return EXIT_BAD_INPUT
-    if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError: retrying will not help
-        return EXIT_BAD_INPUT
-    if isinstance(e, StorageError):
-        return EXIT_ERROR
-    return EXIT_ERROR
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="demo")
     p.add_argument("--epochs", type=int, default=2)
     args = ap.parse_args(argv)
+    _exit_on_sigterm()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -126,18 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _print_summary(summaries)
         return EXIT_OK
-    except KeyboardInterrupt:
-        print("interrupted; completed steps keep their markers, rerun to continue", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - top-level: one clear line, classified exit code
-        code = _classify(e)
-        if args.verbose or code == EXIT_ERROR:
-            log.exception("failed")
-        msg = str(e)
-        if type(e).__name__ == "OutOfMemoryError":
-            msg = f"GPU out of memory ({msg.splitlines()[0]}); lower spec.train.batchSize or use a larger GPU"
-        print(f"error: {msg}", file=sys.stderr)
-        return code
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - top-level: one line, classified exit code
+        failure = classify(e)
+        if args.verbose or not failure.expected:
+            log.error("failed", exc_info=e)
+        print(f"error: {failure.message}" if failure.code != EXIT_INTERRUPTED else failure.message,
+              file=sys.stderr)
+        return failure.code
 
 
 def _add_infer_args(p: argparse.ArgumentParser) -> None:

@@ -110,13 +110,16 @@ class Crepe:
     """A loaded CREPE model on one device."""
 
     def __init__(self, capacity: str = "full", device: str = "cpu", weights: Path | None = None) -> None:
-        import torch
+        from . import safeload
 
         self.capacity = capacity
         self.device = device
         net = _build_network(capacity)
         path = weights or asset_path(capacity)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = safeload.load(path, what="CREPE weights file")
+        except safeload.UnreadableFile as e:
+            raise CrepeError(f"crepe: {e}") from None
         net.load_state_dict(state)
         self.net = net.eval().to(device)
 

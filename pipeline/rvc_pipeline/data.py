@@ -228,10 +228,14 @@ class TextAudioDataset(torch.utils.data.Dataset):
         n_bins = self.filter_length // 2 + 1
         n_frames = audio.shape[-1] // self.hop_length
         if self.cache_spec and cache.exists() and cache.stat().st_mtime >= os.path.getmtime(wav_path):
+            from . import safeload
+
             try:
-                spec = torch.load(cache, map_location="cpu", weights_only=True)
+                spec = safeload.load(cache, what="spectrogram cache")
                 if isinstance(spec, torch.Tensor) and spec.dim() == 2 and spec.shape == (n_bins, n_frames):
                     return spec
+            except safeload.UnsafeFile as e:  # never run; overwritten below
+                log.warning("%s; recomputing it", e)
             except Exception as e:  # noqa: BLE001 - a broken cache is just recomputed
                 log.debug("%s: unreadable spectrogram cache, recomputing (%s)", cache, e)
         spec = spectrogram(audio, self.filter_length, self.hop_length, self.win_length).squeeze(0)

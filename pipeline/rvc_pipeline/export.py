@@ -110,16 +110,18 @@ def _as_bool_f0(value: Any, path: str) -> bool:
     raise ModelFileError(f"{path}: field 'f0' must be 0/1 or a bool, got {value!r}")
 
 
-def read_small_model(path: str | os.PathLike[str], weights_only: bool = True) -> dict[str, Any]:
-    """torch.load an exported model and check its top-level structure (no model is built)."""
+def read_small_model(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load an exported model through rvc_pipeline.safeload and check its top-level structure (no model
+    is built). ModelFileError if unreadable; safeload.UnsafeFile if it needs foreign Python objects."""
+    from . import safeload
+
     p = str(path)
+    if not os.path.exists(p):
+        raise ModelFileError(f"{p}: no such file")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=weights_only)
-    except FileNotFoundError:
-        raise ModelFileError(f"{p}: no such file") from None
-    except Exception as exc:  # corrupt file or a pickle with foreign classes
-        raise ModelFileError(
-            f"{p}: cannot be read as a PyTorch model file ({type(exc).__name__}: {exc})") from exc
+        ckpt = safeload.load(p, what="voice model")
+    except safeload.UnreadableFile as exc:
+        raise ModelFileError(f"{p}: cannot be read as a PyTorch model file ({exc})") from None
     if not isinstance(ckpt, Mapping):
         raise ModelFileError(f"{p}: expected a dict with 'weight' and 'config', got {type(ckpt).__name__}")
     if "weight" not in ckpt:
@@ -136,7 +138,7 @@ def read_small_model(path: str | os.PathLike[str], weights_only: bool = True) ->
 
 
 def load_small_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
-                     weights_only: bool = True) -> tuple[SynthesizerTrn, dict[str, Any]]:
+                     ) -> tuple[SynthesizerTrn, dict[str, Any]]:
     """Load an RVC/Applio exported model: `(net_g in eval mode, fp32, without enc_q; meta)`.
 
     Follows RVC's loader (config[-3] := emb_g rows; class by version and f0) but: a missing `version`
@@ -146,7 +148,7 @@ def load_small_model(path: str | os.PathLike[str], device: str | torch.device = 
     spk_embed_dim, format ('rvc' or 'applio') and the remaining keys under 'extra'.
     """
     p = str(path)
-    ckpt = read_small_model(p, weights_only=weights_only)
+    ckpt = read_small_model(p)
     weight = to_legacy_names({k: v for k, v in ckpt["weight"].items()})
     bad = [k for k, v in weight.items() if not isinstance(v, torch.Tensor)]
     if bad:

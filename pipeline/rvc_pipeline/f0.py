@@ -19,7 +19,6 @@ after an interruption) as long as the method and settings are unchanged.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .provenance import read_record, record_changes, write_record
 
 if TYPE_CHECKING:
     from .stepio import StepContext
@@ -322,12 +323,16 @@ def process_chunk(job: _Job) -> list[_Result]:
 # the step
 
 
-def _params(ctx: StepContext, method: str) -> dict[str, Any]:
+def _params(ctx: StepContext, method: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """What makes the outputs (their provenance): a difference from the recorded one recomputes all."""
+    from .provenance import weight_identity
+
     p: dict[str, Any] = {"version": PARAMS_VERSION, "method": method, "hop": HOP, "frames": "len//160"}
     if method == "crepe":
         p["crepe_model"] = ctx.spec.f0.crepe_model
     if method == "rmvpe":
         p["rmvpe_checkpoint"] = ctx.spec.f0.rmvpe_checkpoint
+        p["rmvpe_weights"] = weight_identity(opts["checkpoint"])
     return p
 
 
@@ -370,13 +375,26 @@ def _done(wav: Path, nsf: Path, coarse: Path) -> bool:
         return False
 
 
-def run(ctx: StepContext) -> dict[str, Any]:
-    from .stepio import StepFailed
+def _start_or_resume(ctx: StepContext, old: dict[str, Any] | None, params: dict[str, Any]) -> None:
+    """Remove partial files; and every output when they were made another way (or by an unknown one)."""
+    from .stepio import OWNED_OUTPUTS, remove_owned, remove_owned_local
 
+    for d in (NSF_DIR, COARSE_DIR):
+        remove_owned_local(ctx.exp_dir / d, ("*.partial",))
+        (ctx.exp_dir / d).mkdir(parents=True, exist_ok=True)
+    if old == params:
+        return
+    if any(ctx.exp_dir.joinpath(d).glob("*.npy") for d in (NSF_DIR, COARSE_DIR)):
+        log.info("f0: existing outputs were made another way (%s); recomputing all",
+                 "; ".join(record_changes(old, params)))
+    for d in (NSF_DIR, COARSE_DIR):
+        remove_owned_local(ctx.exp_dir / d, OWNED_OUTPUTS["f0"][d])
+        if ctx.remote:
+            remove_owned(ctx.storage, ctx.name, d)
+
+
+def _method_opts(ctx: StepContext, method: str) -> dict[str, Any]:
     spec = ctx.spec
-    if not spec.model.pitch_guidance:
-        return {"skipped_reason": "model without pitch"}
-    method = spec.f0.method
     opts: dict[str, Any] = {}
     if method == "rmvpe":
         from .weights import resolve_weight
@@ -385,74 +403,50 @@ def run(ctx: StepContext) -> dict[str, Any]:
         opts["checkpoint"] = str(resolve_weight(ref, spec, what="RMVPE checkpoint"))
     elif method == "crepe":
         opts["model"] = spec.f0.crepe_model
-    device = _device(ctx, method)
-    opts["device"] = device
+    opts["device"] = _device(ctx, method)
+    return opts
 
-    ctx.pull(IN_DIR)
-    exp = ctx.exp_dir
-    in_dir, nsf_dir, coarse_dir = exp / IN_DIR, exp / NSF_DIR, exp / COARSE_DIR
-    wavs = sorted(p for p in in_dir.glob("*.wav") if "spec" not in p.name) if in_dir.is_dir() else []
-    if not wavs:
-        raise StepFailed(f"f0: no input files in {IN_DIR}/ of {ctx.exp_key} (run preprocess first)")
 
-    # resume: reuse outputs of an interrupted run with the same settings, else start over
-    params = _params(ctx, method)
-    ctx.pull(PARAMS_FILE, NSF_DIR, COARSE_DIR)
-    pfile = exp / PARAMS_FILE
-    old = json.loads(pfile.read_text()) if pfile.is_file() else None
-    nsf_dir.mkdir(parents=True, exist_ok=True)
-    coarse_dir.mkdir(parents=True, exist_ok=True)
-    for d in (nsf_dir, coarse_dir):
-        for p in d.glob("*.partial"):
-            p.unlink()
-    if old != params:
-        for d in (nsf_dir, coarse_dir):
-            for p in d.glob("*.wav.npy"):
-                p.unlink()
-    pfile.parent.mkdir(parents=True, exist_ok=True)
-    pfile.write_text(json.dumps(params))
-    ctx.push(PARAMS_FILE)
-
-    outs = {w: (nsf_dir / (w.name + ".npy"), coarse_dir / (w.name + ".npy")) for w in wavs}
-    todo = [w for w in wavs if not _done(w, *outs[w])]
-    n_skip = len(wavs) - len(todo)
-    if n_skip:
-        log.info("f0: %d of %d files already done, resuming", n_skip, len(wavs))
-
-    items = [(str(w), str(outs[w][0]), str(outs[w][1])) for w in todo]
-    workers = max(1, ctx.workers)
-    gpu = device != "cpu"
+def _plan(todo: list[Path], method: str, gpu: bool, workers: int) -> tuple[int, int, int, int]:
+    """(processes, files per job, files per batch, torch threads per process)."""
     if gpu:
-        procs, per, batch_files, threads = 1, 64, 64, 0
-    else:
-        procs = min(workers, len(items), _useful_procs(todo, method)) if items else 1
-        if method in TORCH_METHODS:  # a torch process already uses several cores: >= 4 threads each
-            procs = min(procs, max(1, workers // 4))
-        per = max(1, min(32, math.ceil(len(items) / (procs * 4)))) if items else 1
-        batch_files = 1
-        threads = max(1, len(os.sched_getaffinity(0)) // procs) if procs > 1 else 0
-    jobs = [_Job(method, opts, ch, threads, batch_files) for ch in _chunks(items, per)]
+        return 1, 64, 64, 0
+    n = len(todo)
+    procs = min(workers, n, _useful_procs(todo, method)) if n else 1
+    if method in TORCH_METHODS:  # a torch process already uses several cores: >= 4 threads each
+        procs = min(procs, max(1, workers // 4))
+    per = max(1, min(32, math.ceil(n / (procs * 4)))) if n else 1
+    threads = max(1, len(os.sched_getaffinity(0)) // procs) if procs > 1 else 0
+    return procs, per, 1, threads
 
-    t0 = time.time()
+
+def _compute(ctx: StepContext, method: str, jobs: list[_Job], procs: int, n_items: int,
+             n_skip: int, total: int) -> list[_Result]:
+    from .stepio import StepFailed
+
     results: list[_Result] = []
     last_event = 0.0
-    total = len(wavs)
     ctx.reporter.event("progress", files_done=n_skip, files_total=total)
     last_push = time.time()
     with _Runner(procs, len(jobs), method) as runner:
-        for r in ctx.reporter.bar(runner.results(jobs), total=len(items), desc=f"f0 ({method})", unit="file"):
+        for r in ctx.reporter.bar(runner.results(jobs), total=n_items, desc=f"f0 ({method})", unit="file"):
             if r.error:
                 runner.cancel()
                 raise StepFailed(f"f0: {r.error} (in {IN_DIR}/ of {ctx.exp_key})")
             results.append(r)
             now = time.time()
-            if now - last_event >= 1.0 or len(results) == len(items):
+            if now - last_event >= 1.0 or len(results) == n_items:
                 ctx.reporter.event("progress", files_done=n_skip + len(results), files_total=total)
                 last_event = now
             if ctx.remote and now - last_push > 120:  # keep a spot-node restart from losing everything
                 ctx.push(NSF_DIR, COARSE_DIR)
                 last_push = now
-    compute_s = time.time() - t0
+    return results
+
+
+def _voicing(wavs: list[Path], outs: dict[Path, tuple[Path, Path]]) -> tuple[int, int]:
+    """(frames, voiced frames) over every output; StepFailed naming the inputs left without one."""
+    from .stepio import StepFailed
 
     missing = [w.name for w in wavs if not all(p.is_file() for p in outs[w])]
     if missing:
@@ -465,6 +459,47 @@ def run(ctx: StepContext) -> dict[str, Any]:
         f0 = np.load(outs[w][0])
         frames += len(f0)
         voiced += int((f0 > 0).sum())
+    return frames, voiced
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    from .stepio import StepFailed
+
+    spec = ctx.spec
+    if not spec.model.pitch_guidance:
+        return {"skipped_reason": "model without pitch"}
+    method = spec.f0.method
+    opts = _method_opts(ctx, method)
+    device = opts["device"]
+
+    ctx.pull(IN_DIR)
+    exp = ctx.exp_dir
+    in_dir, nsf_dir, coarse_dir = exp / IN_DIR, exp / NSF_DIR, exp / COARSE_DIR
+    wavs = sorted(p for p in in_dir.glob("*.wav") if "spec" not in p.name) if in_dir.is_dir() else []
+    if not wavs:
+        raise StepFailed(f"f0: no input files in {IN_DIR}/ of {ctx.exp_key} (run preprocess first)")
+
+    # resume: reuse outputs of an interrupted run made the same way, else start over (never mix)
+    params = _params(ctx, method, opts)
+    ctx.pull(PARAMS_FILE, NSF_DIR, COARSE_DIR)
+    pfile = exp / PARAMS_FILE
+    _start_or_resume(ctx, read_record(pfile), params)
+    write_record(pfile, params)
+    ctx.push(PARAMS_FILE)
+
+    outs = {w: (nsf_dir / (w.name + ".npy"), coarse_dir / (w.name + ".npy")) for w in wavs}
+    todo = [w for w in wavs if not _done(w, *outs[w])]
+    n_skip = len(wavs) - len(todo)
+    if n_skip:
+        log.info("f0: %d of %d files already done, resuming", n_skip, len(wavs))
+
+    items = [(str(w), str(outs[w][0]), str(outs[w][1])) for w in todo]
+    procs, per, batch_files, threads = _plan(todo, method, device != "cpu", max(1, ctx.workers))
+    jobs = [_Job(method, opts, ch, threads, batch_files) for ch in _chunks(items, per)]
+    t0 = time.time()
+    results = _compute(ctx, method, jobs, procs, len(items), n_skip, len(wavs))
+    compute_s = time.time() - t0
+    frames, voiced = _voicing(wavs, outs)
     ctx.push(NSF_DIR, COARSE_DIR)
     audio_s = sum(r.samples for r in results) / SR
     return {
@@ -479,6 +514,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "compute_seconds": round(compute_s, 3),
         "audio_seconds": round(audio_s, 3),
         "realtime_factor": round(audio_s / compute_s, 1) if compute_s > 0 and audio_s else None,
+        **({"rmvpe_weights": params["rmvpe_weights"]} if "rmvpe_weights" in params else {}),
     }
 
 

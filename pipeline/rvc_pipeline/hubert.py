@@ -8,9 +8,9 @@ v2 = layer 12 (768-d).
 
 Module and parameter names are fairseq's, so the `model` state dict of `hubert_base.pt` loads as is
 (training-only `mask_emb`/`label_embs_concat` are dropped, fp16 tensors cast to fp32). The checkpoint's
-pickled `cfg` (omegaconf) and `task_state` (fairseq Dictionary) are read through an unpickler that
-replaces every class outside a small allow-list with an inert stub, so neither fairseq nor omegaconf
-is needed (and a hostile pickle cannot call anything). A Hugging Face `transformers.HubertModel` folder
+pickled `cfg` (omegaconf) and `task_state` (fairseq Dictionary) are read through rvc_pipeline.safeload,
+which maps those classes to inert data classes and refuses any other Python object, so neither fairseq
+nor omegaconf is needed and nothing in the file can run. A Hugging Face `transformers.HubertModel` folder
 (with an optional `final_proj`) loads too, through the key mapping of §4.1.
 
 Batches of clips of different lengths give, for every clip, the result of running it alone: the
@@ -21,11 +21,9 @@ before pos_conv (as fairseq does), and attention masks padded keys.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import logging
 import math
-import pickle
 import sys
 import types
 from collections.abc import Sequence
@@ -37,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import safeload
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -384,145 +384,42 @@ class HubertModel(nn.Module):
 # fairseq checkpoints without fairseq
 
 
-class _Stub:
-    """Stand-in for a class the unpickler does not allow (fairseq, omegaconf, anything else)."""
-
-    _stub_module = "?"
-    _stub_name = "?"
-    _stub_args: tuple[Any, ...] = ()
-    _stub_kwargs: dict[str, Any] = {}
-    _stub_state: Any = None
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._stub_args = args
-        self._stub_kwargs = kwargs
-
-    def __setstate__(self, state: Any) -> None:
-        self._stub_state = state
-
-    def __repr__(self) -> str:
-        return f"<stub {self._stub_module}.{self._stub_name}>"
-
-    def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
-        """A stub used as a callable (e.g. getattr(cls, name)(...)) yields another stub; nothing runs."""
-        return stub_class(self._stub_module, f"{self._stub_name}()")(*args, **kwargs)
+_PLAIN_BUDGET = 100_000  # objects; a pickle can share one object many times (memo), so count visits
 
 
-_STUBS: dict[tuple[str, str], type] = {}
-
-_ALLOWED_BUILTINS = {
-    "dict",
-    "list",
-    "tuple",
-    "set",
-    "frozenset",
-    "int",
-    "float",
-    "complex",
-    "str",
-    "bytes",
-    "bytearray",
-    "bool",
-    "slice",
-    "range",
-    "object",
-    "NoneType",
-}
-_ALLOWED_EXACT = {
-    ("collections", "OrderedDict"),
-    ("collections", "defaultdict"),
-    ("collections", "deque"),
-    ("_codecs", "encode"),
-    ("copyreg", "_reconstructor"),
-    ("argparse", "Namespace"),
-    ("numpy", "dtype"),
-    ("numpy", "ndarray"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    ("torch", "Size"),
-    ("torch", "device"),
-    ("torch.nn.parameter", "Parameter"),
-    ("torch._tensor", "_rebuild_from_type_v2"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"),
-}
+def plain(obj: Any) -> Any:
+    """Turn an unpickled config (inert omegaconf DictConfig/ListConfig/nodes, Namespace, dicts) into
+    plain data. ValueError for a structure deeper than 50 or with more than 100000 objects."""
+    budget = [_PLAIN_BUDGET]
+    return _plain(obj, 0, budget)
 
 
-def _allowed(module: str, name: str) -> bool:
-    if module in ("builtins", "__builtin__"):
-        return name in _ALLOWED_BUILTINS
-    if (module, name) in _ALLOWED_EXACT:
-        return True
-    if module == "torch._utils" and name.startswith("_rebuild"):
-        return True
-    if module == "torch" and (
-        name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)
-    ):
-        return True
-    return module.startswith("numpy.dtypes") or module == "typing"
-
-
-def stub_class(module: str, name: str) -> type:
-    key = (module, name)
-    if key not in _STUBS:
-        _STUBS[key] = type(name, (_Stub,), {"_stub_module": module, "_stub_name": name, "__module__": module})
-    return _STUBS[key]
-
-
-class StubUnpickler(pickle.Unpickler):
-    """Resolves only an allow-list of safe classes; everything else becomes an inert stub class."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if _allowed(module, name):
-            try:
-                return super().find_class(module, name)
-            except (ImportError, AttributeError):
-                pass
-        return stub_class(module, name)
-
-
-def _shim_load(file: Any, **kwargs: Any) -> Any:
-    return StubUnpickler(file, **kwargs).load()
-
-
-stub_pickle = types.ModuleType("rvc_stub_pickle")
-stub_pickle.Unpickler = StubUnpickler  # type: ignore[attr-defined]
-stub_pickle.load = _shim_load  # type: ignore[attr-defined]
-stub_pickle.__dict__.update({"dump": pickle.dump, "dumps": pickle.dumps, "Pickler": pickle.Pickler})
-
-
-def plain(obj: Any, _depth: int = 0) -> Any:
-    """Turn an unpickled config (omegaconf DictConfig/ListConfig stubs, Namespace, dicts) into plain data."""
-    if _depth > 50:
-        return None
-    if isinstance(obj, _Stub):
-        st = obj._stub_state
-        if isinstance(st, tuple) and len(st) == 2 and (st[0] is None or isinstance(st[0], dict)):
-            st = {**(st[0] or {}), **(st[1] or {})}
-        if isinstance(st, dict):
-            if "_content" in st:
-                return plain(st["_content"], _depth + 1)
-            if "_val" in st:
-                return plain(st["_val"], _depth + 1)
-            return {k: plain(v, _depth + 1) for k, v in st.items() if not str(k).startswith("_")}
-        return None
-    if type(obj).__module__.startswith("omegaconf"):  # a real omegaconf is installed
-        from omegaconf import OmegaConf  # type: ignore[import-not-found]
-
-        return OmegaConf.to_container(obj, resolve=False)
-    if hasattr(obj, "__dict__") and type(obj).__name__ == "Namespace":
-        return {k: plain(v, _depth + 1) for k, v in vars(obj).items()}
+def _plain(obj: Any, depth: int, budget: list[int]) -> Any:
+    budget[0] -= 1
+    if depth > 50 or budget[0] < 0:
+        raise ValueError("the checkpoint's config is nested too deeply or is too large")
+    if isinstance(obj, safeload.InertObject):
+        return _plain_inert(obj, depth, budget)
     if isinstance(obj, dict):
-        return {k: plain(v, _depth + 1) for k, v in obj.items()}
+        return {k: _plain(v, depth + 1, budget) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [plain(v, _depth + 1) for v in obj]
+        return [_plain(v, depth + 1, budget) for v in obj]
     return obj
+
+
+def _plain_inert(obj: safeload.InertObject, depth: int, budget: list[int]) -> Any:
+    st = obj.state
+    if isinstance(st, tuple) and len(st) == 2 and (st[0] is None or isinstance(st[0], dict)):
+        st = {**(st[0] or {}), **(st[1] if isinstance(st[1], dict) else {})}  # (__dict__, slots)
+    if not isinstance(st, dict):
+        return None
+    if "_content" in st:  # omegaconf DictConfig / ListConfig
+        return _plain(st["_content"], depth + 1, budget)
+    if "_val" in st:  # omegaconf value node
+        return _plain(st["_val"], depth + 1, budget)
+    keep_private = obj.origin == "argparse.Namespace"
+    return {k: _plain(v, depth + 1, budget) for k, v in st.items()
+            if keep_private or not str(k).startswith("_")}
 
 
 def config_from_fairseq(cfg: dict[str, Any] | None) -> HubertConfig:
@@ -560,19 +457,25 @@ def config_from_fairseq(cfg: dict[str, Any] | None) -> HubertConfig:
 
 
 def load_fairseq_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a fairseq checkpoint (hubert_base.pt) without fairseq: (model state dict, plain cfg dict)."""
+    """Read a fairseq checkpoint (hubert_base.pt) without fairseq: (model state dict, plain cfg dict).
+
+    Through rvc_pipeline.safeload: fairseq's and omegaconf's config classes load as inert data, any
+    other Python object is refused (safeload.UnsafeFile, a ValueError too)."""
     p = Path(path)
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False, pickle_module=stub_pickle)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ValueError(f"{p}: not a readable fairseq/torch checkpoint: {type(e).__name__}: {e}") from None
+        ckpt = safeload.load(p, what="HuBERT checkpoint")
+    except safeload.UnreadableFile as e:
+        raise ValueError(f"{p}: not a readable fairseq/torch checkpoint ({e})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError(f"{p}: not a fairseq checkpoint (no 'model' state dict)")
-    cfg = plain(ckpt.get("cfg"))
-    if not isinstance(cfg, dict):
-        args = plain(ckpt.get("args"))
-        cfg = args if isinstance(args, dict) else {}
-    state = {k: v for k, v in ckpt["model"].items()}
+    try:
+        cfg = plain(ckpt.get("cfg"))
+        if not isinstance(cfg, dict):
+            args = plain(ckpt.get("args"))
+            cfg = args if isinstance(args, dict) else {}
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from None
+    state = {k: v for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)}
     return state, cfg
 
 
@@ -592,12 +495,10 @@ def hubert_from_fairseq(path: str | Path) -> HubertModel:
 
 
 def _fake_modules() -> tuple[dict[str, types.ModuleType], dict[str, type]]:
-    """Throw-away modules named like omegaconf/fairseq with look-alike classes (only if really absent)."""
-
-    def absent(top: str) -> str:
-        return top if importlib.util.find_spec(top) is None else f"_rvc_absent_{top}"
-
-    oc, fs = absent("omegaconf"), absent("fairseq")
+    """Throw-away modules named like omegaconf/fairseq with look-alike classes. They stand in for the
+    real modules in sys.modules only while saving, so the names in the file are the real ones (which
+    rvc_pipeline.safeload maps to inert classes) even where omegaconf or fairseq is installed."""
+    oc, fs = "omegaconf", "fairseq"
     mods: dict[str, types.ModuleType] = {}
     classes: dict[str, type] = {}
 
@@ -676,7 +577,7 @@ def save_fairseq_checkpoint(
 ) -> Path:
     """Write `model` as a fairseq hubert checkpoint (`model`, omegaconf-like `cfg`, `task_state` with a
     Dictionary-like object, `args: None`). The cfg/Dictionary classes live in modules that exist only
-    while saving, so loading must go through the stub unpickler. fp16=True stores half tensors as the
+    while saving; rvc_pipeline.safeload reads them as inert data. fp16=True stores half tensors as the
     real hubert_base.pt does."""
     hc = model.cfg
     cfg = fairseq_cfg(hc)
@@ -767,6 +668,27 @@ def _hf_key(k: str) -> str | None:
     return k
 
 
+def _hf_state(d: Path) -> dict[str, torch.Tensor]:
+    """The tensors of model*.safetensors, else of pytorch_model*.bin (through rvc_pipeline.safeload)."""
+    state: dict[str, torch.Tensor] = {}
+    st_files = sorted(d.glob("model*.safetensors"))
+    bin_files = sorted(d.glob("pytorch_model*.bin"))
+    if st_files:
+        from safetensors.torch import load_file
+
+        for f in st_files:
+            state.update(load_file(str(f)))
+        return state
+    if not bin_files:
+        raise ValueError(f"{d}: no model.safetensors or pytorch_model.bin")
+    for f in bin_files:
+        sd = safeload.load(f, what="Hugging Face model file")
+        if not isinstance(sd, dict):
+            raise ValueError(f"{f}: not a state dict")
+        state.update(sd)
+    return state
+
+
 def load_hf_dir(path: str | Path) -> HubertModel:
     """Load a Hugging Face HubertModel folder (config.json + model.safetensors or pytorch_model.bin)."""
     d = Path(path)
@@ -783,19 +705,7 @@ def load_hf_dir(path: str | Path) -> HubertModel:
             raise ValueError(f"{d}: {key}={conf.get(key)!r} is not supported (need exact gelu)")
     if conf.get("feat_proj_layer_norm", True) is False:
         raise ValueError(f"{d}: feat_proj_layer_norm=false is not supported")
-    state: dict[str, torch.Tensor] = {}
-    st_files = sorted(d.glob("model*.safetensors"))
-    bin_files = sorted(d.glob("pytorch_model*.bin"))
-    if st_files:
-        from safetensors.torch import load_file
-
-        for f in st_files:
-            state.update(load_file(str(f)))
-    elif bin_files:
-        for f in bin_files:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
-    else:
-        raise ValueError(f"{d}: no model.safetensors or pytorch_model.bin")
+    state = _hf_state(d)
     mapped = {}
     for k, v in state.items():
         nk = _hf_key(k)
@@ -944,7 +854,6 @@ __all__ = [
     "Embedder",
     "HubertConfig",
     "HubertModel",
-    "StubUnpickler",
     "batches_by_seconds",
     "config_from_fairseq",
     "hubert_from_fairseq",
@@ -954,5 +863,4 @@ __all__ = [
     "parse_conv_layers",
     "random_embedder",
     "save_fairseq_checkpoint",
-    "stub_class",
 ]

@@ -518,7 +518,14 @@ def _load_training_checkpoint(path: Path, device: str) -> tuple[SynthesizerTrn, 
             f"model (logs/<experiment>/weights/<experiment>.pth, written by the train step)")
     if not cfg_path.is_file():
         raise InferError(hint + f", or keep the experiment's config.json beside it (not found: {cfg_path})")
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    from . import safeload
+
+    try:
+        ckpt = safeload.load(path, what="training checkpoint")
+    except safeload.UnreadableFile as e:
+        raise InferError(str(e)) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise InferError(f"{path}: not a training checkpoint (no 'model' state dict)")
     sd = {k: v for k, v in ckpt["model"].items() if isinstance(v, torch.Tensor)}
     desc = describe_state_dict(sd)
     if desc["kind"] != "generator" or desc["version"] is None:

@@ -24,6 +24,7 @@ Differences from RVC, all reported in `preprocess.json`, never silent:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -49,11 +50,14 @@ from .audio import (
     resample,
     write_wav_f32,
 )
+from .provenance import sha256_file
 from .slicer import Slicer, frame_rms, silent_runs
 from .storage import open_storage, scratch_dir
 
 if TYPE_CHECKING:  # the worker processes import this module: keep pydantic (spec, stepio) out of it
-    from .stepio import StepContext
+    from .spec import Experiment
+    from .stepio import CheckedInputs, StepContext
+    from .storage import Storage
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -368,18 +372,132 @@ class _Input:
 
 def list_dataset(source: str, endpoint: str | None = None, region: str | None = None) -> list[_Input]:
     """Files directly inside the dataset folder (sub-folders ignored), sorted by name; idx0 = position."""
+    return scan_dataset(source, endpoint, region).inputs()
+
+
+# ------------------------------------------------------------------------------------------------
+# The dataset manifest: what preprocess read (part of its inputs, recorded beside its outputs)
+# ------------------------------------------------------------------------------------------------
+
+MANIFEST_FILE = ".rvc/dataset.manifest.json"  # in logs/<exp>/, beside the step markers
+
+
+@dataclass(frozen=True)
+class DatasetFile:
+    name: str
+    size: int
+    digest: str  # "sha256:<hex>" of a local file, "etag:<etag>" of an S3 object
+
+
+@dataclass
+class Dataset:
+    source: str
+    files: list[DatasetFile]
+    root: Path | None = None  # the local folder (None on S3)
+
+    @property
+    def digest(self) -> str:
+        blob = json.dumps([[f.name, f.size, f.digest] for f in self.files])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def inputs(self) -> list[_Input]:
+        if self.root is None:
+            return [_Input(i, f.name, None, f.name) for i, f in enumerate(self.files)]
+        return [_Input(i, f.name, self.root / f.name) for i, f in enumerate(self.files)]
+
+    def manifest(self) -> dict[str, Any]:
+        return {"source": self.source, "digest": self.digest, "files": [asdict(f) for f in self.files]}
+
+
+def _local_digest(path: Path) -> str:
+    try:
+        return f"sha256:{sha256_file(path)}"
+    except OSError as e:  # processed (and reported as skipped) like any unreadable file
+        return f"unreadable:{e.strerror}"
+
+
+def scan_dataset(source: str, endpoint: str | None = None, region: str | None = None) -> Dataset:
+    """The dataset's manifest: every file directly inside the folder (sub-folders ignored), sorted by
+    name, with its size and content digest (sha256 locally, the ETag on S3)."""
     if source.startswith("s3://"):
         st = open_storage(source, endpoint=endpoint, region=region)
-        objs = [o for o in st.list("", recursive=False) if "/" not in o.key]
-        names = sorted(o.key for o in objs)
-        return [_Input(i, n, None, n) for i, n in enumerate(names)]
+        # (an empty name is the "folder" object some consoles create)
+        objs = sorted((o for o in st.list("", recursive=False) if o.key and "/" not in o.key),
+                      key=lambda o: o.key)
+        return Dataset(source, [DatasetFile(o.key, o.size, f"etag:{o.etag or ''}") for o in objs])
     from .stepio import StepFailed
 
     root = Path(source.removeprefix("file://")).expanduser()
     if not root.is_dir():
-        raise StepFailed(f"dataset {source}: no such folder")
-    names = sorted(n for n in os.listdir(root) if (root / n).is_file())
-    return [_Input(i, n, root / n) for i, n in enumerate(names)]
+        raise StepFailed(f"dataset {source}: " + ("not a folder" if root.exists() else "no such folder"))
+    files = []
+    for n in sorted(os.listdir(root)):
+        p = root / n
+        if p.is_file():  # regular files (or links to them): no pipes, devices or dangling links
+            files.append(DatasetFile(n, p.stat().st_size, _local_digest(p)))
+    return Dataset(source, files, root)
+
+
+def dataset_changes(old: dict[str, Any] | None, new: Dataset) -> dict[str, list[str]] | None:
+    """Names added, removed and changed (size or content) since the manifest `old`; None without one."""
+    if not isinstance(old, dict) or not isinstance(old.get("files"), list):
+        return None
+    before = {f.get("name"): (f.get("size"), f.get("digest")) for f in old["files"] if isinstance(f, dict)}
+    now = {f.name: (f.size, f.digest) for f in new.files}
+    return {"added": sorted(set(now) - set(before)), "removed": sorted(set(before) - set(now)),
+            "changed": sorted(n for n in set(now) & set(before) if now[n] != before[n])}
+
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def _s3_overlap(source: str, storage_uri: str, exp_prefix: str) -> bool:
+    def parts(uri: str) -> tuple[str, str]:
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        return bucket, "/".join(x for x in prefix.split("/") if x)
+
+    (db, dp), (sb, sp) = parts(source), parts(storage_uri)
+    ep = "/".join(x for x in (sp, exp_prefix) if x)
+    return db == sb and (dp == ep or dp.startswith(ep + "/") or not dp or ep.startswith(dp + "/"))
+
+
+def refuse_overlap(ds: Dataset, storage_uri: str, experiment: str) -> None:
+    """StepFailed when the dataset is, lies inside or contains the experiment folder logs/<exp>/ of the
+    storage (preprocess would delete or read back its own outputs), or a dataset file is a link into it."""
+    from .stepio import StepFailed
+
+    exp_prefix = f"logs/{experiment}"
+    why = (f"dataset {ds.source} overlaps the experiment folder {exp_prefix}/ of storage {storage_uri}; "
+           "keep the recordings outside it")
+    if ds.root is None:
+        if storage_uri.startswith("s3://") and _s3_overlap(ds.source, storage_uri, exp_prefix):
+            raise StepFailed(why)
+        return
+    if storage_uri.startswith("s3://"):
+        return
+    exp_real = (Path(storage_uri.removeprefix("file://")).expanduser() / exp_prefix).resolve()
+    root_real = ds.root.resolve()
+    if _inside(root_real, exp_real) or _inside(exp_real, root_real):
+        raise StepFailed(why)
+    for f in ds.files:
+        if _inside((ds.root / f.name).resolve(), exp_real):
+            raise StepFailed(f"dataset {ds.source}: {f.name} is a link into the experiment folder "
+                             f"{exp_prefix}/ of storage {storage_uri}; keep the recordings outside it")
+
+
+def check_inputs(exp: Experiment, storage: Storage) -> CheckedInputs:
+    """preprocess's input check (stepio.INPUT_CHECKS): the dataset lists, is not empty and does not
+    overlap the experiment's folder. Fingerprint: the manifest digest (a changed dataset reruns)."""
+    from .stepio import CheckedInputs, StepFailed
+
+    spec = exp.spec
+    source = spec.dataset.source
+    ds = scan_dataset(source, spec.storage.endpoint, spec.storage.region)
+    refuse_overlap(ds, spec.storage.uri, exp.name)
+    if not ds.files:
+        raise StepFailed(f"dataset {source}: no files")
+    return CheckedInputs({"dataset_digest": ds.digest}, ds)
 
 
 def _start_method() -> str:
@@ -453,36 +571,40 @@ def _jobs_done(
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run(ctx: StepContext) -> dict[str, Any]:
-    from .stepio import StepFailed
+def _previous_manifest(ctx: StepContext) -> dict[str, Any] | None:
+    from .storage import StorageError
 
+    try:
+        data = json.loads(ctx.storage.read_bytes(f"{ctx.exp_key}/{MANIFEST_FILE}"))
+    except StorageError as e:
+        if not getattr(e, "permanent", True):
+            raise  # unreachable storage is not "no earlier manifest"
+        return None
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _s3_fetcher(ctx: StepContext, tmp_dir: Path) -> Callable[[_Input], Path]:
     spec = ctx.spec
-    params = Params.from_spec(spec)
-    source = spec.dataset.source
-    exp_dir = ctx.exp_dir
-    gt_dir, wav16_dir = exp_dir / GT_DIR, exp_dir / WAV16_DIR
-    # idempotent: stale pieces of an earlier (maybe interrupted) run go first
-    for d in (gt_dir, wav16_dir):
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    inputs = list_dataset(source, spec.storage.endpoint, spec.storage.region)
-    if not inputs:
-        raise StepFailed(f"dataset {source}: no files")
-    log_lines = [f"start preprocess: {len(inputs)} files from {source}, sr {params.sr}, "
-                 f"per {params.per}, overlap {params.overlap}, high-pass {params.hp_mode}"]
+    st = open_storage(spec.dataset.source, endpoint=spec.storage.endpoint, region=spec.storage.region)
 
+    def fetch(inp: _Input) -> Path:
+        dest = tmp_dir / f"{inp.idx0:06d}_{Path(inp.name).name}"
+        st.download(inp.key or inp.name, dest)
+        return dest
+
+    return fetch
+
+
+def _process_all(ctx: StepContext, inputs: list[_Input], params: Params) -> list[FileReport]:
+    """Every dataset file through `process_file`, in worker processes; reports sorted by idx0."""
     fetch: Callable[[_Input], Path] | None = None
     tmp: Path | None = None
-    if source.startswith("s3://"):
-        st = open_storage(source, endpoint=spec.storage.endpoint, region=spec.storage.region)
+    if ctx.spec.dataset.source.startswith("s3://"):
         tmp = scratch_dir("rvc-dataset-")
-        tmp_dir = tmp
-
-        def fetch(inp: _Input) -> Path:
-            dest = tmp_dir / f"{inp.idx0:06d}_{Path(inp.name).name}"
-            st.download(inp.key or inp.name, dest)
-            return dest
+        fetch = _s3_fetcher(ctx, tmp)
+    exp_dir = ctx.exp_dir
 
     def make_job(inp: _Input, path: Path) -> FileJob:
         return FileJob(inp.idx0, inp.name, str(path), str(exp_dir), params)
@@ -500,8 +622,36 @@ def run(ctx: StepContext) -> dict[str, Any]:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    reports.sort(key=lambda r: r.index)
+    return sorted(reports, key=lambda r: r.index)
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    from .stepio import OWNED_OUTPUTS, StepFailed, remove_owned_local
+
+    spec = ctx.spec
+    params = Params.from_spec(spec)
+    source = spec.dataset.source
+    exp_dir = ctx.exp_dir
+    # the inputs first (checked by the step shell, or here when called directly): nothing is deleted
+    # before the dataset is known to list, to be non-empty and to lie outside the experiment folder
+    checked = ctx.checked.data
+    ds = checked if isinstance(checked, Dataset) else check_inputs(ctx.experiment, ctx.storage).data
+    changes = dataset_changes(_previous_manifest(ctx), ds)
+    # idempotent: stale pieces of an earlier (maybe interrupted) run go first (owned files only)
+    for sub, patterns in OWNED_OUTPUTS["preprocess"].items():
+        remove_owned_local(exp_dir / sub, patterns)
+        (exp_dir / sub).mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    inputs = ds.inputs()
+    log_lines = [f"start preprocess: {len(inputs)} files from {source}, sr {params.sr}, "
+                 f"per {params.per}, overlap {params.overlap}, high-pass {params.hp_mode}"]
+    if changes is not None and any(changes.values()):
+        what = "; ".join(f"{k}: {', '.join(v)}" for k, v in changes.items() if v)
+        log.info("preprocess: the dataset changed since the last run (%s)", what)
+        log_lines.append(f"dataset changed since the last run: {what}")
+    reports = _process_all(ctx, inputs, params)
     report = _dataset_report(source, params, reports, time.time() - t0)
+    report.update(dataset_files=len(ds.files), dataset_digest=ds.digest, dataset_changes=changes)
     for r in reports:
         log_lines.extend(r.log)
     log_lines.append(f"end preprocess: {report['pieces']} pieces, {report['piece_seconds']} s "
@@ -511,7 +661,9 @@ def run(ctx: StepContext) -> dict[str, Any]:
     if report["pieces"] == 0:
         why = "; ".join(f"{r.name}: {r.reason}" for r in reports)
         raise StepFailed(f"dataset {source}: no training piece produced from any file ({why})")
-    ctx.push(GT_DIR, WAV16_DIR, REPORT, LOGFILE)
+    (exp_dir / MANIFEST_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (exp_dir / MANIFEST_FILE).write_text(json.dumps(ds.manifest(), indent=1) + "\n")
+    ctx.push(GT_DIR, WAV16_DIR, REPORT, LOGFILE, MANIFEST_FILE)
     if ctx.remote:
         _prune_remote(ctx, (GT_DIR, WAV16_DIR))
     return {k: v for k, v in report.items() if k != "files"}
@@ -551,9 +703,10 @@ def _dataset_report(source: str, p: Params, reports: list[FileReport], seconds: 
 
 
 def _prune_remote(ctx: StepContext, subs: tuple[str, ...]) -> None:
-    """Delete pieces left in remote storage by an earlier run that this run did not produce."""
+    """Delete pieces left in remote storage by an earlier run that this run did not produce (owned files
+    directly in each folder only)."""
+    from .stepio import remove_owned
+
     for sub in subs:
         keep = {p.name for p in (ctx.exp_dir / sub).glob("*.wav")}
-        for o in ctx.storage.list(f"{ctx.exp_key}/{sub}"):
-            if o.key.rsplit("/", 1)[-1] not in keep:
-                ctx.storage.delete(o.key)
+        remove_owned(ctx.storage, ctx.name, sub, keep)

@@ -267,9 +267,11 @@ class RMVPE:
             where = "state dict"
         else:
             where = str(weights)
+            from . import safeload
+
             try:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any unreadable file
+                state = safeload.load(weights, what="RMVPE checkpoint")
+            except safeload.UnreadableFile as e:
                 raise RMVPEError(f"RMVPE checkpoint {where}: cannot load: {e}") from None
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]

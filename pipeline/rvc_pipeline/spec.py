@@ -9,12 +9,24 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "rvc-operator.dev"
@@ -28,13 +40,180 @@ STEP_ORDER: tuple[str, ...] = ("preprocess", "f0", "features", "train", "index")
 """The steps of the recipe in the order they run. One-click training runs all of them."""
 
 SAMPLE_RATES: dict[str, int] = {"32k": 32000, "40k": 40000, "48k": 48000}
+# Piece lengths (s) the trainer can use: its sampler keeps items of 101..900 frames, counted as
+# wav_bytes // (3 * hop) on float32 WAVs with hop = sr / 100, i.e. about 133 frames per second
+# (rvc_pipeline.data BUCKET_BOUNDARIES, as RVC). Longer or shorter pieces are silently dropped.
+PIECE_SECONDS: tuple[float, float] = (0.76, 6.75)
+MAX_MANIFEST_BYTES = 1 << 20  # the API server stores objects of about 1.5 MB at most
 F0_METHODS: tuple[str, ...] = ("pm", "harvest", "dio", "crepe", "rmvpe")
-
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
-
 
 class SpecError(ValueError):
     """A manifest that does not describe a valid experiment. The message names the field."""
+
+
+# ------------------------------------------------------------------------------- string checks
+# Every string of the spec is bounded and free of control characters (C0, DEL, C1) and of invisible
+# format characters (zero-width, bidi overrides); names and URIs are checked for what the run needs.
+# The CRD gets the length bound and the control-character pattern, so the API server refuses them too.
+NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+MAX_NAME = 253  # a Kubernetes object name; the operator shortens Job names itself
+MAX_URI = 2048
+MAX_TEXT = 256
+_NAME_RE = re.compile(NAME_PATTERN[1:-1])
+_K8S_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # DNS-1123 subdomain
+_LABEL_VALUE_RE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+_LABEL_KEY_RE = re.compile(
+    r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_QUANTITY_RE = re.compile(
+    r"([0-9]+(\.[0-9]*)?|\.[0-9]+)(n|u|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE][+-]?[0-9]+)?")
+_REGION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_BUCKET_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+BUCKET_RULE = ("lower-case letters, digits, '.' and '-', at most 63 characters, starting and ending with a "
+               "letter or digit, no '..', not an IP address")
+
+
+def _check_text(v: str, limit: int) -> str:
+    if len(v) > limit:
+        raise ValueError(f"too long ({len(v)} characters; at most {limit})")
+    for i, c in enumerate(v):
+        if unicodedata.category(c) in ("Cc", "Cf"):
+            raise ValueError(f"contains the control character {c!r} at position {i}")
+    return v
+
+
+def _text(limit: int = MAX_TEXT, check: Callable[[str], str] | None = None,
+          pattern: str = NO_CONTROL_PATTERN) -> Any:
+    """A str type: at most `limit` characters, no control characters, then `check` (raises ValueError)."""
+
+    def validate(v: str) -> str:
+        v = _check_text(v, limit)
+        return check(v) if check is not None else v
+
+    return Annotated[str, AfterValidator(validate),
+                     Field(json_schema_extra={"maxLength": limit, "pattern": pattern})]
+
+
+def check_name(v: str) -> str:
+    """An experiment name: a DNS-1123-like label that is also a safe folder name (no '/', '..', '.x')."""
+    if not _NAME_RE.fullmatch(v) or ".." in v or len(v) > MAX_NAME:
+        raise ValueError("must be lower-case letters, digits, '-', '_' or '.' (a folder name): start and "
+                         f"end with a letter or digit, no '..', at most {MAX_NAME} characters")
+    return v
+
+
+def _matches(regex: re.Pattern[str], what: str) -> Callable[[str], str]:
+    def check(v: str) -> str:
+        if not regex.fullmatch(v):
+            raise ValueError(f"{v[:80]!r} is not {what}")
+        return v
+
+    return check
+
+
+def _check_s3(v: str, need_key: bool) -> str:
+    bucket, _, key = v[len("s3://"):].partition("/")
+    if not bucket:
+        raise ValueError("s3:// URI without a bucket; expected s3://bucket/prefix")
+    if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket or re.fullmatch(r"[0-9.]+", bucket):
+        raise ValueError(f"{bucket[:80]!r} is not a valid S3 bucket name ({BUCKET_RULE})")
+    if any(seg in (".", "..") for seg in key.split("/")):
+        raise ValueError("'.' and '..' are not allowed as parts of an S3 key")
+    if len(key.encode()) > 1024:
+        raise ValueError("S3 keys are at most 1024 bytes")
+    if need_key and (not key.strip("/") or key.endswith("/")):
+        raise ValueError("needs an object after the bucket: s3://bucket/path/file")
+    return v
+
+
+def _location(need_key: bool) -> Callable[[str], str]:
+    """A local path, file://path or s3://bucket[/key] (`need_key`: a file, not a folder)."""
+
+    def check(v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        if v != v.strip():
+            raise ValueError("must not start or end with white space")
+        if v.startswith("s3://"):
+            return _check_s3(v, need_key)
+        if v.lower().startswith("s3:"):
+            raise ValueError(f"{v[:80]!r}: an S3 URI is written s3://bucket/prefix")
+        if v.startswith("file://"):
+            if not v[len("file://"):]:
+                raise ValueError("file:// needs a path")
+            return v
+        if "://" in v or _SCHEME_RE.match(v):
+            raise ValueError(f"{v[:80]!r}: unsupported URI; allowed: s3://bucket/prefix or a local path")
+        return v
+
+    return check
+
+
+def _check_http(v: str) -> str:
+    """An http(s) URL of a service: scheme, host, optional port and path; no credentials or spaces."""
+    try:
+        parts = urlsplit(v)
+        _ = parts.port  # raises ValueError for a port that is not a number in 0..65535
+    except ValueError as e:
+        raise ValueError(f"{v[:80]!r} is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in v):
+        raise ValueError(f"{v[:80]!r}: expected an http:// or https:// URL with a host, e.g. http://minio:9000")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain credentials (use a Secret)")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    return v
+
+
+def _check_resume(v: str) -> str:
+    v = _location(need_key=True)(v)
+    if not re.fullmatch(r"G_[^/]+\.pth", v.rstrip("/").rsplit("/", 1)[-1]):
+        raise ValueError(f"{v[:80]!r} is not a G_*.pth checkpoint (its D_ sibling is used too)")
+    return v
+
+
+def check_free_form(v: Any, max_nodes: int = 10_000, max_depth: int = 32) -> Any:
+    """A free-form value (Kubernetes affinity): bounded in size and depth (walked without recursion, so
+    neither deep nesting nor a YAML alias bomb can exhaust the stack or memory), strings and keys free of
+    control characters."""
+    stack: list[tuple[Any, int]] = [(v, 0)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > max_nodes or depth > max_depth:
+            raise ValueError(f"too large (more than {max_nodes} values or nested deeper than {max_depth})")
+        if isinstance(node, dict):
+            for k, sub in node.items():
+                _check_text(str(k), MAX_TEXT)
+                stack.append((sub, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((sub, depth + 1) for sub in node)
+        elif isinstance(node, str):
+            _check_text(node, MAX_URI)
+    return v
+
+
+def _no_space(v: str) -> str:
+    if not v or any(c.isspace() for c in v):
+        raise ValueError("must be non-empty and without white space")
+    return v
+
+
+Folder = _text(MAX_URI, _location(need_key=False))  # local folder or s3://bucket/prefix
+FileRef = _text(MAX_URI, _location(need_key=True))  # a file: s3:// object, path or bare weights name
+HttpUrl = _text(MAX_URI, _check_http)
+K8sName = _text(MAX_NAME, _matches(_K8S_NAME_RE, "a Kubernetes name (lower-case letters, digits, '-', '.')"))
+Quantity = _text(64, _matches(_QUANTITY_RE, "a Kubernetes quantity such as 4, 500m, 16Gi or 1.5G"))
+_check_label_key = _matches(_LABEL_KEY_RE, "a Kubernetes label key")
+_check_label_value = _matches(_LABEL_VALUE_RE, "a Kubernetes label value")
+LabelKey = _text(317, _check_label_key)
+LabelValue = _text(63, _check_label_value)
+Region = _text(64, _matches(_REGION_RE, "an S3 region name such as us-east-1"))
+ExperimentName = _text(MAX_NAME, check_name, pattern=NAME_PATTERN)
+ResumeRef = _text(MAX_URI, _check_resume)
+ImageRef = _text(512, _no_space)
 
 
 class _Model(BaseModel):
@@ -44,7 +223,19 @@ class _Model(BaseModel):
         extra="forbid",
         use_enum_values=True,
         validate_default=True,
+        allow_inf_nan=False,
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # YAML reads yes/no/on/off as booleans, and pydantic would take True as the number 1
+        if isinstance(v, bool) and info.field_name is not None:
+            ann = cls.model_fields[info.field_name].annotation
+            kinds = (set(get_args(ann)) or {ann}) - {type(None)}
+            if kinds and kinds <= {int, float}:
+                raise ValueError(f"expected a number, got the boolean {v}")
+        return v
 
 
 class Device(str, Enum):
@@ -53,30 +244,23 @@ class Device(str, Enum):
 
 
 class DatasetSpec(_Model):
-    source: str = Field(
+    source: Folder = Field(
         description="Folder of voice recordings: a local path or s3://bucket/prefix/. Only files directly "
         "inside it are used (not sub-folders); any format ffmpeg reads."
     )
 
-    @field_validator("source")
-    @classmethod
-    def _source(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return v
-
 
 class StorageSpec(_Model):
-    uri: str = Field(
+    uri: Folder = Field(
         description="Where artifacts go: a local folder or s3://bucket/prefix. "
         "An experiment writes to <uri>/logs/<experiment>/."
     )
-    endpoint: str | None = Field(
+    endpoint: HttpUrl | None = Field(
         default=None,
         description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph, moto). Empty means AWS.",
     )
-    region: str | None = Field(default=None, description="S3 region name.")
-    credentials_secret: str | None = Field(
+    region: Region | None = Field(default=None, description="S3 region name.")
+    credentials_secret: K8sName | None = Field(
         default=None,
         description="Name of a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, mounted into the "
         "step pods as environment variables (operator only).",
@@ -105,11 +289,14 @@ class ModelSpec(_Model):
 
 
 class SlicerSpec(_Model):
-    threshold_db: float = Field(default=-42.0, le=0, description="Silence threshold in dB (RMS).")
-    min_length_ms: int = Field(default=1500, ge=1, description="Minimum length of a sliced clip in ms.")
-    min_interval_ms: int = Field(default=400, ge=1, description="Minimum silence length to cut at, in ms.")
-    hop_size_ms: int = Field(default=15, ge=1, description="Frame hop of the RMS analysis in ms.")
-    max_sil_kept_ms: int = Field(default=500, ge=0, description="Longest silence kept around a cut, in ms.")
+    threshold_db: float = Field(default=-42.0, ge=-120, le=0, description="Silence threshold in dB (RMS).")
+    min_length_ms: int = Field(default=1500, ge=1, le=60_000,
+                               description="Minimum length of a sliced clip in ms.")
+    min_interval_ms: int = Field(default=400, ge=1, le=60_000,
+                                 description="Minimum silence length to cut at, in ms.")
+    hop_size_ms: int = Field(default=15, ge=1, le=1000, description="Frame hop of the RMS analysis in ms.")
+    max_sil_kept_ms: int = Field(default=500, ge=0, le=60_000,
+                                 description="Longest silence kept around a cut, in ms.")
 
     @model_validator(mode="after")
     def _order(self) -> SlicerSpec:
@@ -134,7 +321,7 @@ class PreprocessSpec(_Model):
         "(zero-phase, as the original workflow document says), or none.",
     )
     max_peak: float = Field(
-        default=2.5, gt=0, description="Pieces whose peak exceeds this are skipped (RVC: 2.5)."
+        default=2.5, gt=0, le=100, description="Pieces whose peak exceeds this are skipped (RVC: 2.5)."
     )
     slicer: SlicerSpec = Field(default_factory=SlicerSpec, description="Silence slicer parameters.")
 
@@ -142,6 +329,11 @@ class PreprocessSpec(_Model):
     def _overlap(self) -> PreprocessSpec:
         if self.overlap_seconds >= self.segment_seconds:
             raise ValueError("overlapSeconds must be smaller than segmentSeconds")
+        lo, hi = PIECE_SECONDS
+        if not lo <= self.segment_seconds <= hi:
+            raise ValueError(f"segmentSeconds {self.segment_seconds:g}: training uses pieces of {lo:g} to "
+                             f"{hi:g} s (the trainer drops pieces of at most 100 or more than 900 "
+                             "spectrogram frames)")
         return self
 
 
@@ -151,20 +343,20 @@ class F0Spec(_Model):
         description="Pitch extractor: pm (Parselmouth), harvest or dio (PyWorld), crepe (torchcrepe), "
         "rmvpe (needs rmvpeCheckpoint).",
     )
-    rmvpe_checkpoint: str | None = Field(
+    rmvpe_checkpoint: FileRef | None = Field(
         default=None, description="URI of rmvpe.pt (S3 or path); required for method rmvpe."
     )
     crepe_model: Literal["full", "tiny"] = Field(default="full", description="CREPE capacity.")
 
 
 class FeaturesSpec(_Model):
-    embedder: str = Field(
+    embedder: Folder = Field(
         default="hubert_base.pt",
         description="HuBERT/ContentVec checkpoint: a fairseq hubert_base.pt or a Hugging Face model "
         "folder, as s3:// URI, path, or bare file name looked up in the weights cache.",
     )
     batch_seconds: float = Field(
-        default=60.0, gt=0, description="Audio seconds per forward batch (bounds memory)."
+        default=60.0, gt=0, le=3600, description="Audio seconds per forward batch (bounds memory)."
     )
     half_precision: bool = Field(default=True, description="Use fp16/bf16 on GPUs.")
 
@@ -172,23 +364,24 @@ class FeaturesSpec(_Model):
 class TrainSpec(_Model):
     batch_size: int = Field(default=4, ge=1, le=1024, description="Batch size per GPU.")
     epochs: int = Field(default=20, ge=1, le=100000, description="Total epochs to train.")
-    save_every_epoch: int = Field(default=5, ge=1, description="Save G_/D_ checkpoints every N epochs.")
+    save_every_epoch: int = Field(default=5, ge=1, le=100000,
+                                  description="Save G_/D_ checkpoints every N epochs.")
     save_latest_only: bool = Field(
         default=False, description="Keep only G_2333333.pth/D_2333333.pth (overwritten each save)."
     )
     save_every_weights: bool = Field(
         default=False, description="Also export the small model at every save."
     )
-    pretrained_g: str | None = Field(
+    pretrained_g: FileRef | None = Field(
         default=None,
         description="URI of the pretrained generator. Default: RVC's file name for the model, e.g. "
         "pretrained_v2/f0G40k.pth, looked up in the weights cache.",
     )
-    pretrained_d: str | None = Field(default=None, description="URI of the pretrained discriminator.")
+    pretrained_d: FileRef | None = Field(default=None, description="URI of the pretrained discriminator.")
     from_scratch: bool = Field(
         default=False, description="Train from random initialisation instead of pretrained weights."
     )
-    resume_from: str | None = Field(
+    resume_from: ResumeRef | None = Field(
         default=None,
         description="Start from this G_*.pth checkpoint URI (its D_ sibling is used too), also one of "
         "another experiment. Ignored once this experiment has checkpoints of its own.",
@@ -196,35 +389,36 @@ class TrainSpec(_Model):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto", description="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU."
     )
-    learning_rate: float = Field(default=1e-4, gt=0, description="AdamW learning rate.")
+    learning_rate: float = Field(default=1e-4, gt=0, le=1, description="AdamW learning rate.")
     lr_decay: float = Field(default=0.999875, gt=0, le=1, description="Per-epoch exponential decay.")
-    seed: int = Field(default=1234, description="Random seed.")
+    seed: int = Field(default=1234, ge=0, le=2**32 - 1, description="Random seed.")
     gpus: int = Field(default=1, ge=1, le=64, description="GPUs per node (torch DDP).")
     data_workers: int = Field(default=2, ge=0, le=64, description="DataLoader worker processes.")
     cache_data_in_gpu: bool = Field(default=False, description="Keep the whole dataset on the GPU.")
     max_steps_per_epoch: int | None = Field(
-        default=None, ge=1, description="Cap steps per epoch (tests and quick demos)."
+        default=None, ge=1, le=10**9, description="Cap steps per epoch (tests and quick demos)."
     )
 
 
 class IndexSpec(_Model):
     kmeans_threshold: int = Field(
-        default=200_000, ge=1000, description="Above this many vectors, reduce to 10000 k-means centroids."
+        default=200_000, ge=1000, le=10**10,
+        description="Above this many vectors, reduce to 10000 k-means centroids."
     )
-    add_batch_size: int = Field(default=8192, ge=1, description="Vectors per add batch.")
+    add_batch_size: int = Field(default=8192, ge=1, le=10**7, description="Vectors per add batch.")
 
 
 class Toleration(_Model):
     """A Kubernetes toleration."""
 
-    key: str | None = Field(default=None, description="Taint key to tolerate; empty with Exists = all.")
+    key: LabelKey | None = Field(default=None, description="Taint key to tolerate; empty with Exists = all.")
     operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal.")
-    value: str | None = Field(default=None, description="Taint value (with Equal).")
+    value: LabelValue | None = Field(default=None, description="Taint value (with Equal).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to tolerate; empty = all effects."
     )
     toleration_seconds: int | None = Field(
-        default=None, description="How long a NoExecute taint is tolerated before eviction."
+        default=None, ge=0, le=10**9, description="How long a NoExecute taint is tolerated before eviction."
     )
 
 
@@ -235,24 +429,34 @@ class ResourcesSpec(_Model):
     parallelism: int = Field(
         default=0, ge=0, le=256, description="Worker processes for CPU-bound steps; 0 = all cores."
     )
-    cpu: str | None = Field(default=None, description="CPU request of step pods, e.g. '4'.")
-    memory: str | None = Field(default=None, description="Memory request and limit of step pods, e.g. 16Gi.")
+    cpu: Quantity | None = Field(default=None, description="CPU request of step pods, e.g. '4'.")
+    memory: Quantity | None = Field(default=None,
+                                    description="Memory request and limit of step pods, e.g. 16Gi.")
     node_selector: dict[str, str] | None = Field(
         default=None, description="nodeSelector for step pods (default: the operator's GPU pool selector)."
     )
     tolerations: list[Toleration] | None = Field(default=None, description="Tolerations for step pods.")
-    affinity: dict[str, Any] | None = Field(
+    affinity: Annotated[dict[str, Any], AfterValidator(check_free_form)] | None = Field(
         default=None, description="Affinity for step pods (Kubernetes Affinity object)."
     )
-    priority_class_name: str | None = Field(default=None, description="PriorityClass of step pods.")
-    queue_name: str | None = Field(
+    priority_class_name: K8sName | None = Field(default=None, description="PriorityClass of step pods.")
+    queue_name: K8sName | None = Field(
         default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on Jobs."
     )
-    image: str | None = Field(default=None, description="Override the pipeline image of step pods.")
+    image: ImageRef | None = Field(default=None, description="Override the pipeline image of step pods.")
+
+    @field_validator("node_selector")
+    @classmethod
+    def _labels(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        # checked here rather than by the dict's types, which the CRD could not express (patternProperties)
+        for key, value in (v or {}).items():
+            _check_label_key(_check_text(key, 317))
+            _check_label_value(_check_text(value, 63))
+        return v
 
 
 class MetricsSpec(_Model):
-    pushgateway: str | None = Field(
+    pushgateway: HttpUrl | None = Field(
         default=None, description="Prometheus Pushgateway URL; steps push progress there when set."
     )
 
@@ -260,7 +464,7 @@ class MetricsSpec(_Model):
 class ExperimentSpec(_Model):
     """spec of an RVCExperiment."""
 
-    experiment_name: str | None = Field(
+    experiment_name: ExperimentName | None = Field(
         default=None,
         description="Name of the experiment folder logs/<name>/. Default: metadata.name.",
     )
@@ -278,7 +482,7 @@ class ExperimentSpec(_Model):
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Where step pods run.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Progress reporting.")
-    weights_cache: str | None = Field(
+    weights_cache: Folder | None = Field(
         default=None,
         description="Folder or s3:// prefix searched for weights given as bare names "
         "(hubert_base.pt, rmvpe.pt, pretrained_v2/f0G40k.pth).",
@@ -288,13 +492,6 @@ class ExperimentSpec(_Model):
         description="DEMO ONLY: when HuBERT or pretrained weights cannot be found, use random "
         "initialisation. The pipeline runs end to end but the voice is not meaningful.",
     )
-
-    @field_validator("experiment_name")
-    @classmethod
-    def _exp_name(cls, v: str | None) -> str | None:
-        if v is not None and not _NAME_RE.match(v):
-            raise ValueError("must be lower-case letters, digits, '-', '_' or '.' (a folder name)")
-        return v
 
     @field_validator("steps")
     @classmethod
@@ -343,13 +540,20 @@ class Experiment(_Model):
         n = self.spec.experiment_name or self.metadata.get("name")
         if not n:
             raise SpecError("metadata.name: required when spec.experimentName is not set")
-        if not _NAME_RE.match(str(n)):
-            raise SpecError(f"metadata.name: {n!r} is not a valid experiment name")
-        return str(n)
+        try:
+            return check_name(_check_text(str(n), MAX_NAME))
+        except ValueError as e:
+            raise SpecError(f"metadata.name: {str(n)[:80]!r} is not a valid experiment name; {e}") from None
 
     @property
     def namespace(self) -> str:
         return str(self.metadata.get("namespace") or "default")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a value a user gave, shortened: an error line must stay one short line."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def _format_errors(err: ValidationError, prefix: str) -> str:
@@ -358,7 +562,7 @@ def _format_errors(err: ValidationError, prefix: str) -> str:
         loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
         msg = e["msg"]
         if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
-            msg = f"got {e.get('input')!r}; allowed values: {e['ctx']['expected']}"
+            msg = f"got {_short(e.get('input'))}; allowed values: {e['ctx']['expected']}"
         elif e["type"] == "extra_forbidden":
             msg = "unknown field"
         lines.append(f"{loc}: {msg}")
@@ -386,6 +590,8 @@ def parse_manifest(data: dict[str, Any]) -> Experiment:
         raise SpecError("spec: required")
     spec = parse_spec(data["spec"] or {})
     meta = data.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise SpecError(f"metadata: expected a mapping with name (and namespace), got {type(meta).__name__}")
     exp = Experiment(api_version=api, kind=kind, metadata=meta, spec=spec)
     _ = exp.name  # validates the name early
     return exp
@@ -395,16 +601,28 @@ def load_manifest(path: str | Path) -> Experiment:
     """Read an RVCExperiment manifest (the file a user would `kubectl apply`)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        if p.stat().st_size > MAX_MANIFEST_BYTES:
+            raise SpecError(f"{p}: {p.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(f"{p}: cannot read manifest: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{p}: not a UTF-8 text file (byte {e.start})") from None
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except RecursionError:
+        raise SpecError(f"{p}: nested too deeply") from None
     except yaml.YAMLError as e:
-        raise SpecError(f"{p}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise SpecError(f"{p}: not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
+    except (ValueError, OverflowError) as e:  # e.g. an integer of more than 4300 digits
+        raise SpecError(f"{p}: not valid YAML: {str(e)[:200]}") from None
+    others = sorted({type(d).__name__ for d in docs if not isinstance(d, dict)})
     docs = [d for d in docs if isinstance(d, dict) and d.get("kind", KIND) == KIND]
     if len(docs) != 1:
-        raise SpecError(f"{p}: expected exactly one {KIND} document, found {len(docs)}")
+        why = f" (a YAML {', '.join(others)} is not a manifest)" if others and not docs else ""
+        raise SpecError(f"{p}: expected exactly one {KIND} document, found {len(docs)}{why}")
     try:
         return parse_manifest(docs[0])
     except SpecError as e:

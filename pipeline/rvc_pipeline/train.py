@@ -269,13 +269,17 @@ def choose_init(ctx: StepContext, version: str, sr_key: str, f0: bool) -> InitPl
         try:
             g = fetch_uri(uri, dest, spec.storage.endpoint, spec.storage.region)
         except StorageError as e:
+            if not e.permanent:
+                raise  # storage unreachable: transient (exit 1), retried
             raise StepFailed(f"spec.train.resumeFrom: {e}") from None
         d_uri = uri.rsplit("/", 1)[0] + "/" + "D_" + g.name[2:] if "/" in uri else "D_" + g.name[2:]
         if not g.name.startswith("G_"):
             raise StepFailed(f"spec.train.resumeFrom: {uri} is not a G_*.pth checkpoint")
         try:
             d = fetch_uri(d_uri, dest, spec.storage.endpoint, spec.storage.region)
-        except StorageError:
+        except StorageError as e:
+            if not e.permanent:
+                raise  # not "no D_ file": never start D from the pretrained file because S3 was down
             log.warning("resumeFrom: %s not found; the discriminator starts from the pretrained file", d_uri)
             d = None
         return InitPlan("resume_from", str(g), str(d) if d else None)
@@ -307,17 +311,32 @@ def _pretrained_d(spec: Any) -> Path | None:
 
 
 def _mute_features(ctx: StepContext, version: str) -> tuple[np.ndarray | None, str]:
-    """HuBERT's output for 3 s of silence when the experiment's embedder is at hand, else zeros."""
+    """HuBERT's output for 3 s of silence from the embedder that made the features (recorded by the
+    features step), else zeros: the mute set never mixes embedders with the real items."""
     try:
         from . import hubert
     except ImportError:
         return None, "zeros"
+    from .features import PARAMS_FILE as FEATURES_PARAMS
+    from .provenance import RANDOM, read_record, weight_identity
+    from .safeload import UnsafeFile
+
+    made_by = (read_record(ctx.exp_dir / FEATURES_PARAMS) or {}).get("embedder")
     try:
-        path = resolve_weight(ctx.spec.features.embedder, ctx.spec, what="HuBERT embedder",
-                              allow_online=False)
-        emb = hubert.load_embedder(path, device="cpu")
+        if made_by == RANDOM:  # the features step's demo embedder (same seed)
+            emb, kind = hubert.random_embedder("cpu", seed=0), f"embedder:{RANDOM}"
+        else:
+            path = resolve_weight(ctx.spec.features.embedder, ctx.spec, what="HuBERT embedder",
+                                  allow_online=False)
+            kind = f"embedder:{Path(path).name}@{weight_identity(path)}"
+            if made_by is not None and weight_identity(path) != made_by:
+                log.info("mute features: %s did not make the features (%s); using zeros", path, made_by)
+                return None, "zeros"
+            emb = hubert.load_embedder(path, device="cpu")
         feats = mute_features_from_embedder(lambda w: emb.extract(w, version)[0])
-        return feats, f"embedder:{Path(path).name}"
+        return feats, kind
+    except UnsafeFile:  # a hostile embedder in the weights cache is news, not a reason for zeros
+        raise
     except Exception as e:  # noqa: BLE001 - the mute features are a nicety; zeros work
         log.info("mute features: embedder not available (%s); using zeros", e)
         return None, "zeros"
@@ -346,7 +365,8 @@ def run(ctx: StepContext) -> dict[str, Any]:
     spec = ctx.spec
     version, sr_key, f0 = spec.model.version, spec.model.sample_rate, spec.model.pitch_guidance
     fd = feature_dir_name(version)
-    pulls = ["0_gt_wavs", fd, "config.json"] + (["2a_f0", "2b-f0nsf"] if f0 else [])
+    pulls = ["0_gt_wavs", fd, "config.json", ".rvc/features.params.json"]  # (the features' provenance)
+    pulls += ["2a_f0", "2b-f0nsf"] if f0 else []
     ctx.pull(*pulls)
     _pull_append(ctx, "train.log")  # (the step shell already pulled progress.jsonl)
     exp_dir = ctx.exp_dir

@@ -54,6 +54,8 @@ def resolve_weight(ref: str, spec: ExperimentSpec, *, what: str, allow_online: b
         try:
             return fetch_uri(ref, cache / "s3" / ref[5:].rsplit("/", 1)[0], endpoint, region)
         except StorageError as e:
+            if not e.permanent:
+                raise  # the storage may come back: transient (exit 1), not "missing weights"
             raise WeightsNotFound(f"{what}: {e}") from None
     p = Path(ref).expanduser()
     if p.is_absolute() or ref.startswith("."):
@@ -78,6 +80,8 @@ def resolve_weight(ref: str, spec: ExperimentSpec, *, what: str, allow_online: b
                             st.download(name, dest)
                         return dest
                 except StorageError as e:
+                    if not e.permanent:
+                        raise  # an unreachable cache is not a missing file: transient (exit 1)
                     tried.append(f"{root}/{name} ({e})")
                     continue
             else:

@@ -219,6 +219,20 @@ class E2EEnv:
     def s3_get(self, key: str) -> bytes:
         return self.s3().get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
+    def s3_put(self, key: str, data: bytes) -> None:
+        self.s3().put_object(Bucket=self.bucket, Key=key, Body=data)
+
+    # ------------------------------------------------------------------ namespaces of other teams
+    @property
+    def other_namespace(self) -> str:
+        """A second team's namespace, allowed the same storage prefix as `namespace` (chart values)."""
+        return f"{self.namespace}-b"
+
+    @property
+    def denied_namespace(self) -> str:
+        """A namespace the chart's storage allow-list does not name (so: no storage at all)."""
+        return f"{self.namespace}-z"
+
     # ------------------------------------------------------------------ operator (Helm chart)
     @property
     def deployment(self) -> str:
@@ -245,6 +259,9 @@ class E2EEnv:
             "operator": {"hostNetwork": self.host_network, "metricsPort": self.metrics_port,
                          "healthPort": self.health_port, "extraEnv": extra_env},
             "metrics": {"service": {"port": self.metrics_port}},
+            # the secure setting: each namespace names its prefixes, the rest ("*") none
+            "storage": {"allowedPrefixes": {self.namespace: [self.uri("models/")],
+                                            self.other_namespace: [self.uri("models/")], "*": []}},
         }
 
     def install_operator(self, tmp: Path) -> None:
@@ -365,10 +382,12 @@ class E2EEnv:
         }
 
     def apply(self, manifest: dict[str, Any]) -> None:
-        self.kubectl("-n", self.namespace, "apply", "-f", "-", input=json.dumps(manifest))
+        ns = (manifest.get("metadata") or {}).get("namespace") or self.namespace
+        self.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps(manifest))
 
-    def get_experiment(self, name: str) -> dict[str, Any] | None:
-        proc = self.kubectl("-n", self.namespace, "get", "rvcx", name, "-o", "json", check=False)
+    def get_experiment(self, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        ns = namespace or self.namespace
+        proc = self.kubectl("-n", ns, "get", "rvcx", name, "-o", "json", check=False)
         if proc.returncode != 0:
             if "NotFound" in proc.stderr:
                 return None
@@ -376,13 +395,14 @@ class E2EEnv:
         return json.loads(proc.stdout)
 
     def wait_phase(self, name: str, phases: tuple[str, ...], timeout: float,
-                   tick: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                   tick: Callable[[dict[str, Any]], None] | None = None,
+                   namespace: str | None = None) -> dict[str, Any]:
         """Poll the experiment until its phase is one of `phases` (a terminal phase that is not wanted
         fails at once); `tick` sees every observed object."""
         deadline = time.monotonic() + timeout
         last = None
         while True:
-            obj = self.get_experiment(name)
+            obj = self.get_experiment(name, namespace)
             if obj is not None:
                 last = obj
                 if tick:
@@ -400,15 +420,16 @@ class E2EEnv:
                                    f"{st.get('message')})\n{self.diagnostics(name)}")
             time.sleep(1.0)
 
-    def jobs(self, name: str) -> list[dict[str, Any]]:
-        return list(self.get_json("jobs", "-n", self.namespace, "-l", f"{LABEL_EXPERIMENT}={name}")["items"])
+    def jobs(self, name: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        ns = namespace or self.namespace
+        return list(self.get_json("jobs", "-n", ns, "-l", f"{LABEL_EXPERIMENT}={name}")["items"])
 
     def pods(self, name: str) -> list[dict[str, Any]]:
         return list(self.get_json("pods", "-n", self.namespace, "-l", f"{LABEL_EXPERIMENT}={name}")["items"])
 
-    def events(self, name: str, uid: str | None = None) -> list[dict[str, Any]]:
+    def events(self, name: str, uid: str | None = None, namespace: str | None = None) -> list[dict[str, Any]]:
         """Events of the experiment `name` (of this `uid` only, when given: not of a deleted namesake)."""
-        items = self.get_json("events", "-n", self.namespace,
+        items = self.get_json("events", "-n", namespace or self.namespace,
                               "--field-selector", f"involvedObject.name={name}")["items"]
         return [e for e in items if (e.get("involvedObject") or {}).get("kind") == KIND
                 and (uid is None or e["involvedObject"].get("uid") == uid)]
@@ -429,8 +450,8 @@ class E2EEnv:
             parts.append(f"--- log of {p['metadata']['name']}\n{(log.stdout + log.stderr)[-3000:]}")
         return "\n".join(parts)
 
-    def delete_experiment(self, name: str) -> None:
-        self.kubectl("-n", self.namespace, "delete", "rvcx", name, "--wait=false")
+    def delete_experiment(self, name: str, namespace: str | None = None) -> None:
+        self.kubectl("-n", namespace or self.namespace, "delete", "rvcx", name, "--wait=false")
 
 
 def running_pod(pods: list[dict[str, Any]], step: str | None = None) -> dict[str, Any] | None:

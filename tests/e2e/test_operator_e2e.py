@@ -14,8 +14,9 @@ twice, and records what it sees; the tests below assert one property each on tho
   `init: resume` at epoch > 1, no epoch trained twice).
 
 Then a second experiment with only corrupt files fails permanently with the files named
-(test_corrupt_data_fails_with_message), and the last test deletes experiments and uninstalls the chart
-(test_delete_experiment_then_helm_uninstall).
+(test_corrupt_data_fails_with_message), experiments in other namespaces aimed at a third one's folder are
+refused and delete nothing (test_other_namespace_cannot_read_or_delete_an_experiment), and the last test
+deletes experiments and uninstalls the chart (test_delete_experiment_then_helm_uninstall).
 
 Modes (local cluster built here, or an external one such as Kind): see tests/e2e/e2e_env.py. Only the
 one-click test is meant for external mode (`-k one_click`); it prints where the model is.
@@ -349,6 +350,90 @@ def test_corrupt_data_fails_with_message(e2e_env: E2EEnv, tmp_path: Path) -> Non
     if env.prom is not None:
         res = env.prom.wait_for('rvc_job_failures_total{step="preprocess",reason="BadInput"}', 60)
         assert float(res[0]["value"][1]) >= 1
+
+
+def _progress_jsonl(name: str) -> bytes:
+    """What a training run leaves in progress.jsonl (two of four epochs)."""
+    lines = [{"time": 1.0e9, "experiment": name, "step": "train", "event": "train_start", "epochs": 4,
+              "start_epoch": 1, "global_step": 0}]
+    lines += [{"time": 1.0e9 + e, "experiment": name, "step": "train", "event": "epoch", "epoch": e,
+               "epochs": 4, "seconds": 9.0, "global_step": 3 * e, "avg_loss_g": 30.0, "avg_loss_d": 4.0,
+               "avg_loss_mel": 20.0} for e in (1, 2)]
+    return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+
+
+def test_other_namespace_cannot_read_or_delete_an_experiment(e2e_env: E2EEnv) -> None:
+    """Issue 8: an experiment in another namespace aimed at this one's storage.uri + experimentName neither
+    sees its progress nor deletes its artifacts; a namespace outside the chart's allow-list gets no storage.
+    Cheap: the victim's only Job can never be scheduled, its folder's contents are written here."""
+    env = e2e_env
+    victim, prefix = f"victim-{env.run_id}", f"models/logs/victim-{env.run_id}/"
+    for ns in (env.other_namespace, env.denied_namespace):
+        env.kubectl("create", "namespace", ns)
+    t0 = time.monotonic()
+    try:
+        m = env.experiment(victim, f"datasets/{victim}", steps=["preprocess"])
+        m["spec"]["resources"]["nodeSelector"] = {"rvc-e2e.dev/no-such-node": "true"}  # never runs
+        env.apply(m)
+        rec = json.loads(wait_until("the victim's ownership record", lambda: env.s3_keys(
+            f"{prefix}.rvc/owner.json") and env.s3_get(f"{prefix}.rvc/owner.json"), 90,
+            diagnostics=lambda: env.diagnostics(victim)))
+        obj = env.get_experiment(victim)
+        assert obj is not None
+        assert rec["namespace"] == env.namespace and rec["name"] == victim
+        assert rec["uid"] == obj["metadata"]["uid"]
+        # what a run would have left there: markers, progress, a checkpoint
+        for key, data in ((".rvc/preprocess.done.json", b'{"step": "preprocess"}'),
+                          (".rvc/f0.done.json", b'{"step": "f0"}'),
+                          ("progress.jsonl", _progress_jsonl(victim)), ("G_6.pth", b"checkpoint bytes")):
+            env.s3_put(prefix + key, data)
+        before = env.s3_keys(prefix)
+
+        def hostile(name: str, ns: str) -> dict[str, Any]:
+            a = env.experiment(name, f"datasets/{victim}")
+            a["metadata"].update(namespace=ns, annotations={"rvc-operator.dev/delete-artifacts": "true"})
+            a["spec"]["experimentName"] = victim  # the victim's folder
+            env.apply(a)
+            return env.wait_phase(name, ("Failed",), 90, namespace=ns)
+
+        mallory = f"mallory-{env.run_id}"
+        st = hostile(mallory, env.other_namespace)["status"]
+        print(f"\n[confused deputy] {env.other_namespace}/{mallory}: {st['message']}")
+        assert st["message"] == (f"storage logs/{victim}/ belongs to another RVCExperiment; choose another "
+                                 "experimentName or storage.uri")
+        assert env.namespace not in json.dumps(st)  # the owner is not revealed
+        assert "progress" not in st and "artifacts" not in st and not st.get("steps"), st
+        conds = {c["type"]: c for c in st["conditions"]}
+        assert conds["Failed"]["status"] == "True" and conds["Failed"]["reason"] == "StorageOwnedElsewhere"
+        reasons = [(e["type"], e["reason"]) for e in env.events(mallory, namespace=env.other_namespace)]
+        assert ("Warning", "StorageOwnedElsewhere") in reasons, reasons
+        assert env.jobs(mallory, env.other_namespace) == []
+
+        eve = f"eve-{env.run_id}"
+        st = hostile(eve, env.denied_namespace)["status"]
+        print(f"[confused deputy] {env.denied_namespace}/{eve}: {st['message']}")
+        assert st["message"].startswith("spec.storage.uri:") and "none" in st["message"]
+        assert st["conditions"][-1]["reason"] == "StorageNotAllowed"
+        assert env.jobs(eve, env.denied_namespace) == []
+
+        # deleting both with delete-artifacts deletes nothing of the victim's
+        for name, ns in ((mallory, env.other_namespace), (eve, env.denied_namespace)):
+            env.delete_experiment(name, ns)
+            wait_until(f"{ns}/{name}'s cleanup", lambda n=name: f"/{n}: artifacts kept" in env.operator_logs(
+                tail=400), 60, diagnostics=lambda: env.operator_logs(tail=60))
+        assert env.s3_keys(prefix) == before
+        victim_st = (env.get_experiment(victim) or {}).get("status") or {}
+        assert victim_st.get("phase") == "Running", victim_st
+
+        # the owner itself may delete its folder
+        env.kubectl("-n", env.namespace, "annotate", "rvcx", victim, "rvc-operator.dev/delete-artifacts=true")
+        env.delete_experiment(victim)
+        wait_until("the victim's folder to be deleted", lambda: not env.s3_keys(prefix), 60,
+                   diagnostics=lambda: env.operator_logs(tail=60))
+        env.timed("confused-deputy checks (3 experiments, 2 namespaces)", time.monotonic() - t0)
+    finally:
+        for ns in (env.other_namespace, env.denied_namespace):
+            env.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def test_delete_experiment_then_helm_uninstall(e2e_env: E2EEnv, one_click_run: OneClickRun) -> None:

@@ -492,3 +492,199 @@ def test_no_kopf_handler_needs_a_finalizer() -> None:
     assert registry._spawning.get_all_handlers() == []  # timers and daemons always add kopf's finalizer
     changing = registry._changing.get_all_handlers()
     assert changing and all(not h.requires_finalizer for h in changing)
+
+
+# --- storage access: allow-list and ownership records (issue 8, "the operator as a confused deputy") ---
+class Spy:
+    """An opener that counts what the operator opens (and can stand in a storage that loses a race)."""
+
+    def __init__(self, wrap: Any = None) -> None:
+        self.opened: list[str] = []
+        self.wrap = wrap
+
+    def __call__(self, manifest: dict[str, Any], cfg: OperatorConfig) -> Any:
+        self.opened.append(manifest["spec"]["storage"]["uri"])
+        storage = handlers.open_experiment_storage(manifest, cfg)
+        return self.wrap(storage) if self.wrap else storage
+
+
+def _reconcile_in(h: Harness, ns: str, name: str, opener: Any = handlers.open_experiment_storage) -> None:
+    h.now += timedelta(seconds=15)
+    handlers.reconcile(h.cluster, ns, name, h.cfg, post=h.post, metrics=h.metrics, now=lambda: h.now,
+                       opener=opener)
+
+
+def _record(h: Harness, exp: str = "alice") -> dict[str, Any]:
+    return json.loads(h.storage.read_bytes(f"logs/{exp}/.rvc/owner.json"))
+
+
+def _victim(h: Harness) -> dict[str, str]:
+    """alice in namespace voice has run preprocess and f0 and is training: markers, progress, a checkpoint."""
+    h.cluster.add_experiment("alice", h.spec())
+    h.reconcile()
+    for s in ("preprocess", "f0", "features"):
+        h.marker(s)
+        h.cluster.finish_job(f"alice-{s}-1")
+        h.reconcile()
+    h.storage.write_bytes("logs/alice/progress.jsonl", _progress_lines(4, 2))
+    h.storage.write_bytes("logs/alice/G_6.pth", b"checkpoint")
+    h.reconcile()
+    assert h.cluster.status("alice")["progress"]["epochText"] == "2/4"
+    return {o.key: o.etag or "" for o in h.storage.list("logs/alice/")}
+
+
+def test_storage_outside_the_allowed_prefixes_is_never_opened(s3: S3Endpoint) -> None:
+    h = Harness(s3, storage_allowed_prefixes={"voice": (s3.uri("rvc") + "/team-a/",), "*": ()})
+    spy = Spy()
+    c = h.cluster
+    hostile = {  # name -> (namespace, spec.storage): each aims the operator somewhere it may not go
+        "other-bucket": ("voice", {"uri": s3.uri("elsewhere")}),
+        "bucket-root": ("voice", {"uri": s3.uri("rvc")}),
+        "look-alike": ("voice", {"uri": s3.uri("rvc") + "/team-a-evil"}),
+        "own-endpoint": ("voice", {"uri": s3.uri("rvc") + "/team-a", "endpoint": "http://127.0.0.1:9"}),
+        "no-entry": ("team-z", {"uri": s3.uri("rvc") + "/team-a"}),
+    }
+    for name, (ns, storage) in hostile.items():
+        body = c.add_experiment(name, h.spec(storage=storage), ns=ns,
+                                annotations={"rvc-operator.dev/delete-artifacts": "true"})
+        _reconcile_in(h, ns, name, spy)
+        st = c.status(name, ns)
+        assert st["phase"] == "Failed", (name, st)
+        field = "spec.storage.endpoint" if name == "own-endpoint" else "spec.storage.uri"
+        assert st["message"].startswith(field), st["message"]
+        allowed = "none" if ns == "team-z" else s3.uri("rvc") + "/team-a/"
+        assert allowed in st["message"] and "steps" not in st
+        assert (name, "Warning", "StorageNotAllowed") in h.events
+        assert handlers.cleanup(c, body, h.cfg, opener=spy, metrics=h.metrics) == []
+    assert spy.opened == [] and c.created == []
+    # inside its prefix the experiment runs, and the operator opens its storage
+    c.add_experiment("alice", h.spec(storage={"uri": s3.uri("rvc") + "/team-a"}))
+    _reconcile_in(h, "voice", "alice", spy)
+    assert c.created == ["alice-preprocess-1"] and spy.opened
+    assert h.storage.exists("team-a/logs/alice/.rvc/owner.json")
+
+
+def test_owner_record_is_written_once_when_the_experiment_starts(h: Harness) -> None:
+    c = h.cluster
+    c.add_experiment("alice", h.spec())
+    h.reconcile()
+    rec = _record(h)
+    assert rec == {"namespace": "voice", "name": "alice", "uid": "uid-alice",
+                   "created": "2025-03-01T12:00:15Z"}
+    assert c.created == ["alice-preprocess-1"]
+    raw = h.storage.read_bytes("logs/alice/.rvc/owner.json")
+    for _ in range(3):
+        h.reconcile()
+    assert h.storage.read_bytes("logs/alice/.rvc/owner.json") == raw  # never rewritten
+    # the record is not a step marker
+    assert progress_reader.read_markers(h.storage, "alice", STEP_ORDER) == set()
+
+
+def test_another_resource_can_neither_read_nor_delete_the_folder(h: Harness) -> None:
+    before = _victim(h)
+    c = h.cluster
+    # mallory, in another namespace, names the same storage.uri and experimentName; it even claims (in a
+    # status copied from somewhere) that its training runs, so that the operator would read progress
+    body = c.add_experiment("mallory", h.spec(experimentName="alice"), ns="team-b",
+                            annotations={"rvc-operator.dev/delete-artifacts": "true"})
+    body["status"] = {"phase": "Running", "observedGeneration": 1,
+                      "steps": {"train": {"phase": "Running", "attempts": 1, "job": "mallory-train-1"}}}
+    _reconcile_in(h, "team-b", "mallory")
+    st = c.status("mallory", "team-b")
+    assert st["phase"] == "Failed"
+    assert st["message"] == ("storage logs/alice/ belongs to another RVCExperiment; choose another "
+                             "experimentName or storage.uri")
+    assert "voice" not in json.dumps(st)  # the owner's namespace is not revealed
+    assert "progress" not in st and "artifacts" not in st
+    assert all(s.get("reason") != "AlreadyComplete" for s in st["steps"].values())
+    assert ("mallory", "Warning", "StorageOwnedElsewhere") in h.events
+    assert not [j for (ns, _), j in c.jobs.items() if ns == "team-b"]
+    # deleting mallory with delete-artifacts deletes nothing of alice's
+    del c.experiments[("team-b", "mallory")]
+    assert handlers.cleanup(c, body, h.cfg, metrics=h.metrics) == []
+    assert {o.key: o.etag or "" for o in h.storage.list("logs/alice/")} == before
+    # alice goes on as before, and her own deletion with delete-artifacts removes the folder
+    h.reconcile()
+    assert c.status("alice")["phase"] == "Running" and c.status("alice")["progress"]["epochText"] == "2/4"
+    alice = c.experiments.pop(("voice", "alice"))
+    alice["metadata"]["annotations"]["rvc-operator.dev/delete-artifacts"] = "true"
+    gone = handlers.cleanup(c, alice, h.cfg, metrics=h.metrics)
+    assert sorted(gone) == sorted(k for k in before if not k.endswith("owner.json"))
+    assert h.storage.list("logs/alice/") == []
+
+
+def test_unreadable_or_oversized_record_is_never_treated_as_ours(h: Harness) -> None:
+    c = h.cluster
+    for i, junk in enumerate([b"\x00garbage", b'{"uid": "uid-alice"}', b"[1, 2]",
+                              json.dumps({"namespace": "voice", "name": "alice", "uid": "uid-alice",
+                                          "pad": "x" * 8000}).encode()]):
+        name = f"a{i}"
+        h.storage.write_bytes(f"logs/{name}/.rvc/owner.json", junk)
+        h.storage.write_bytes(f"logs/{name}/keep.bin", b"data")
+        body = c.add_experiment(name, h.spec(), annotations={"rvc-operator.dev/delete-artifacts": "true"})
+        body["metadata"]["uid"] = "uid-alice"  # even the uid the junk names
+        h.reconcile(name)
+        assert c.status(name)["phase"] == "Failed" and "belongs to another" in c.status(name)["message"]
+        assert handlers.cleanup(c, body, h.cfg, metrics=h.metrics) == []
+        assert h.storage.exists(f"logs/{name}/keep.bin")
+    assert c.created == []
+
+
+def test_recreated_namesake_takes_over_but_a_stale_cleanup_deletes_nothing(h: Harness) -> None:
+    c = h.cluster
+    old = c.add_experiment("alice", h.spec(), annotations={"rvc-operator.dev/delete-artifacts": "true"})
+    h.reconcile()
+    h.marker("preprocess")
+    del c.experiments[("voice", "alice")]
+    new = c.add_experiment("alice", h.spec())  # deleted and created again before the cleanup ran
+    new["metadata"]["uid"] = "uid-alice-2"
+    h.reconcile()
+    assert _record(h)["uid"] == "uid-alice-2"
+    assert c.status("alice")["steps"]["preprocess"]["phase"] == "Skipped"  # resumes from the markers
+    assert handlers.cleanup(c, old, h.cfg, metrics=h.metrics) == []  # the old one's late cleanup
+    assert h.storage.exists(marker_key("alice", "preprocess"))
+
+
+def test_upgrade_an_unrecorded_folder_goes_to_the_oldest_resource_naming_it(h: Harness) -> None:
+    """Experiments started before ownership records: the folder has markers but no record."""
+    c = h.cluster
+    h.marker("preprocess")
+    c.add_experiment("alice", h.spec(), created="2025-03-01T09:00:00Z")  # the original, older
+    c.add_experiment("mallory", h.spec(experimentName="alice"), ns="team-b", created="2025-03-01T10:00:00Z")
+    _reconcile_in(h, "team-b", "mallory")  # the younger one comes first after the upgrade
+    assert c.status("mallory", "team-b")["phase"] == "Failed"
+    assert not h.storage.exists("logs/alice/.rvc/owner.json")
+    h.reconcile()
+    assert _record(h)["uid"] == "uid-alice" and c.status("alice")["phase"] == "Running"
+
+
+def test_two_resources_racing_for_a_fresh_folder_one_wins(h: Harness) -> None:
+    c = h.cluster
+    c.add_experiment("alice", h.spec())
+
+    class LosesRace:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(self.inner, attr)
+
+        def create_exclusive(self, key: str, data: bytes) -> bool:
+            rival = {"namespace": "team-b", "name": "bob", "uid": "uid-bob", "created": ""}
+            assert self.inner.create_exclusive(key, json.dumps(rival).encode())  # the rival got there first
+            return self.inner.create_exclusive(key, data)
+
+    h.now += timedelta(seconds=15)
+    handlers.reconcile(c, "voice", "alice", h.cfg, post=h.post, metrics=h.metrics, now=lambda: h.now,
+                       opener=Spy(LosesRace))
+    assert c.status("alice")["phase"] == "Failed" and c.created == []
+    assert _record(h)["uid"] == "uid-bob"
+
+
+def test_start_up_warns_when_no_allow_list_is_set(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="rvc_operator"):
+        handlers.log_storage_policy(OperatorConfig())
+        handlers.log_storage_policy(OperatorConfig(storage_allowed_prefixes={"*": ()}))
+    warned = "RVC_STORAGE_ALLOWED_PREFIXES is not set"
+    levels = [(r.levelname, warned in r.getMessage()) for r in caplog.records]
+    assert levels == [("WARNING", True), ("INFO", False)]

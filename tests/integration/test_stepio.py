@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -385,3 +386,25 @@ def test_spec_change_reruns_the_affected_step_and_later_ones(s3: S3Endpoint) -> 
     for s in STEP_ORDER:  # a resources-only change reruns nothing
         run_step(_exp(s3, f0={"method": "harvest"}, resources={"device": "cpu", "parallelism": 2}), s, rec)
     assert calls == []
+
+
+def test_writer_that_lost_its_lease_writes_no_marker(s3: S3Endpoint) -> None:
+    """The lease is taken over while the step runs (a careless manual overwrite): the step's outputs may
+    be half-pushed, but the marker that would declare them complete is never written."""
+    from rvc_pipeline.lease import LeaseLost, LeaseRecord, hold, lease_key
+    from rvc_pipeline.stepio import open_artifacts
+
+    exp = _exp(s3)
+    _put(s3, f"logs/{EXP}/in/a.txt", b"a")
+    calls: list[str] = []
+    inner = toy_step(calls)
+
+    def step(ctx: Any) -> dict[str, Any]:
+        s3.client().put_object(Bucket=s3.bucket, Key=f"runs/{lease_key(EXP)}",
+                               Body=LeaseRecord.new("intruder", 60).to_bytes())
+        time.sleep(1.2)  # the holder's next renewal (ttl/3 = 0.5 s) finds the lease gone
+        return inner(ctx)
+
+    with pytest.raises(LeaseLost, match="intruder"), hold(open_artifacts(exp), EXP, owner="me", ttl=1.5):
+        run_step(exp, "f0", step)
+    assert calls and f"logs/{EXP}/.rvc/f0.done.json" not in _keys(s3)

@@ -279,3 +279,44 @@ def test_open_storage_and_split_uri(tmp_path: Path) -> None:
     assert split_uri("s3://b/p/q/G_10.pth") == ("s3://b/p/q", "G_10.pth")
     assert split_uri("s3://b/x.pth") == ("s3://b", "x.pth")
     assert split_uri("/data/w/x.pth") == ("/data/w", "x.pth")
+
+
+# ---------------------------------------------------------------- conditional writes (both back-ends)
+
+
+def test_create_exclusive_and_replace_if_match(store: Storage) -> None:
+    key = "logs/a/.rvc/owner.json"
+    assert store.read_versioned(key) is None
+    assert store.create_exclusive(key, b"first") is True
+    assert store.create_exclusive(key, b"second") is False  # exists: nothing replaced
+    v = store.read_versioned(key)
+    assert v is not None and v.data == b"first" and v.token and 0 <= v.age_s < 30
+    assert store.replace_if_match(key, b"third", v.token) is True
+    assert store.replace_if_match(key, b"fourth", v.token) is False  # stale token: compare-and-swap lost
+    assert store.read_bytes(key) == b"third"
+    assert store.replace_if_match("logs/a/.rvc/missing.json", b"x", v.token) is False
+    assert not store.exists("logs/a/.rvc/missing.json")
+    assert [o.key for o in store.list("logs/a")] == [key]  # no partial or lock file shows
+
+
+@pytest.mark.parametrize("op", ["create", "replace"])
+def test_racing_conditional_writers_exactly_one_wins(store: Storage, op: str) -> None:
+    key = "logs/a/.rvc/lease.json"
+    token = None
+    if op == "replace":
+        store.write_bytes(key, b"base")
+        token = store.read_versioned(key).token  # type: ignore[union-attr]
+    bodies = [f"writer-{i}".encode() * 50 for i in range(8)]
+    with ThreadPoolExecutor(8) as ex:
+        won = list(ex.map(lambda b: store.put_if(key, b, token) is not None, bodies))
+    assert sum(won) == 1
+    assert store.read_bytes(key) == bodies[won.index(True)]  # whole, never a mix or a partial
+
+
+def test_local_conditional_write_refuses_a_folder_and_leaves_no_partials(tmp_path: Path) -> None:
+    st = LocalStorage(tmp_path)
+    (tmp_path / "logs" / "a" / "lease.json").mkdir(parents=True)
+    assert st.create_exclusive("logs/a/lease.json", b"x") is False  # a folder is there: not replaced
+    with pytest.raises(StorageError, match=r"logs/a/lease\.json: cannot read"):
+        st.read_versioned("logs/a/lease.json")
+    assert sorted(p.name for p in (tmp_path / "logs" / "a").iterdir()) == ["lease.json"]

@@ -171,3 +171,16 @@ def test_chart_crd_is_the_generated_one():
     a = (ROOT / "crds" / "rvcexperiments.yaml").read_text()
     b = (CHART / "crds" / "rvcexperiments.yaml").read_text()
     assert a == b, "charts/rvc-operator/crds/rvcexperiments.yaml differs from crds/: regenerate both"
+
+
+def test_storage_allow_list_reaches_the_operator(helm):
+    from rvc_operator.config import OperatorConfig
+
+    def operator_cfg(*args: str) -> OperatorConfig:
+        c = by_kind(render(helm, *args), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+        return OperatorConfig.from_env({e["name"]: e["value"] for e in c["env"] if "value" in e})
+
+    assert operator_cfg().storage_allowed_prefixes is None  # default: no restriction (warned at start)
+    cfg = operator_cfg("--set-json", 'storage.allowedPrefixes={"team-a":["s3://bucket-a","s3://shared/team-a/"],'
+                                     '"*":[]}')
+    assert cfg.storage_allowed_prefixes == {"team-a": ("s3://bucket-a/", "s3://shared/team-a/"), "*": ()}

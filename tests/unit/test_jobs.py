@@ -390,3 +390,28 @@ def test_rbac_grants_what_the_operator_uses_and_no_secrets() -> None:
     sub = kinds["ClusterRoleBinding"]["subjects"][0]
     assert (sub["name"], sub["namespace"]) == (kinds["ServiceAccount"]["metadata"]["name"],
                                                kinds["ServiceAccount"]["metadata"]["namespace"])
+
+
+def test_every_step_pod_carries_its_lease_owner() -> None:
+    for step in STEP_ORDER:
+        owner = env(jobs.build_job_spec(manifest(), step, 1, CFG))["RVC_LEASE_OWNER"]
+        assert owner == "voice/alice/1234-abcd"
+    other = manifest()
+    other["metadata"].update(namespace="team-b", uid="9999")  # same name elsewhere: another owner
+    assert env(jobs.build_job_spec(other, "train", 2, CFG))["RVC_LEASE_OWNER"] == "team-b/alice/9999"
+
+
+def test_storage_allow_list_from_env() -> None:
+    read = OperatorConfig.from_env
+    assert read({}).storage_allowed_prefixes is None
+    assert read({"RVC_STORAGE_ALLOWED_PREFIXES": "{}"}).storage_allowed_prefixes is None
+    assert read({"RVC_STORAGE_ALLOWED_PREFIXES": "null"}).storage_allowed_prefixes is None
+    table = '{"team-a": ["s3://bucket-a", "s3://shared/team-a/"], "*": []}'
+    cfg = read({"RVC_STORAGE_ALLOWED_PREFIXES": table})
+    assert cfg.storage_allowed_prefixes == {"team-a": ("s3://bucket-a/", "s3://shared/team-a/"), "*": ()}
+    for value, why in [('["s3://b/"]', "JSON object"), ('{"team-a": "s3://b/"}', "list"),
+                       ('{"Team_A": ["s3://b/"]}', "namespace"), ('{"a": ["/data"]}', "s3://"),
+                       ('{"a": ["s3://b/x/../y"]}', r"'\.\.'"), ('{"a": [null]}', "s3://"),
+                       ('{"a": ["s3://"]}', "bucket"), ("{bad", "JSON")]:
+        with pytest.raises(ConfigError, match=f"RVC_STORAGE_ALLOWED_PREFIXES.*{why}"):
+            read({"RVC_STORAGE_ALLOWED_PREFIXES": value})

@@ -260,3 +260,196 @@ def test_importing_the_spec_does_not_import_torch() -> None:
     heavy = json.loads(out.stdout.strip().splitlines()[-1])
     assert "torch" not in heavy, heavy
     assert heavy == [], f"importing rvc_pipeline.spec pulled in {heavy}"
+
+
+# ---------------------------------------------------------------- careless and hostile values
+
+
+def _set(path: str, value: Any) -> dict[str, Any]:
+    """BASE with the dotted camelCase `path` set to `value` (sub-mappings created as needed)."""
+    d = copy.deepcopy(BASE)
+    *parents, last = path.split(".")
+    node = d
+    for k in parents:
+        node = node.setdefault(k, {})
+    node[last] = value
+    return d
+
+
+NAN, INF = float("nan"), float("inf")
+LONG = "x" * 10_000
+# (category, field, value): every one must be refused with a SpecError naming `spec.<field>`
+HOSTILE: list[tuple[str, str, Any]] = [
+    # numbers that are not finite
+    *[("non-finite", f, v) for f, v in [
+        ("train.learningRate", NAN), ("train.learningRate", INF), ("train.lrDecay", NAN),
+        ("preprocess.segmentSeconds", NAN), ("preprocess.overlapSeconds", INF), ("preprocess.maxPeak", INF),
+        ("preprocess.slicer.thresholdDb", -INF), ("features.batchSeconds", INF), ("train.epochs", NAN),
+        ("train.batchSize", INF)]],
+    # out of range: zero, negative, absurdly large
+    *[("out-of-range", f, v) for f, v in [
+        ("train.epochs", 10**12), ("train.epochs", 0), ("train.batchSize", 0), ("train.batchSize", -1),
+        ("train.batchSize", 1e30), ("train.learningRate", 0), ("train.learningRate", -1e-4),
+        ("train.learningRate", 5.0), ("train.lrDecay", 0), ("train.seed", -1), ("train.seed", 2**40),
+        ("train.saveEveryEpoch", 10**9), ("train.gpus", 1000), ("train.dataWorkers", -1),
+        ("train.maxStepsPerEpoch", 0), ("model.speakerId", 109), ("preprocess.maxPeak", 0),
+        ("preprocess.maxPeak", 1e30), ("preprocess.segmentSeconds", 1e30), ("preprocess.overlapSeconds", -1),
+        ("preprocess.slicer.thresholdDb", -1e6), ("preprocess.slicer.hopSizeMs", 10**6),
+        ("preprocess.slicer.minLengthMs", 10**9),
+        ("features.batchSeconds", 0), ("features.batchSeconds", 1e9),
+        ("index.kmeansThreshold", 1e30), ("index.addBatchSize", 0), ("resources.parallelism", -3),
+        ("resources.tolerations", [{"tolerationSeconds": -5}])]],
+    # values the spec type accepts but the run cannot use
+    *[("unusable", f, v) for f, v in [
+        ("preprocess.segmentSeconds", 20.0), ("preprocess.segmentSeconds", 0.6),
+        ("preprocess.overlapSeconds", 3.7), ("train.resumeFrom", "s3://b/logs/bob/D_10.pth"),
+        ("train.resumeFrom", "s3://b/logs/bob/"), ("train.resumeFrom", "/runs/bob/model.pth"),
+        ("f0.rmvpeCheckpoint", "s3://weights/"), ("train.pretrainedG", "s3://bucket"),
+        ("resources.memory", "16GB"), ("resources.memory", "-1Gi"), ("resources.cpu", "four"),
+        ("resources.memory", "16 Gi"), ("storage.credentialsSecret", "My_Secret"),
+        ("resources.queueName", "Team A"), ("resources.priorityClassName", "-x"),
+        ("resources.nodeSelector", {"bad key": "x"}), ("resources.nodeSelector", {"pool": "v" * 64}),
+        ("resources.image", "my image:1"), ("storage.region", "us east 1")]],
+    # control characters (C0, DEL, C1, zero-width, bidi override), also where a newline hides a value
+    *[("control-chars", f, v) for f, v in [
+        ("dataset.source", "s3://voices/alice\x00/"), ("dataset.source", "/data/voices\n"),
+        ("storage.uri", "/runs\r\nX-Injected: 1"), ("experimentName", "alice\n"),
+        ("experimentName", "al\x1b[31mice"), ("features.embedder", "hubert\tbase.pt"),
+        ("storage.region", "us-east-1\x7f"), ("resources.image", "rvc:1\x85"),
+        ("storage.credentialsSecret", "rvc\u200bs3"), ("metrics.pushgateway", "http://pgw:9091/\u202e"),
+        ("weightsCache", "s3://w/\x00"), ("train.pretrainedD", "/w/D\x0b.pth"),
+        ("resources.tolerations", [{"key": "gpu\x00"}]), ("resources.nodeSelector", {"pool": "a\nb"})]],
+    # oversized strings
+    *[("too-long", f, v) for f, v in [
+        ("dataset.source", "/" + LONG), ("storage.uri", "s3://b/" + LONG), ("experimentName", "a" * 254),
+        ("storage.endpoint", "http://h/" + LONG), ("resources.image", LONG), ("storage.region", LONG),
+        ("resources.queueName", "q" * 300), ("features.embedder", LONG), ("train.resumeFrom", LONG),
+        ("storage.uri", "s3://b/" + "k" * 1100)]],
+    # unicode look-alikes (Cyrillic, Greek, full-width, non-ASCII digits)
+    *[("look-alike", f, v) for f, v in [
+        ("experimentName", "\u0430lice"),
+        ("experimentName", "b\u03bfb"), ("storage.uri", "\u04553://bucket/x"),
+        ("storage.uri", "\uff53\uff13://bucket/x"), ("dataset.source", "s3://b\u03c5cket/x"),
+        ("resources.memory", "\u0661\u0666Gi"), ("storage.endpoint", "\u029c\u0074tp://minio:9000"),
+        ("experimentName", "alice\u2024v2")]],
+    # names that would leave or hide the experiment folder
+    *[("path-traversal", f, v) for f, v in [
+        ("experimentName", ".."), ("experimentName", "../other"), ("experimentName", "a/b"),
+        ("experimentName", ".hidden"), ("experimentName", "a..b"), ("experimentName", "-x"),
+        ("experimentName", "x-"), ("experimentName", "/abs"), ("storage.uri", "s3://art/runs/../other"),
+        ("dataset.source", "s3://voices/./alice/")]],
+    # bad URIs: unknown schemes, malformed s3, bad buckets, bad http endpoints
+    *[("bad-uri", f, v) for f, v in [
+        ("storage.uri", "ftp://host/runs"), ("storage.uri", "s3:/x"), ("storage.uri", "s3://"),
+        ("storage.uri", "s3:///runs"), ("storage.uri", "S3://art/runs"), ("storage.uri", "s3:art/runs"),
+        ("storage.uri", "s3://Art/runs"),
+        ("storage.uri", "s3://my_bucket/x"), ("storage.uri", "s3://10.1.2.3/x"),
+        ("storage.uri", "s3://a..b/x"), ("storage.uri", "s3://-art/x"), ("storage.uri", "s3://" + "a" * 64),
+        ("storage.uri", "file://"), ("storage.uri", " s3://art/runs"), ("dataset.source", "http://x/voices/"),
+        ("dataset.source", "gs://voices/alice"), ("features.embedder", "hf://facebook/hubert"),
+        ("weightsCache", "https://w.example/"), ("storage.endpoint", "minio:9000"),
+        ("storage.endpoint", "ftp://minio"),
+        ("storage.endpoint", "http://"), ("storage.endpoint", "http://h:99999"),
+        ("storage.endpoint", "http://key:secret@minio:9000"), ("storage.endpoint", "http://mi nio:9000"),
+        ("storage.endpoint", "http://minio:9000/?x=1"),
+        ("metrics.pushgateway", "pushgateway.monitoring:9091"),
+        ("metrics.pushgateway", "javascript:alert(1)")]],
+    # wrong types (YAML reads yes/no/on/off as booleans; a boolean is not a number here)
+    *[("wrong-type", f, v) for f, v in [
+        ("train.batchSize", True), ("train.epochs", False), ("train.learningRate", True),
+        ("model.speakerId", True), ("train.maxStepsPerEpoch", True),
+        ("train.batchSize", "lots"), ("train.epochs", [20]), ("storage", "s3://art/runs"),
+        ("dataset", None), ("dataset.source", 42), ("steps", "train"), ("model.pitchGuidance", "maybe"),
+        ("resources.nodeSelector", ["pool"]), ("features.embedder", {"path": "x"})]],
+]
+
+
+@pytest.mark.parametrize(("category", "field", "value"), HOSTILE,
+                         ids=[f"{c}-{f}-{i}" for i, (c, f, _) in enumerate(HOSTILE)])
+def test_hostile_and_careless_values_refused(category: str, field: str, value: Any) -> None:
+    with pytest.raises(SpecError) as ei:
+        parse_spec(_set(field, value))
+    msg = str(ei.value)
+    parent, _, last = field.rpartition(".")
+    # names the field itself, or its section and the field (cross-field checks of one section)
+    assert f"spec.{field}" in msg or (f"spec.{parent}:" in msg and last in msg), (category, msg)
+    # one short line, no raw control character, never the whole 10 kB value echoed back
+    assert "\n" not in msg and len(msg) < 600 and not any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in msg)
+
+
+def test_hostile_table_counts() -> None:
+    counts: dict[str, int] = {}
+    for c, _, _ in HOSTILE:
+        counts[c] = counts.get(c, 0) + 1
+    assert min(counts.values()) >= 8 and len(counts) == 9, counts
+
+
+ACCEPTED: list[tuple[str, Any]] = [
+    ("dataset.source", "/data/voices/alice"), ("dataset.source", "./voices"), ("dataset.source", "~/voices"),
+    ("dataset.source", "file:///data/voices"), ("dataset.source", "s3://my-rvc/datasets/voix-\u00e9lodie/"),
+    ("storage.uri", "s3://my.rvc-2/models"),
+    ("storage.uri", "s3://b"), ("storage.endpoint", "https://minio.example:9000/"),
+    ("storage.endpoint", "http://[::1]:9000"),
+    ("storage.region", "eu-west-1"), ("storage.credentialsSecret", "rvc-s3"),
+    ("features.embedder", "hubert_base.pt"), ("features.embedder", "s3://w/contentvec/"),
+    ("train.pretrainedG", "pretrained_v2/f0G40k.pth"),
+    ("train.resumeFrom", "s3://my-rvc/models/logs/bob/G_2333333.pth"),
+    ("train.resumeFrom", "/runs/logs/bob/G_10.pth"), ("f0.rmvpeCheckpoint", "rmvpe.pt"),
+    ("weightsCache", "/cache/weights/"), ("metrics.pushgateway", "http://pushgateway.monitoring:9091"),
+    ("resources.memory", "500Mi"), ("resources.memory", "1.5G"),
+    ("resources.cpu", "500m"), ("resources.cpu", "0.5"),
+    ("resources.memory", "1e9"),
+    ("resources.nodeSelector", {"cloud.google.com/gke-accelerator": "nvidia-l4"}),
+    ("resources.tolerations", [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]),
+    ("resources.image", "ghcr.io/x/rvc-pipeline:1.2@sha256:" + "a" * 64), ("experimentName", "a" * 253),
+    ("experimentName", "alice-v2.take_3"),
+    ("preprocess.segmentSeconds", 6.75), ("preprocess.segmentSeconds", 0.76),
+    ("train.seed", 0), ("train.seed", 2**32 - 1), ("train.learningRate", 1.0),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), ACCEPTED)
+def test_ordinary_values_still_accepted(field: str, value: Any) -> None:
+    parse_spec(_set(field, value))
+
+
+def test_name_with_trailing_newline_refused_in_metadata() -> None:
+    """`$` in a Python regex also matches before a final newline: the name check must use fullmatch."""
+    with pytest.raises(SpecError, match=r"metadata.name: 'alice\\n' is not a valid experiment name"):
+        parse_manifest(_manifest("alice\n"))
+
+
+def test_crd_carries_bounds_and_patterns() -> None:
+    from rvc_operator import crd
+
+    spec = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    props = spec["properties"]
+    assert props["experimentName"]["pattern"] == "^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$"
+    assert props["experimentName"]["maxLength"] == 253
+    assert props["dataset"]["properties"]["source"]["maxLength"] == 2048
+    assert props["storage"]["properties"]["uri"]["pattern"] == r"^[^\x00-\x1f\x7f-\x9f]*$"
+    lr = props["train"]["properties"]["learningRate"]
+    assert (lr["minimum"], lr["exclusiveMinimum"], lr["maximum"]) == (0, True, 1)
+    assert props["train"]["properties"]["seed"]["maximum"] == 2**32 - 1
+
+
+def test_every_spec_field_is_bounded() -> None:
+    """Guards fields added later: every number has a minimum and a maximum, every free string a length
+    bound and the control-character (or a stricter) pattern, in the schema the CRD is generated from."""
+    from rvc_operator import crd
+
+    spec = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    unbounded = []
+    stack: list[tuple[str, dict[str, Any]]] = [("spec", spec)]
+    while stack:
+        path, node = stack.pop()
+        stack.extend((f"{path}.{k}", sub) for k, sub in (node.get("properties") or {}).items())
+        if isinstance(node.get("items"), dict):
+            stack.append((f"{path}[]", node["items"]))
+        if node["type"] in ("integer", "number") and not ("minimum" in node and "maximum" in node):
+            unbounded.append(path)
+        free_string = node["type"] == "string" and "enum" not in node
+        if free_string and not ("maxLength" in node and "pattern" in node):
+            unbounded.append(path)
+    # nodeSelector's keys and values are checked by a validator (a CRD cannot bound map keys)
+    assert unbounded == [], unbounded

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from rvc_operator import ownership
 from rvc_operator.crd import ExperimentStatus
 from rvc_operator.status import (
     Decision,
@@ -22,7 +23,7 @@ from rvc_operator.status import (
     summarize_job,
     termination_line,
 )
-from rvc_pipeline.spec import STEP_ORDER, parse_manifest
+from rvc_pipeline.spec import STEP_ORDER, SpecError, parse_manifest
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -534,3 +535,159 @@ def test_status_never_holds_empty_strings() -> None:
     for d in (run(m, None), run(m, st, jobs), run(manifest(1, train={"epochs": 0}), None)):
         assert "" not in strings(d.status)
     assert cond(run(m, None), "Failed")["message"] == "no failure"
+
+
+# --- storage access: allow-list, ownership record, refusal (rvc_operator.ownership) -----------------
+OWNER = ownership.Owner("voice", "alice", "u-1", "2025-03-01T12:00:00Z")
+
+
+@pytest.mark.parametrize("uri", [
+    "s3://", "s3:///x", "/abs/path", "file:///etc", "http://b/x", "s3://b/a//c", "s3://b/a/../c",
+    "s3://b/./x", "s3://b/x\n", "s3://b/x\x00y", "s3://b\\x/y", "S3://b/x", "", 42,
+])
+def test_canonical_prefix_refuses_what_cannot_be_compared(uri: Any) -> None:
+    with pytest.raises(ownership.PrefixError):
+        ownership.canonical_prefix(uri)
+
+
+def test_canonical_prefix_adds_the_slash_that_separates_folders() -> None:
+    assert ownership.canonical_prefix("s3://b") == "s3://b/"
+    assert ownership.canonical_prefix("s3://b/team-a") == "s3://b/team-a/"
+    assert ownership.canonical_prefix("s3://b/team-a/") == "s3://b/team-a/"
+
+
+def _exp(ns: str = "voice", **spec_over: Any):  # noqa: ANN202
+    m = manifest(**spec_over)
+    m["metadata"]["namespace"] = ns
+    return parse_manifest(m)
+
+
+TABLE = {"voice": ("s3://models/rvc/",), "team-b": ("s3://bucket-b/", "s3://shared/team-b/"), "*": ()}
+
+
+@pytest.mark.parametrize(("ns", "storage", "field"), [
+    ("voice", {"uri": "s3://other/rvc"}, "spec.storage.uri"),  # another bucket
+    ("voice", {"uri": "s3://models/rvc-evil"}, "spec.storage.uri"),  # shares the prefix string only
+    ("voice", {"uri": "s3://models"}, "spec.storage.uri"),  # the bucket root above the prefix
+    ("voice", {"uri": "s3://models/rvc/../../other"}, "spec.storage.uri"),  # climbing out
+    ("voice", {"uri": "s3://models//rvc"}, "spec.storage.uri"),  # empty segment
+    ("voice", {"uri": "s3://models/rvc", "endpoint": "http://evil:9000"}, "spec.storage.endpoint"),
+    ("team-b", {"uri": "s3://shared/team-a"}, "spec.storage.uri"),  # a neighbour's shared folder
+    ("team-c", {"uri": "s3://models/rvc"}, "spec.storage.uri"),  # "*": nothing
+])
+def test_allow_list_refuses_storage_outside_the_namespace_prefixes(ns: str, storage: dict[str, Any],
+                                                                    field: str) -> None:
+    m = manifest(storage=storage)
+    m["metadata"]["namespace"] = ns
+    exp, r = ownership.admit_storage(m, TABLE, "http://s3:9000")
+    assert exp is None  # storage is never opened
+    if r is None:  # the spec parser refuses it first: an InvalidSpec failure naming the field
+        with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+            parse_manifest(m)
+        return
+    assert r.reason == "StorageNotAllowed"
+    assert r.message.startswith(field) and ns in r.message
+    shown = ", ".join(TABLE.get(ns, ())) or "none"
+    assert shown in r.message
+
+
+def test_allow_list_admits_the_namespace_own_prefixes() -> None:
+    assert ownership.check_allowed(_exp(), TABLE, "http://s3:9000") is None
+    assert ownership.check_allowed(_exp(storage={"uri": "s3://models/rvc/"}), TABLE, None) is None
+    ok = _exp("team-b", storage={"uri": "s3://shared/team-b/x", "endpoint": "http://s3:9000/"})
+    assert ownership.check_allowed(ok, TABLE, "http://s3:9000") is None
+    assert ownership.check_allowed(_exp(storage={"uri": "s3://anything"}), None, None) is None  # no list
+    # an experimentName is part of the folder: a prefix may confine one team to its own experiments
+    narrow = {"voice": ("s3://models/rvc/logs/alice/",)}
+    assert ownership.check_allowed(_exp(), narrow, None) is None
+    assert ownership.check_allowed(_exp(experimentName="bob"), narrow, None) is not None
+
+
+def test_admit_storage_never_opens_invalid_or_local_storage() -> None:
+    m = manifest(storage={"uri": "/var/lib/operator"})
+    assert ownership.admit_storage(m, None, None) == (None, None)
+    bad = manifest(train={"epochs": 0})
+    assert ownership.admit_storage(bad, None, None) == (None, None)
+    exp, refusal = ownership.admit_storage(manifest(storage={"uri": "s3://x/y"}), TABLE, None)
+    assert exp is None and refusal is not None and "spec.storage.uri" in refusal.message
+    exp, refusal = ownership.admit_storage(manifest(), TABLE, None)
+    assert exp is not None and exp.name == "alice" and refusal is None
+
+
+@pytest.mark.parametrize("data", [
+    None, b"", b"not json", b"[]", b'"uid"', b"\xff\xfe", b'{"namespace": "voice", "name": "alice"}',
+    b'{"namespace": "voice", "name": "alice", "uid": 7}', b'{"namespace": "", "name": "alice", "uid": "u"}',
+    b'{"namespace": "v\\n", "name": "alice", "uid": "u"}', b'{"uid": "u-1", "pad": "' + b"x" * 5000 + b'"}',
+])
+def test_a_record_that_does_not_parse_is_never_ours(data: bytes | None) -> None:
+    rec = ownership.parse_record(data)
+    assert rec is None
+    assert ownership.verdict(rec, True, OWNER, has_markers=False, older_rival=False) == ownership.FOREIGN
+
+
+def test_ownership_verdicts() -> None:
+    rec = ownership.parse_record(OWNER.to_json())
+    assert rec == OWNER
+    v = ownership.verdict
+    assert v(rec, True, OWNER, True, True) == ownership.OWNED
+    other_ns = ownership.Owner("team-b", "alice", "u-9")
+    assert v(other_ns, True, OWNER, False, False) == ownership.FOREIGN
+    other_name = ownership.Owner("voice", "bob", "u-9")
+    assert v(other_name, True, OWNER, False, False) == ownership.FOREIGN
+    predecessor = ownership.Owner("voice", "alice", "u-0")  # deleted, then created again
+    assert v(predecessor, True, OWNER, True, False) == ownership.TAKEOVER
+    assert v(None, False, OWNER, False, False) == ownership.CLAIM  # fresh folder
+    assert v(None, False, OWNER, True, False) == ownership.CLAIM  # pre-upgrade folder, nobody older
+    assert v(None, False, OWNER, False, True) == ownership.CLAIM  # empty folder: first writer wins
+    assert v(None, False, OWNER, True, True) == ownership.FOREIGN  # pre-upgrade folder of an older one
+
+
+def test_older_rival() -> None:
+    me = manifest()
+    other = manifest()
+    other["metadata"].update(namespace="team-b", uid="u-2", creationTimestamp="2025-03-01T10:00:00Z")
+    assert ownership.is_older_rival(me, "p", other, "p")
+    assert not ownership.is_older_rival(me, "p", other, "q")
+    assert not ownership.is_older_rival(me, None, other, None)
+    assert not ownership.is_older_rival(me, "p", me, "p")  # itself
+    other["metadata"]["creationTimestamp"] = "2025-03-01T11:30:00Z"
+    assert not ownership.is_older_rival(me, "p", other, "p")  # younger
+    other["metadata"].update(creationTimestamp="2025-03-01T10:00:00Z", deletionTimestamp="x")
+    assert not ownership.is_older_rival(me, "p", other, "p")  # going away
+
+
+def test_deletable_keys_stay_inside_the_folder() -> None:
+    keys = ["logs/alice/.rvc/owner.json", "logs/alice/G_1.pth", "logs/alice/.rvc/f0.done.json",
+            "logs/alice", "logs/alice/", "logs/alice-2/x", "logs/alicex/y", "logs/alice/../bob/x",
+            "logs/alice/a//b", "logs/alice/./x", "logs/alice/x\n", "logs/bob/x", "other/logs/alice/x"]
+    assert ownership.deletable_keys(keys, "alice") == [
+        "logs/alice/.rvc/f0.done.json", "logs/alice/G_1.pth", "logs/alice/.rvc/owner.json"]
+
+
+def test_refused_storage_fails_without_jobs_and_shows_nothing_of_the_folder() -> None:
+    m = manifest()
+    st, jobs = complete(m, "f0")
+    st["progress"] = {"step": "train", "epoch": 3}
+    st["steps"]["features"].update(phase="Skipped", reason="AlreadyComplete")
+    running = [*jobs, job("train", 1)]
+    refusal = ownership.Refusal("StorageOwnedElsewhere", ownership.OWNED_ELSEWHERE.format(name="alice"))
+    d = run(m, st, running, markers=None, refusal=refusal)
+    assert d.status["phase"] == "Failed" and d.create == []
+    assert d.status["message"] == ("storage logs/alice/ belongs to another RVCExperiment; choose another "
+                                   "experimentName or storage.uri")
+    assert [x.name for x in d.delete] == ["alice-train-1"]
+    assert "progress" not in d.status and "artifacts" not in d.status
+    assert d.status["steps"]["features"]["phase"] == "Pending"
+    assert cond(d, "Failed")["reason"] == "StorageOwnedElsewhere" and cond(d, "Failed")["status"] == "True"
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "StorageOwnedElsewhere")]
+    # the same refusal again: no second event
+    again = run(m, d.status, [], refusal=refusal)
+    assert again.events == [] and again.status["phase"] == "Failed"
+    # a fresh experiment refused by the allow-list: nothing but the failure
+    deny = ownership.Refusal("StorageNotAllowed", "spec.storage.uri: s3://x/ is outside ...")
+    fresh = run(m, None, refusal=deny)
+    assert fresh.create == [] and "steps" not in fresh.status and fresh.status["phase"] == "Failed"
+    # fixing the spec (a new generation) without a refusal runs again
+    m2 = manifest(gen=2, experimentName="alice-2")
+    d2 = run(m2, fresh.status)
+    assert d2.status["phase"] == "Running" and [c.step for c in d2.create] == ["preprocess"]
