@@ -40,6 +40,10 @@ from .ownership import Refusal
 
 ACTIVE = ("Pending", "Running")
 DONE = ("Succeeded", "Skipped")
+# Steps never skipped because of an old completion marker: their Job is how a changed input is noticed.
+# preprocess compares the dataset's manifest (names, sizes, digests) with the one it recorded and returns
+# in seconds when nothing changed; a changed dataset reruns it and invalidates the later markers.
+CHECKED_BY_JOB = ("preprocess",)
 IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull")
 
 # ---------------------------------------------------------------------------------------------------
@@ -487,7 +491,7 @@ def decide(
             current = s
             break
         if sp == "Pending":
-            if not ss.get("force") and markers is not None and s in markers:
+            if not ss.get("force") and markers is not None and s in markers and s not in CHECKED_BY_JOB:
                 ss.update(phase="Skipped", reason="AlreadyComplete", inputsHash=hashes[s], endTime=now_s,
                           message=f"already complete in storage (logs/{name}/.rvc/{s}.done.json)")
                 d.event("Normal", "StepSkipped", f"{s}: already complete in storage")

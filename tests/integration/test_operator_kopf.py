@@ -302,11 +302,14 @@ def test_markers_already_in_storage_skip_steps(h: Harness) -> None:
     for s in ("preprocess", "f0", "features"):
         h.marker(s)
     h.cluster.add_experiment("alice", h.spec())
+    h.reconcile()  # preprocess runs anyway: its Job checks the dataset against the recorded manifest
+    assert h.cluster.created == ["alice-preprocess-1"]
+    h.cluster.finish_job("alice-preprocess-1", ok=True)
     h.reconcile()
     st = h.cluster.status("alice")
     assert [st["steps"][s]["phase"] for s in STEP_ORDER] == [
-        "Skipped", "Skipped", "Skipped", "Running", "Pending"]
-    assert h.cluster.created == ["alice-train-1"]
+        "Succeeded", "Skipped", "Skipped", "Running", "Pending"]
+    assert h.cluster.created == ["alice-preprocess-1", "alice-train-1"]
 
 
 def test_permanent_failure_reports_the_pipeline_error(h: Harness) -> None:
@@ -640,7 +643,7 @@ def test_recreated_namesake_takes_over_but_a_stale_cleanup_deletes_nothing(h: Ha
     new["metadata"]["uid"] = "uid-alice-2"
     h.reconcile()
     assert _record(h)["uid"] == "uid-alice-2"
-    assert c.status("alice")["steps"]["preprocess"]["phase"] == "Skipped"  # resumes from the markers
+    assert c.status("alice")["steps"]["preprocess"]["phase"] == "Running"  # its Job re-checks the dataset
     assert handlers.cleanup(c, old, h.cfg, metrics=h.metrics) == []  # the old one's late cleanup
     assert h.storage.exists(marker_key("alice", "preprocess"))
 

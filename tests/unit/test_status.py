@@ -219,13 +219,21 @@ def test_transient_failure_retries_with_backoff_then_fails() -> None:
 
 def test_markers_in_storage_skip_steps_and_may_finish_without_jobs() -> None:
     m = manifest()
-    d = run(m, None, markers={"preprocess", "f0"})
-    assert phases(d)["preprocess"] == "Skipped" and phases(d)["f0"] == "Skipped"
+    # preprocess always runs as a Job (it notices a changed dataset; unchanged, it returns in seconds)
+    d0 = run(m, None, markers={"preprocess", "f0"})
+    assert phases(d0)["preprocess"] == "Running" and [c.step for c in d0.create] == ["preprocess"]
+    jobs = [job("preprocess", 1, "Succeeded")]
+    d = run(m, d0.status, jobs, markers={"preprocess", "f0"})
+    assert phases(d)["preprocess"] == "Succeeded" and phases(d)["f0"] == "Skipped"
     assert d.status["steps"]["f0"]["reason"] == "AlreadyComplete"
     assert [(c.step, c.attempt) for c in d.create] == [("features", 1)]
-    assert reasons(d).count("StepSkipped") == 2
-    # everything already there: Succeeded at once, even when no slot is free
-    d_all = run(m, None, markers=set(STEP_ORDER), policy=Policy(admitted=False))
+    assert reasons(d).count("StepSkipped") == 1
+    # the dataset changed: the preprocess Job reran and removed the later markers, so f0 runs again
+    d_changed = run(m, d0.status, jobs, markers={"preprocess"})
+    assert [c.step for c in d_changed.create] == ["f0"]
+    # everything already there: Succeeded after the preprocess check, even when no slot is free
+    d_all0 = run(m, None, markers=set(STEP_ORDER))
+    d_all = run(m, d_all0.status, jobs, markers=set(STEP_ORDER), policy=Policy(admitted=False))
     assert d_all.status["phase"] == "Succeeded" and d_all.create == []
     assert d_all.status["artifacts"]["model"] == "s3://models/rvc/logs/alice/weights/alice.pth"
     # storage unreadable (None): nothing is skipped, the pipeline itself skips finished work
