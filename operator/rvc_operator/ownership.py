@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from rvc_pipeline.spec import Experiment, SpecError, parse_manifest
+from rvc_pipeline.spec import Experiment, SpecError
 from rvc_pipeline.stepio import MARKER_DIR
+
+from .api import parse_experiment
 
 OWNER_FILE = "owner.json"
 MAX_RECORD_BYTES = 4096  # a record is ~200 bytes; anything bigger is not one of ours
@@ -85,10 +87,11 @@ def parse_record(data: bytes | None) -> Owner | None:
     if not isinstance(doc, dict):
         return None
     fields = [doc.get(k) for k in ("namespace", "name", "uid")]
-    if not all(isinstance(v, str) and v and not _CONTROL.search(v) for v in fields):
+    strings = [v for v in fields if isinstance(v, str) and v and not _CONTROL.search(v)]
+    if len(strings) != len(fields):
         return None
     created = doc.get("created")
-    return Owner(fields[0], fields[1], fields[2], created if isinstance(created, str) else "")
+    return Owner(strings[0], strings[1], strings[2], created if isinstance(created, str) else "")
 
 
 def owner_key(experiment: str) -> str:
@@ -121,7 +124,7 @@ def canonical_prefix(uri: str) -> str:
 
 def experiment_folder(exp: Experiment) -> str:
     """The canonical s3:// URI of the experiment's folder <storage.uri>/logs/<name>/."""
-    return canonical_prefix(exp.spec.storage.uri.rstrip("/") + "/" + folder_key(exp.name))
+    return canonical_prefix(str(exp.spec.storage.uri).rstrip("/") + "/" + folder_key(exp.name))
 
 
 def prefixes_for(namespace: str, table: Mapping[str, tuple[str, ...]] | None) -> tuple[str, ...] | None:
@@ -161,19 +164,19 @@ def check_allowed(exp: Experiment, table: Mapping[str, tuple[str, ...]] | None,
 
 
 def admit_storage(manifest: Mapping[str, Any], table: Mapping[str, tuple[str, ...]] | None,
-                  default_endpoint: str | None) -> tuple[Experiment | None, Refusal | None]:
+                  default_endpoint: str | None, parsed: Experiment | SpecError | None = None
+                  ) -> tuple[Experiment | None, Refusal | None]:
     """(experiment, None) when the operator may open the experiment's storage; (None, refusal) when the
     allow-list refuses it; (None, None) when the spec does not parse or names no s3:// storage (the state
-    machine reports those as an invalid spec; the operator never opens a local path)."""
-    meta = manifest.get("metadata") or {}
-    body = {"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
-            "spec": manifest.get("spec") or {}}
+    machine reports those as an invalid spec; the operator never opens a local path). `parsed`: the
+    manifest as the caller parsed it already (api.parse_experiment), None: parsed here."""
+    if isinstance(parsed, SpecError):
+        return None, None
     try:
-        exp = parse_manifest(body)
-        exp.name  # noqa: B018 - raises SpecError for a bad folder name
+        exp = parsed if parsed is not None else parse_experiment(manifest)
     except SpecError:
         return None, None
-    if not exp.spec.storage.uri.startswith("s3://"):
+    if not str(exp.spec.storage.uri).startswith("s3://"):
         return None, None
     refusal = check_allowed(exp, table, default_endpoint)
     return (None, refusal) if refusal else (exp, None)

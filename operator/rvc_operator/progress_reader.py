@@ -98,58 +98,65 @@ def _pick(rec: dict[str, Any], field: str) -> Any:
     return None
 
 
-def progress_from_events(events: list[dict[str, Any]], total_epochs: int | None = None
-                         ) -> dict[str, Any] | None:
-    """status.progress from the train events (None if training has not reported yet)."""
-    train = [e for e in events if e.get("step") == "train"]
-    if not train:
-        return None
-    last_epoch = next((e for e in reversed(train) if e.get("event") == "epoch"), None)
-    last_step = next((e for e in reversed(train) if e.get("event") in ("train_step", "step")), None)
-    done = next((e for e in reversed(train) if e.get("event") == "done"), None)
-    start = next((e for e in reversed(train) if e.get("event") == "train_start"), None) or next(
-        (e for e in reversed(train) if e.get("event") == "start"), None)
-    if last_epoch is None and last_step is None and done is None and start is None:
-        return None
-    out: dict[str, Any] = {"step": "train"}
-    epochs = None
-    for rec in (last_epoch, last_step, start):
-        if rec is not None and epochs is None:
-            epochs = _pick(rec, "epochs")
+def _last(train: list[dict[str, Any]], *kinds: str) -> dict[str, Any] | None:
+    return next((e for e in reversed(train) if e.get("event") in kinds), None)
+
+
+def _first(recs: tuple[dict[str, Any] | None, ...], field: str) -> Any:
+    """The first value of `field` among the records that exist (None: none has it)."""
+    return next((v for v in (_pick(r, field) for r in recs if r is not None) if v is not None), None)
+
+
+def _epoch_fields(last_epoch: dict[str, Any] | None, last_step: dict[str, Any] | None,
+                  start: dict[str, Any] | None, done: dict[str, Any] | None, total_epochs: int | None
+                  ) -> dict[str, Any]:
+    epochs = _first((last_epoch, last_step, start), "epochs")
     epochs = epochs if epochs is not None else total_epochs
     epoch = _pick(last_epoch, "epoch") if last_epoch is not None else None
     if epoch is None and done is not None and epochs is not None:
         epoch = epochs
-    if epoch is None:
-        epoch = 0
-    out["epoch"] = int(epoch)
+    out: dict[str, Any] = {"epoch": int(epoch or 0)}
     if epochs:
         out["epochs"] = int(epochs)
-        out["epochText"] = f"{int(epoch)}/{int(epochs)}"
-        out["percent"] = round(100.0 * min(1.0, float(epoch) / float(epochs)), 1)
+        out["epochText"] = f"{int(epoch or 0)}/{int(epochs)}"
+        out["percent"] = round(100.0 * min(1.0, float(epoch or 0) / float(epochs)), 1)
     else:
-        out["epochText"] = str(int(epoch))
-    for src in (last_epoch, last_step):
-        if src is None:
-            continue
-        gs = _pick(src, "global_step")
-        if gs is not None and "globalStep" not in out:
-            out["globalStep"] = int(gs)
-    losses = last_step if last_step is not None and (last_epoch is None or float(last_step.get("time", 0))
-                                                      >= float(last_epoch.get("time", 0))) else last_epoch
+        out["epochText"] = str(int(epoch or 0))
+    return out
+
+
+def _loss_fields(last_epoch: dict[str, Any] | None, last_step: dict[str, Any] | None) -> dict[str, Any]:
+    """Losses of the newer of the last step and the last epoch summary (the other fills gaps)."""
+    step_newer = last_step is not None and (
+        last_epoch is None or float(last_step.get("time", 0)) >= float(last_epoch.get("time", 0)))
+    losses = last_step if step_newer else last_epoch
+    out: dict[str, Any] = {}
     for field, key in (("loss_g", "lossG"), ("loss_d", "lossD"), ("loss_mel", "lossMel")):
-        v = None
-        for src in (losses, last_epoch, last_step):
-            if src is not None and v is None:
-                v = _pick(src, field)
+        v = _first((losses, last_epoch, last_step), field)
         if v is not None:
             out[key] = round(float(v), 6)
-    if last_epoch is not None:
-        sec = _pick(last_epoch, "seconds_per_epoch")
-        if sec is not None:
-            out["secondsPerEpoch"] = round(float(sec), 3)
-    newest = max((e for e in (last_epoch, last_step, done, start) if e is not None),
-                 key=lambda e: float(e.get("time", 0) or 0))
+    return out
+
+
+def progress_from_events(events: list[dict[str, Any]], total_epochs: int | None = None
+                         ) -> dict[str, Any] | None:
+    """status.progress from the train events (None if training has not reported yet)."""
+    train = [e for e in events if e.get("step") == "train"]
+    last_epoch, last_step = _last(train, "epoch"), _last(train, "train_step", "step")
+    done = _last(train, "done")
+    start = _last(train, "train_start") or _last(train, "start")
+    found = [e for e in (last_epoch, last_step, done, start) if e is not None]
+    if not found:
+        return None
+    out: dict[str, Any] = {"step": "train", **_epoch_fields(last_epoch, last_step, start, done, total_epochs)}
+    gs = _first((last_epoch, last_step), "global_step")
+    if gs is not None:
+        out["globalStep"] = int(gs)
+    out.update(_loss_fields(last_epoch, last_step))
+    sec = _pick(last_epoch, "seconds_per_epoch") if last_epoch is not None else None
+    if sec is not None:
+        out["secondsPerEpoch"] = round(float(sec), 3)
+    newest = max(found, key=lambda e: float(e.get("time", 0) or 0))
     if newest.get("time"):
         out["updated"] = datetime.fromtimestamp(float(newest["time"]), timezone.utc).strftime(
             "%Y-%m-%dT%H:%M:%SZ")

@@ -3,175 +3,59 @@
     decide(manifest, status, jobs, markers, now) -> Decision
 
 Inputs are what the operator can observe at any moment: the RVCExperiment as stored (spec, metadata,
-status), the Jobs that carry the experiment's label and owner uid (summarised by `summarize_job`), and
-the step completion markers found in storage (None when storage cannot be read). The Decision lists the
-Jobs to create or delete, the new status, and the events to post. Nothing is remembered between calls,
-so an operator restart at any moment resumes from the same inputs, and a Job is never created twice:
-Job names are deterministic (`<name>-<step>-<attempt>`), a Job found in the cluster with a higher
-attempt than the status knows is adopted, and the caller treats AlreadyExists as success.
+status), the Jobs that carry the experiment's label and owner uid (summarised by observe.summarize_job),
+and the step completion markers found in storage (None when storage cannot be read). The Decision lists
+the Jobs to create or delete, the new status (typed: api.ExperimentStatus), and the events to post.
+Nothing is remembered between calls, so an operator restart at any moment resumes from the same inputs,
+and a Job is never created twice: Job names are deterministic (`<name>-<step>-<attempt>`), a Job found in
+the cluster with a higher attempt than the status knows is adopted, and the caller treats AlreadyExists
+as success.
 
 Experiment phases: Pending -> Queued (RVC_MAX_CONCURRENT_EXPERIMENTS) -> Running -> Succeeded | Failed.
 Step phases: Pending, Running, Succeeded, Failed, Skipped (not in spec.steps, or already complete in
 storage). See docs/operator.md for the spec-change rules (`rerun_point`).
+
+`decide` is a short sequence of small pure functions, one per concern: validate, spec change, steps
+added/removed, finished experiments, adoption, the recipe walk (pending, running, failed steps), the
+experiment's phase, artifacts, stale Jobs, conditions.
 """
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from rvc_pipeline import errors
-from rvc_pipeline.spec import STEP_ORDER, Experiment, SpecError, parse_manifest, step_hashes
+from rvc_pipeline.spec import STEP_ORDER, Experiment, SpecError, step_hashes
+from rvc_pipeline.stepio import marker_key
 
-from .jobs import (
-    ANN_DELETE_ARTIFACTS,
-    ANN_FORCE,
-    ANN_INPUTS,
-    CONTAINER,
-    LABEL_ATTEMPT,
-    LABEL_STEP,
-    PERMANENT_EXIT_CODES,
-    configmap_name,
-    job_name,
+from .api import (
+    ArtifactsStatus,
+    Condition,
+    ExperimentStatus,
+    StepStatus,
+    all_steps,
+    dump_status,
+    load_status,
+    parse_experiment,
+    progress_of,
 )
+from .jobs import ANN_DELETE_ARTIFACTS, PERMANENT_EXIT_CODES, configmap_name, job_name
+from .observe import IMAGE_PULL_REASONS, JobSummary
 from .ownership import Refusal
 
-ACTIVE = ("Pending", "Running")
 DONE = ("Succeeded", "Skipped")
+FINISHED = ("Succeeded", "Failed")
 # Steps never skipped because of an old completion marker: their Job is how a changed input is noticed.
 # preprocess compares the dataset's manifest (names, sizes, digests) with the one it recorded and returns
 # in seconds when nothing changed; a changed dataset reruns it and invalidates the later markers.
 CHECKED_BY_JOB = ("preprocess",)
-IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull")
-
-# ---------------------------------------------------------------------------------------------------
-# observed Jobs
-# ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class JobSummary:
-    """What the state machine needs to know about one Job (built from the API objects by summarize_job)."""
-
-    name: str
-    step: str
-    attempt: int
-    state: str  # Pending | Running | Succeeded | Failed
-    exit_code: int | None = None  # of the last failed pod's step container
-    reason: str | None = None  # OOMKilled, Error, DeadlineExceeded, BackoffLimitExceeded, Evicted, ...
-    message: str | None = None  # the error line from the termination message
-    waiting: str | None = None  # why a pod is not running yet (ImagePullBackOff: ..., Unschedulable: ...)
-    waiting_reason: str | None = None
-    start_time: str | None = None
-    completion_time: str | None = None
-    deleting: bool = False
-    inputs_hash: str | None = None
-    force: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.state in ACTIVE and not self.deleting
-
-
-def termination_line(message: str | None, limit: int = 1000) -> str | None:
-    """The pipeline's error line from a termination message (or the tail of the log that Kubernetes put
-    there with FallbackToLogsOnError): the last line starting with 'error:', else the last non-empty one."""
-    if not message:
-        return None
-    lines = [ln.strip() for ln in message.replace("\r", "\n").splitlines() if ln.strip()]
-    if not lines:
-        return None
-    for ln in reversed(lines):
-        if ln.lower().startswith("error:"):
-            return ln[len("error:"):].strip()[:limit]
-    return lines[-1][:limit]
-
-
-def _container_terminations(pod: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        if cs.get("name") != CONTAINER:
-            continue
-        for key in ("state", "lastState"):
-            t = (cs.get(key) or {}).get("terminated")
-            if t:
-                out.append(t)
-    return out
-
-
-def summarize_job(job: dict[str, Any], pods: list[dict[str, Any]] | None = None) -> JobSummary:
-    """Summarise a batch/v1 Job and its pods (camelCase dicts, as the API returns them)."""
-    meta = job.get("metadata") or {}
-    labels = meta.get("labels") or {}
-    ann = meta.get("annotations") or {}
-    st = job.get("status") or {}
-    conds = {c.get("type"): c for c in st.get("conditions") or [] if c.get("status") == "True"}
-    reason = None
-    if "Complete" in conds or "SuccessCriteriaMet" in conds:
-        state = "Succeeded"
-    elif "Failed" in conds:
-        state = "Failed"
-        reason = conds["Failed"].get("reason")
-    elif (st.get("active") or 0) > 0:
-        state = "Running"
-    else:
-        state = "Pending"
-    exit_code = message = None
-    term_reason = None
-    waiting = waiting_reason = None
-    latest = ""
-    for pod in pods or []:
-        for t in _container_terminations(pod):
-            code = t.get("exitCode")
-            if code in (None, 0):
-                continue
-            when = str(t.get("finishedAt") or "")
-            if exit_code is None or when >= latest:
-                latest, exit_code = when, int(code)
-                term_reason = t.get("reason")
-                message = termination_line(t.get("message"))
-        pst = pod.get("status") or {}
-        if pst.get("phase") == "Failed" and pst.get("reason") and exit_code is None:
-            term_reason = pst.get("reason")  # Evicted, DeadlineExceeded: no container exit
-            message = message or pst.get("message")
-        if pst.get("phase") == "Pending" and state in ACTIVE:
-            for cs in pst.get("containerStatuses") or []:
-                w = (cs.get("state") or {}).get("waiting")
-                if w and w.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
-                    waiting_reason = w.get("reason")
-                    waiting = f"{w.get('reason')}: {w.get('message') or ''}".strip().rstrip(":")
-            for c in pst.get("conditions") or []:
-                if c.get("type") == "PodScheduled" and c.get("status") == "False" and not waiting:
-                    waiting_reason = c.get("reason") or "Unschedulable"
-                    waiting = f"{waiting_reason}: {c.get('message') or ''}".strip().rstrip(":")
-    if state == "Failed" and term_reason:
-        reason = term_reason if term_reason in ("OOMKilled", "Evicted") else (reason or term_reason)
-    elif term_reason and state != "Succeeded":
-        reason = term_reason
-    try:
-        attempt = int(labels.get(LABEL_ATTEMPT, "0"))
-    except ValueError:
-        attempt = 0
-    return JobSummary(
-        name=meta.get("name", ""),
-        step=labels.get(LABEL_STEP, ""),
-        attempt=attempt,
-        state=state,
-        exit_code=exit_code,
-        reason=reason,
-        message=message,
-        waiting=waiting[:500] if waiting else None,
-        waiting_reason=waiting_reason,
-        start_time=st.get("startTime") or meta.get("creationTimestamp"),
-        completion_time=st.get("completionTime"),
-        deleting=bool(meta.get("deletionTimestamp")),
-        inputs_hash=ann.get(ANN_INPUTS),
-        force=ann.get(ANN_FORCE) == "true",
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
-# decision
+# the decision
 # ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Policy:
@@ -209,7 +93,7 @@ class Event:
 
 @dataclass
 class Decision:
-    status: dict[str, Any]
+    state: ExperimentStatus
     create: list[CreateJob] = field(default_factory=list)
     delete: list[DeleteJob] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
@@ -219,6 +103,11 @@ class Decision:
     step_durations: list[tuple[str, float]] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     retries: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """The new status as the API stores it (see api.dump_status)."""
+        return dump_status(self.state)
 
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append(Event(type_, reason, message))
@@ -232,6 +121,39 @@ class Decision:
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
 
+@dataclass
+class _Ctx:
+    """What one reconcile step reads (fixed), plus the decision it writes."""
+
+    d: Decision
+    exp: Experiment
+    resource: str  # metadata.name: Job names derive from it
+    hashes: dict[str, str]
+    enabled: set[str]
+    by_step: dict[str, list[JobSummary]]
+    markers: set[str] | None
+    now: datetime
+    gen: int
+    policy: Policy
+
+    @property
+    def now_s(self) -> str:
+        return iso(self.now)
+
+
+@dataclass
+class _Walk:
+    """The experiment-level outcome as the recipe walk finds it."""
+
+    phase: str
+    reason: str = "Progressing"
+    current: str | None = None
+    failed_msg: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------------
 def iso(t: datetime) -> str:
     return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -246,10 +168,17 @@ def parse_time(s: str | None) -> datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
-def rerun_point(steps_status: dict[str, Any], hashes: dict[str, str]) -> str | None:
-    """The first step whose recorded inputs differ from the current spec's (None: nothing to rerun)."""
+def _hash_of(ss: StepStatus | Mapping[str, Any] | None) -> str | None:
+    if isinstance(ss, StepStatus):
+        return ss.inputs_hash
+    return (ss or {}).get("inputsHash")
+
+
+def rerun_point(steps_status: Mapping[str, Any], hashes: dict[str, str]) -> str | None:
+    """The first step whose recorded inputs differ from the current spec's (None: nothing to rerun).
+    `steps_status`: step -> StepStatus (or its stored dict)."""
     for s in STEP_ORDER:
-        h = (steps_status.get(s) or {}).get("inputsHash")
+        h = _hash_of(steps_status.get(s))
         if h and h != hashes[s]:
             return s
     return None
@@ -259,17 +188,16 @@ def backoff_delay(failures: int, policy: Policy) -> float:
     return float(min(policy.backoff_max_seconds, policy.backoff_seconds * (2 ** max(0, failures - 1))))
 
 
+def _queue_key(o: dict[str, Any]) -> tuple[str, str, str]:
+    m = o.get("metadata") or {}
+    return (str(m.get("creationTimestamp") or ""), str(m.get("namespace") or ""), str(m.get("name") or ""))
+
+
 def admit(me: dict[str, Any], others: list[dict[str, Any]], limit: int) -> tuple[bool, str]:
     """Whether experiment `me` may start under RVC_MAX_CONCURRENT_EXPERIMENTS=`limit` (0 = no limit).
     Running experiments hold a slot; waiting ones are served oldest first (creationTimestamp, then name)."""
     if limit <= 0:
         return True, ""
-
-    def key(o: dict[str, Any]) -> tuple[str, str, str]:
-        m = o.get("metadata") or {}
-        return (str(m.get("creationTimestamp") or ""), str(m.get("namespace") or ""),
-                str(m.get("name") or ""))
-
     my_uid = (me.get("metadata") or {}).get("uid")
     rest = [o for o in others if (o.get("metadata") or {}).get("uid") != my_uid]
     running = sum(1 for o in rest if (o.get("status") or {}).get("phase") == "Running")
@@ -277,7 +205,7 @@ def admit(me: dict[str, Any], others: list[dict[str, Any]], limit: int) -> tuple
         1 for o in rest
         if (o.get("status") or {}).get("phase") in (None, "Pending", "Queued")
         and not (o.get("metadata") or {}).get("deletionTimestamp")
-        and key(o) < key(me)
+        and _queue_key(o) < _queue_key(me)
     )
     if running + ahead < limit:
         return True, ""
@@ -292,348 +220,332 @@ def _join(uri: str, key: str) -> str:
 def _validate_for_cluster(exp: Experiment, policy: Policy) -> None:
     if not policy.require_s3:
         return
-    if not exp.spec.storage.uri.startswith("s3://"):
-        raise SpecError(f"spec.storage.uri: {exp.spec.storage.uri!r} is not an s3:// URI; step pods share "
+    uri, source = str(exp.spec.storage.uri), str(exp.spec.dataset.source)
+    if not uri.startswith("s3://"):
+        raise SpecError(f"spec.storage.uri: {uri!r} is not an s3:// URI; step pods share "
                         "no filesystem, so the operator needs S3 (or an S3-compatible store)")
-    if not exp.spec.dataset.source.startswith("s3://"):
-        raise SpecError(f"spec.dataset.source: {exp.spec.dataset.source!r} is not an s3:// URI; step pods "
+    if not source.startswith("s3://"):
+        raise SpecError(f"spec.dataset.source: {source!r} is not an s3:// URI; step pods "
                         "cannot read a local folder")
 
 
-def _new_step() -> dict[str, Any]:
-    return {"phase": "Pending", "attempts": 0, "failures": 0}
+def _experiment(manifest: dict[str, Any], given: Experiment | SpecError | None, policy: Policy
+                ) -> Experiment:
+    """The parsed experiment (the caller's, when it parsed the manifest already), checked for the cluster."""
+    if isinstance(given, SpecError):
+        raise given
+    exp = given if given is not None else parse_experiment(manifest)
+    _validate_for_cluster(exp, policy)
+    return exp
 
 
-def _reset_step(ss: dict[str, Any], message: str, reason: str) -> None:
-    keep = {"attempts": ss.get("attempts", 0), "job": ss.get("job")}
-    ss.clear()
-    ss.update(_new_step())
-    ss.update({k: v for k, v in keep.items() if v is not None})
-    ss["message"] = message
-    ss["reason"] = reason
+def _overwrite(ss: StepStatus, fresh: StepStatus) -> None:
+    for name in StepStatus.model_fields:
+        setattr(ss, name, getattr(fresh, name))
 
 
-def _set_condition(st: dict[str, Any], ctype: str, value: bool, reason: str, message: str, now: str,
-                   gen: int) -> None:
-    conds: list[dict[str, Any]] = st.setdefault("conditions", [])
-    sval = "True" if value else "False"
-    for c in conds:
-        if c.get("type") == ctype:
-            if c.get("status") != sval:
-                c["lastTransitionTime"] = now
-            c.update({"status": sval, "reason": reason, "message": message[:1000], "observedGeneration": gen})
-            return
-    conds.append({"type": ctype, "status": sval, "reason": reason, "message": message[:1000],
-                  "lastTransitionTime": now, "observedGeneration": gen})
+def _reset_step(ss: StepStatus, message: str, reason: str) -> None:
+    """Pending again: the attempt count and the last Job name stay (Job names never repeat)."""
+    _overwrite(ss, StepStatus(phase="Pending", attempts=ss.attempts, job=ss.job, message=message,
+                              reason=reason))
 
 
-def _conditions(st: dict[str, Any], reason: str, now: str, gen: int) -> None:
-    phase = st.get("phase")
-    msg = st.get("message") or ""
-    ready_reason = "Succeeded" if phase == "Succeeded" else (phase or "Pending")
-    _set_condition(st, "Ready", phase == "Succeeded", ready_reason, msg, now, gen)
-    progressing = phase in ("Running", "Pending")
-    prog_reason = {"Queued": "Queued", "Succeeded": "Completed", "Failed": "Failed"}.get(phase or "", reason)
-    _set_condition(st, "Progressing", progressing, prog_reason, msg, now, gen)
-    _set_condition(st, "Failed", phase == "Failed", reason if phase == "Failed" else "NoFailure",
-                   msg if phase == "Failed" else "no failure", now, gen)
-    order = {"Ready": 0, "Progressing": 1, "Failed": 2}
-    st["conditions"].sort(key=lambda c: order.get(c.get("type"), 9))
+def _stop_jobs(c: _Ctx, step: str, reason: str) -> None:
+    for j in c.by_step[step]:
+        if j.active:
+            c.d.delete_job(j.name, reason)
 
 
-def _spec_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    meta = manifest.get("metadata") or {}
-    return {"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
-            "spec": manifest.get("spec") or {}}
+def _by_step(jobs: list[JobSummary]) -> dict[str, list[JobSummary]]:
+    by_step: dict[str, list[JobSummary]] = {s: [] for s in STEP_ORDER}
+    for j in jobs:
+        if j.step in by_step:
+            by_step[j.step].append(j)
+    return by_step
 
 
+# ---------------------------------------------------------------------------------------------------
+# decide
+# ---------------------------------------------------------------------------------------------------
 def decide(
     manifest: dict[str, Any],
-    status: dict[str, Any] | None,
+    status: Mapping[str, Any] | ExperimentStatus | None,
     jobs: list[JobSummary],
     markers: set[str] | None,
     now: datetime,
     *,
     policy: Policy = Policy(),
-    progress: dict[str, Any] | None = None,
+    progress: Mapping[str, Any] | None = None,
     index_file: str | None = None,
     refusal: Refusal | None = None,
+    experiment: Experiment | SpecError | None = None,
 ) -> Decision:
     """One reconcile step. See the module docstring; `markers` = steps whose completion marker exists in
     storage (None = storage unreadable), `progress` = training progress for status.progress, `index_file` =
     key of the added_*.index file (relative to spec.storage.uri) found in storage, `refusal` = why the
-    operator will not touch the experiment's storage (allow-list, ownership record): phase Failed."""
-    now_s = iso(now)
+    operator will not touch the experiment's storage (allow-list, ownership record): phase Failed.
+    `experiment`: the manifest as the caller parsed it (or the SpecError it raised); None: parsed here."""
     meta = manifest.get("metadata") or {}
     gen = int(meta.get("generation") or 1)
-    old = status or {}
-    st: dict[str, Any] = copy.deepcopy(old)
-    d = Decision(status=st)
-    old_phase = old.get("phase")
+    old = load_status(status)
+    d = Decision(state=old.model_copy(deep=True))
     if meta.get("deletionTimestamp"):
         d.finished = True
         return d
-
-    # -- validate -------------------------------------------------------------------------------------
     try:
-        exp = parse_manifest(_spec_manifest(manifest))
-        _validate_for_cluster(exp, policy)
+        exp = _experiment(manifest, experiment, policy)
     except SpecError as e:
-        return _refuse(d, old, jobs, gen, now_s, "InvalidSpec", f"invalid spec: {e}")
+        return _refuse(d, old, jobs, gen, now, "InvalidSpec", f"invalid spec: {e}")
     if refusal is not None:
-        _forget_storage_view(st)
-        return _refuse(d, old, jobs, gen, now_s, refusal.reason, refusal.message)
-
-    name = exp.name
-    hashes = step_hashes(exp)
-    enabled = set(exp.spec.steps)
-    steps: dict[str, dict[str, Any]] = st.setdefault("steps", {})
-    for s in STEP_ORDER:
-        steps.setdefault(s, _new_step())
-    by_step: dict[str, list[JobSummary]] = {s: [] for s in STEP_ORDER}
-    for j in jobs:
-        if j.step in by_step:
-            by_step[j.step].append(j)
-    phase = old_phase or "Pending"
-    reason = "Progressing"
-
-    # -- spec changed (metadata.generation) -----------------------------------------------------------
-    observed = old.get("observedGeneration")
-    gen_changed = observed is not None and int(observed) != gen
-    reopened: list[str] = []
-    rerun = rerun_point(steps, hashes) if gen_changed else None
-    if gen_changed:
-        first_forced = None
-        for s in STEP_ORDER:
-            ss = steps[s]
-            in_range = rerun is not None and STEP_ORDER.index(s) >= STEP_ORDER.index(rerun)
-            if in_range or s not in enabled:
-                for j in by_step[s]:
-                    if j.active:
-                        d.delete_job(j.name, f"spec changed (generation {gen})")
-                ss["attempts"] = max([ss.get("attempts", 0)] + [j.attempt for j in by_step[s]])
-            if s not in enabled:
-                continue
-            if in_range:
-                if first_forced is None:
-                    first_forced = s
-                if ss.get("phase") != "Pending" or ss.get("inputsHash"):
-                    reopened.append(s)
-                _reset_step(ss, f"inputs changed in generation {gen}", "SpecChanged")
-                if s == first_forced:
-                    ss["force"] = True
-            elif ss.get("phase") == "Failed":
-                reopened.append(s)
-                _reset_step(ss, f"retrying after the spec changed (generation {gen})", "SpecChanged")
-    st["observedGeneration"] = gen
-
-    # -- steps left out of spec.steps (or added to it) -------------------------------------------------
-    for s in STEP_ORDER:
-        ss = steps[s]
-        if s not in enabled:
-            for j in by_step[s]:
-                if j.active:
-                    d.delete_job(j.name, "step not in spec.steps")
-            if ss.get("phase") != "Skipped" or ss.get("reason") != "NotInSpec":
-                ss.update(phase="Skipped", reason="NotInSpec", message="not in spec.steps")
-                ss.pop("force", None)
-        elif ss.get("phase") == "Skipped" and ss.get("reason") == "NotInSpec":
-            _reset_step(ss, "added to spec.steps", "Added")
-            reopened.append(s)
-
-    # A finished experiment whose spec changed runs again what is now left to do; a Failed one is retried
-    # whatever changed (the user may have fixed the data, the weights or the resources).
-    if gen_changed and phase in ("Succeeded", "Failed") and any(
-            steps[s].get("phase") == "Pending" for s in STEP_ORDER if s in enabled):
-        phase = "Pending"
-        st.pop("completionTime", None)
-    if gen_changed and (reopened or (phase == "Pending" and old_phase in ("Succeeded", "Failed"))):
-        what = f"rerunning from {rerun}" if rerun else "running"
-        d.event("Normal", "SpecChanged", f"generation {gen}: {what} ({', '.join(reopened) or 'no step'})")
-
-    if phase in ("Succeeded", "Failed"):
-        # Terminal and nothing changed: keep the status, only refresh what storage says.
-        _finish_artifacts(st, exp, index_file)
-        if progress is not None:
-            st["progress"] = progress
-        _cleanup_stale_jobs(d, steps, by_step)
-        _drop_empty_strings(st)
-        d.finished = True
-        return d
-
-    # -- adopt Jobs created just before a restart (status not written yet) ----------------------------
-    for s in STEP_ORDER:
-        ss = steps[s]
-        newest = max(by_step[s], key=lambda j: j.attempt, default=None)
-        if newest is None or newest.attempt <= ss.get("attempts", 0):
-            continue
-        if s in enabled and ss.get("phase") in ("Pending", "Running"):
-            ss.update(phase="Running", attempts=newest.attempt, job=newest.name,
-                      startTime=newest.start_time or now_s, reason="Adopted",
-                      message=f"adopted Job {newest.name}", inputsHash=newest.inputs_hash or hashes[s])
-            ss.pop("retryAfter", None)
-            if newest.force:
-                ss["force"] = True
-        else:
-            ss["attempts"] = newest.attempt
-
-    # -- walk the recipe --------------------------------------------------------------------------------
-    current: str | None = None
-    failed_msg: str | None = None
-    for s in STEP_ORDER:
-        ss = steps[s]
-        sp = ss.get("phase")
-        if sp in DONE:
-            continue
-        if sp == "Failed":
-            failed_msg = f"{s} failed: {ss.get('message') or 'unknown error'}"
-            reason = ss.get("reason") or "StepFailed"
-            current = s
-            break
-        if sp == "Pending":
-            if not ss.get("force") and markers is not None and s in markers and s not in CHECKED_BY_JOB:
-                ss.update(phase="Skipped", reason="AlreadyComplete", inputsHash=hashes[s], endTime=now_s,
-                          message=f"already complete in storage (logs/{name}/.rvc/{s}.done.json)")
-                d.event("Normal", "StepSkipped", f"{s}: already complete in storage")
-                continue
-            current = s
-            retry_at = parse_time(ss.get("retryAfter"))
-            if retry_at is not None and now < retry_at:
-                d.wake((retry_at - now).total_seconds())
-                break
-            if phase != "Running":
-                if not policy.admitted:
-                    if phase != "Queued":
-                        d.event("Normal", "Queued", policy.queue_message or "waiting for a free slot")
-                    phase = "Queued"
-                    reason = "Queued"
-                    break
-                phase = "Running"
-                st.setdefault("startTime", now_s)
-                todo = ", ".join(s2 for s2 in STEP_ORDER if s2 in enabled)
-                d.event("Normal", "Started", f"running steps {todo}")
-            attempt = int(ss.get("attempts", 0)) + 1
-            force = bool(ss.get("force"))
-            jname = job_name(meta["name"], s, attempt)
-            d.create.append(CreateJob(s, attempt, force, hashes[s], jname))
-            ss.update(phase="Running", attempts=attempt, job=jname, startTime=now_s, reason="JobCreated",
-                      message=f"attempt {attempt} started" + (" (--force)" if force else ""),
-                      inputsHash=hashes[s])
-            for k in ("endTime", "retryAfter", "exitCode"):
-                ss.pop(k, None)
-            d.event("Normal", "JobCreated", f"{s}: created Job {jname}" + (" with --force" if force else ""))
-            break
-        # Running
-        current = s
-        job = next((j for j in by_step[s] if j.name == ss.get("job")), None)
-        if job is None or job.deleting:
-            if markers is not None and s in markers:
-                _step_succeeded(d, ss, s, now, None, "Job gone; completion marker present")
-                continue
-            started = parse_time(ss.get("startTime")) or now
-            if (now - started).total_seconds() < policy.missing_job_grace_seconds:
-                d.wake(policy.missing_job_grace_seconds - (now - started).total_seconds())
-                break
-            failed_msg = _step_failed(d, ss, s, exp, policy, now, None, permanent=False,
-                                      reason="JobMissing", message=f"Job {ss.get('job')} disappeared")
-            break
-        if job.state == "Succeeded":
-            _step_succeeded(d, ss, s, now, job, "completed")
-            continue
-        permanent, why = _classify(job, exp, ss, now, policy)
-        if job.state == "Failed" or permanent:
-            if job.active:
-                d.delete_job(job.name, "permanent failure")
-            failed_msg = _step_failed(d, ss, s, exp, policy, now, job, permanent=permanent,
-                                      reason=why, message=_job_error(job, exp))
-            break
-        # still running
-        detail = job.waiting or f"attempt {ss.get('attempts')} running"
-        ss["message"] = detail
-        ss["reason"] = "Waiting" if job.waiting else "Running"
-        break
-
-    # -- experiment phase ------------------------------------------------------------------------------
-    all_done = all(steps[s].get("phase") in DONE for s in STEP_ORDER)
-    if failed_msg is not None:
-        phase = "Failed"
-        reason = (steps[current].get("reason") if current else None) or "StepFailed"
-        st["message"] = failed_msg
-        st.setdefault("completionTime", now_s)
-        if old_phase != "Failed":
-            d.event("Warning", "Failed", failed_msg)
-        d.finished = True
-    elif all_done:
-        phase = "Succeeded"
-        reason = "Succeeded"
-        current = None
-        st["completionTime"] = now_s if old_phase != "Succeeded" else old.get("completionTime", now_s)
-        _finish_artifacts(st, exp, index_file)
-        model = (st.get("artifacts") or {}).get("model")
-        st["message"] = "all steps complete" + (f"; model: {model}" if model else "")
-        if old_phase != "Succeeded":
-            d.event("Normal", "Succeeded", st["message"])
-        d.finished = True
-    elif phase == "Queued":
-        st["message"] = policy.queue_message or "waiting for a free slot"
+        _forget_storage_view(d.state)
+        return _refuse(d, old, jobs, gen, now, refusal.reason, refusal.message)
+    c = _Ctx(d=d, exp=exp, resource=str(meta.get("name") or ""), hashes=step_hashes(exp),
+             enabled=set(exp.spec.steps), by_step=_by_step(jobs), markers=markers, now=now, gen=gen,
+             policy=policy)
+    st = d.state
+    steps = all_steps(st)
+    w = _Walk(phase=old.phase or "Pending")
+    if old.observed_generation is not None and old.observed_generation != gen:
+        _spec_changed(c, st, steps, w, old.phase)
     else:
-        ss = steps[current] if current else {}
-        st["message"] = f"{current}: {ss.get('message') or ss.get('phase')}" if current else "starting"
-        reason = "StepRunning"
-    st["phase"] = phase
-    st["currentStep"] = current
+        _sync_enabled_steps(c, steps)
+    st.observed_generation = gen
+    if w.phase in FINISHED:
+        return _refresh_finished(c, st, steps, progress, index_file)
+    _adopt_jobs(c, steps)
+    _walk_recipe(c, st, steps, w)
+    _settle_phase(c, st, steps, w, old, index_file)
     if progress is not None:
-        st["progress"] = progress
+        st.progress = progress_of(progress) or st.progress
     _finish_artifacts(st, exp, index_file)
-    _cleanup_stale_jobs(d, steps, by_step)
-    _conditions(st, reason, now_s, gen)
-    _drop_empty_strings(st)
+    _cleanup_stale_jobs(c, steps)
+    _conditions(st, w.reason, c.now_s, gen)
     return d
 
 
-def _refuse(d: Decision, old: dict[str, Any], jobs: list[JobSummary], gen: int, now_s: str, reason: str,
+# -- refused: invalid spec, storage not allowed or owned elsewhere --------------------------------------
+def _refuse(d: Decision, old: ExperimentStatus, jobs: list[JobSummary], gen: int, now: datetime, reason: str,
             msg: str) -> Decision:
     """Phase Failed without running anything (invalid spec, storage refused); active Jobs are deleted.
     The Warning event is posted once per message and generation."""
-    st = d.status
-    same = old.get("phase") == "Failed" and old.get("message") == msg
-    if not (same and old.get("observedGeneration") == gen):
+    st, now_s = d.state, iso(now)
+    same = old.phase == "Failed" and old.message == msg
+    if not (same and old.observed_generation == gen):
         d.event("Warning", reason, msg)
     for j in jobs:
         if j.active:
             d.delete_job(j.name, reason)
-    st.update(phase="Failed", message=msg, observedGeneration=gen, currentStep=None)
-    st.setdefault("completionTime", now_s)
+    st.phase, st.message, st.observed_generation, st.current_step = "Failed", msg, gen, None
+    if st.completion_time is None:
+        st.completion_time = now_s
     _conditions(st, reason, now_s, gen)
-    _drop_empty_strings(st)
     d.finished = True
     return d
 
 
-def _forget_storage_view(st: dict[str, Any]) -> None:
+def _forget_storage_view(st: ExperimentStatus) -> None:
     """Drop what the status shows from storage (progress, artifacts, steps skipped because of markers):
     a refused experiment must show nothing of a folder the operator may not read for it."""
-    st.pop("progress", None)
-    st.pop("artifacts", None)
-    for ss in (st.get("steps") or {}).values():
-        if ss.get("reason") == "AlreadyComplete":
-            ss.clear()
-            ss.update(_new_step())
+    st.progress = None
+    st.artifacts = None
+    for s in STEP_ORDER:
+        ss = getattr(st.steps, s) if st.steps is not None else None
+        if ss is not None and ss.reason == "AlreadyComplete":
+            _overwrite(ss, StepStatus(phase="Pending"))
 
 
-def _drop_empty_strings(obj: Any) -> None:
-    """Leave out "" values: the status is validated as JSON where some API servers (seen on 1.20) read an
-    empty string as null and refuse it for a string field."""
-    if isinstance(obj, dict):
-        for k in [k for k, v in obj.items() if v == ""]:
-            del obj[k]
-        for v in obj.values():
-            _drop_empty_strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            _drop_empty_strings(v)
+# -- spec changed (metadata.generation) -----------------------------------------------------------------
+def _spec_changed(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus], w: _Walk,
+                  old_phase: str | None) -> None:
+    """Rerun from the first step whose inputs changed (that one with --force); retry a failed step. A
+    finished experiment whose spec changed runs again what is now left to do; a Failed one is retried
+    whatever changed (the user may have fixed the data, the weights or the resources)."""
+    rerun = rerun_point(steps, c.hashes)
+    reopened = _reopen_changed_steps(c, steps, rerun)
+    reopened += _sync_enabled_steps(c, steps)
+    if w.phase in FINISHED and any(steps[s].phase == "Pending" for s in STEP_ORDER if s in c.enabled):
+        w.phase = "Pending"
+        st.completion_time = None
+    if reopened or (w.phase == "Pending" and old_phase in FINISHED):
+        what = f"rerunning from {rerun}" if rerun else "running"
+        c.d.event("Normal", "SpecChanged",
+                  f"generation {c.gen}: {what} ({', '.join(reopened) or 'no step'})")
 
 
+def _reopen_changed_steps(c: _Ctx, steps: dict[str, StepStatus], rerun: str | None) -> list[str]:
+    """Reset the steps from `rerun` on (and Failed ones before it); stop their Jobs. Returns the steps
+    reopened (for the SpecChanged event)."""
+    start = STEP_ORDER.index(rerun) if rerun is not None else len(STEP_ORDER)
+    reopened: list[str] = []
+    forced = False
+    for i, s in enumerate(STEP_ORDER):
+        ss = steps[s]
+        if i >= start or s not in c.enabled:
+            _stop_jobs(c, s, f"spec changed (generation {c.gen})")
+            ss.attempts = max([ss.attempts] + [j.attempt for j in c.by_step[s]])
+        if s not in c.enabled:
+            continue
+        if i >= start:
+            if ss.phase != "Pending" or ss.inputs_hash:
+                reopened.append(s)
+            _reset_step(ss, f"inputs changed in generation {c.gen}", "SpecChanged")
+            ss.force = True if not forced else None
+            forced = True
+        elif ss.phase == "Failed":
+            reopened.append(s)
+            _reset_step(ss, f"retrying after the spec changed (generation {c.gen})", "SpecChanged")
+    return reopened
+
+
+def _sync_enabled_steps(c: _Ctx, steps: dict[str, StepStatus]) -> list[str]:
+    """Steps left out of spec.steps are Skipped (their Jobs stopped); steps added to it are Pending again.
+    Returns the steps added."""
+    added: list[str] = []
+    for s in STEP_ORDER:
+        ss = steps[s]
+        if s not in c.enabled:
+            _stop_jobs(c, s, "step not in spec.steps")
+            if ss.phase != "Skipped" or ss.reason != "NotInSpec":
+                ss.phase, ss.reason, ss.message, ss.force = "Skipped", "NotInSpec", "not in spec.steps", None
+        elif ss.phase == "Skipped" and ss.reason == "NotInSpec":
+            _reset_step(ss, "added to spec.steps", "Added")
+            added.append(s)
+    return added
+
+
+def _refresh_finished(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus],
+                      progress: Mapping[str, Any] | None, index_file: str | None) -> Decision:
+    """Terminal and nothing changed: keep the status, only refresh what storage says."""
+    _finish_artifacts(st, c.exp, index_file)
+    if progress is not None:
+        st.progress = progress_of(progress) or st.progress
+    _cleanup_stale_jobs(c, steps)
+    c.d.finished = True
+    return c.d
+
+
+# -- adopt Jobs created just before a restart (status not written yet) --------------------------------
+def _adopt_jobs(c: _Ctx, steps: dict[str, StepStatus]) -> None:
+    for s in STEP_ORDER:
+        ss = steps[s]
+        newest = max(c.by_step[s], key=lambda j: j.attempt, default=None)
+        if newest is None or newest.attempt <= ss.attempts:
+            continue
+        if s in c.enabled and ss.phase in ("Pending", "Running"):
+            ss.phase, ss.attempts, ss.job = "Running", newest.attempt, newest.name
+            ss.start_time = newest.start_time or c.now_s
+            ss.reason, ss.message = "Adopted", f"adopted Job {newest.name}"
+            ss.inputs_hash = newest.inputs_hash or c.hashes[s]
+            ss.retry_after = None
+            if newest.force:
+                ss.force = True
+        else:
+            ss.attempts = newest.attempt
+
+
+# -- walk the recipe ------------------------------------------------------------------------------------
+def _walk_recipe(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus], w: _Walk) -> None:
+    """Steps in order: done ones are passed, the first other one decides what happens now."""
+    for s in STEP_ORDER:
+        ss = steps[s]
+        if ss.phase in DONE:
+            continue
+        w.current = s
+        if ss.phase == "Failed":
+            w.failed_msg = f"{s} failed: {ss.message or 'unknown error'}"
+            w.reason = ss.reason or "StepFailed"
+            return
+        go_on = _pending_step(c, st, s, ss, w) if ss.phase == "Pending" else _running_step(c, s, ss, w)
+        if not go_on:
+            return
+
+
+def _pending_step(c: _Ctx, st: ExperimentStatus, s: str, ss: StepStatus, w: _Walk) -> bool:
+    """Skip by marker, wait for a retry's backoff, wait for a slot, or create the Job. True: go on."""
+    if _skip_by_marker(c, s, ss):
+        return True
+    retry_at = parse_time(ss.retry_after)
+    if retry_at is not None and c.now < retry_at:
+        c.d.wake((retry_at - c.now).total_seconds())
+        return False
+    if w.phase != "Running" and not _start_experiment(c, st, w):
+        return False
+    _create_job(c, s, ss)
+    return False
+
+
+def _skip_by_marker(c: _Ctx, s: str, ss: StepStatus) -> bool:
+    if ss.force or c.markers is None or s not in c.markers or s in CHECKED_BY_JOB:
+        return False
+    ss.phase, ss.reason, ss.inputs_hash, ss.end_time = "Skipped", "AlreadyComplete", c.hashes[s], c.now_s
+    ss.message = f"already complete in storage ({marker_key(c.exp.name, s)})"
+    c.d.event("Normal", "StepSkipped", f"{s}: already complete in storage")
+    return True
+
+
+def _start_experiment(c: _Ctx, st: ExperimentStatus, w: _Walk) -> bool:
+    """Pending/Queued -> Running when a concurrency slot is free (False: Queued)."""
+    if not c.policy.admitted:
+        if w.phase != "Queued":
+            c.d.event("Normal", "Queued", c.policy.queue_message or "waiting for a free slot")
+        w.phase = w.reason = "Queued"
+        return False
+    w.phase = "Running"
+    if st.start_time is None:
+        st.start_time = c.now_s
+    todo = ", ".join(s for s in STEP_ORDER if s in c.enabled)
+    c.d.event("Normal", "Started", f"running steps {todo}")
+    return True
+
+
+def _create_job(c: _Ctx, s: str, ss: StepStatus) -> None:
+    attempt = ss.attempts + 1
+    force = bool(ss.force)
+    jname = job_name(c.resource, s, attempt)
+    c.d.create.append(CreateJob(s, attempt, force, c.hashes[s], jname))
+    ss.phase, ss.attempts, ss.job, ss.start_time = "Running", attempt, jname, c.now_s
+    ss.reason = "JobCreated"
+    ss.message = f"attempt {attempt} started" + (" (--force)" if force else "")
+    ss.inputs_hash = c.hashes[s]
+    ss.end_time = ss.retry_after = ss.exit_code = None
+    c.d.event("Normal", "JobCreated", f"{s}: created Job {jname}" + (" with --force" if force else ""))
+
+
+def _running_step(c: _Ctx, s: str, ss: StepStatus, w: _Walk) -> bool:
+    """Follow the step's Job: succeeded (True: go on), failed (retry or fail), or still running."""
+    job = next((j for j in c.by_step[s] if j.name == ss.job), None)
+    if job is None or job.deleting:
+        return _job_gone(c, s, ss, w)
+    if job.state == "Succeeded":
+        _step_succeeded(c, ss, s, job, "completed")
+        return True
+    permanent, why = _classify(job, c.exp, ss, c.now, c.policy)
+    if job.state == "Failed" or permanent:
+        if job.active:
+            c.d.delete_job(job.name, "permanent failure")
+        w.failed_msg = _step_failed(c, ss, s, job, permanent=permanent, reason=why,
+                                    message=_job_error(job, c.exp))
+        return False
+    ss.message = job.waiting or f"attempt {ss.attempts} running"
+    ss.reason = "Waiting" if job.waiting else "Running"
+    return False
+
+
+def _job_gone(c: _Ctx, s: str, ss: StepStatus, w: _Walk) -> bool:
+    """The step's Job is not listed: trust a completion marker, wait out the grace period, else retry."""
+    if c.markers is not None and s in c.markers:
+        _step_succeeded(c, ss, s, None, "Job gone; completion marker present")
+        return True
+    waited = (c.now - (parse_time(ss.start_time) or c.now)).total_seconds()
+    if waited < c.policy.missing_job_grace_seconds:
+        c.d.wake(c.policy.missing_job_grace_seconds - waited)
+        return False
+    w.failed_msg = _step_failed(c, ss, s, None, permanent=False, reason="JobMissing",
+                                message=f"Job {ss.job} disappeared")
+    return False
+
+
+# -- failures -------------------------------------------------------------------------------------------
 def _job_error(job: JobSummary, exp: Experiment) -> str:
     if job.reason == "OOMKilled":
         mem = exp.spec.resources.memory
@@ -653,7 +565,7 @@ def _job_error(job: JobSummary, exp: Experiment) -> str:
     return head or "Job failed"
 
 
-def _classify(job: JobSummary, exp: Experiment, ss: dict[str, Any], now: datetime,
+def _classify(job: JobSummary, exp: Experiment, ss: StepStatus, now: datetime,
               policy: Policy) -> tuple[bool, str]:
     """(permanent, reason). Exit codes 2/3 of rvc-pipeline are permanent (bad spec/data, missing
     weights), as are an OOM kill under a memory limit and an image that cannot be pulled for long."""
@@ -664,85 +576,151 @@ def _classify(job: JobSummary, exp: Experiment, ss: dict[str, Any], now: datetim
     if job.waiting_reason == "InvalidImageName":
         return True, "InvalidImage"
     if job.waiting_reason in IMAGE_PULL_REASONS:
-        started = parse_time(ss.get("startTime")) or now
+        started = parse_time(ss.start_time) or now
         if (now - started).total_seconds() >= policy.image_pull_timeout_seconds:
             return True, "ImagePullFailed"
     return False, job.reason or "JobFailed"
 
 
-def _step_succeeded(d: Decision, ss: dict[str, Any], s: str, now: datetime, job: JobSummary | None,
-                    message: str) -> None:
-    end = (job.completion_time if job else None) or iso(now)
-    ss.update(phase="Succeeded", endTime=end, reason="Completed", message=message, failures=0)
-    for k in ("force", "retryAfter", "exitCode"):
-        ss.pop(k, None)
-    start = parse_time(ss.get("startTime"))
-    t_end = parse_time(end)
+def _step_succeeded(c: _Ctx, ss: StepStatus, s: str, job: JobSummary | None, message: str) -> None:
+    end = (job.completion_time if job else None) or c.now_s
+    ss.phase, ss.end_time, ss.reason, ss.message, ss.failures = "Succeeded", end, "Completed", message, 0
+    ss.force = ss.retry_after = ss.exit_code = None
+    start, t_end = parse_time(ss.start_time), parse_time(end)
     if start and t_end:
-        d.step_durations.append((s, max(0.0, (t_end - start).total_seconds())))
-    d.event("Normal", "StepSucceeded", f"{s}: {message} (Job {ss.get('job')})")
+        c.d.step_durations.append((s, max(0.0, (t_end - start).total_seconds())))
+    c.d.event("Normal", "StepSucceeded", f"{s}: {message} (Job {ss.job})")
 
 
-def _step_failed(d: Decision, ss: dict[str, Any], s: str, exp: Experiment, policy: Policy, now: datetime,
-                 job: JobSummary | None, *, permanent: bool, reason: str, message: str) -> str | None:
+def _step_failed(c: _Ctx, ss: StepStatus, s: str, job: JobSummary | None, *, permanent: bool, reason: str,
+                 message: str) -> str | None:
     """Record a failed attempt. Returns the experiment's failure message, or None when a retry is planned."""
-    attempt = ss.get("attempts", 0)
     if job is not None and job.exit_code is not None:
-        ss["exitCode"] = job.exit_code
-    d.failures.append((s, reason))
+        ss.exit_code = job.exit_code
+    c.d.failures.append((s, reason))
     if permanent:
-        ss.update(phase="Failed", reason=reason, message=message, endTime=iso(now))
-        ss.pop("retryAfter", None)
-        d.event("Warning", "StepFailed", f"{s}: attempt {attempt} failed permanently: {message}")
-        return f"{s} failed: {message}"
-    failures = int(ss.get("failures", 0)) + 1
-    ss["failures"] = failures
-    if failures > policy.max_retries:
-        msg = f"{message}; gave up after {failures} attempt(s) (RVC_STEP_MAX_RETRIES={policy.max_retries})"
-        ss.update(phase="Failed", reason="RetriesExhausted", message=msg, endTime=iso(now))
-        ss.pop("retryAfter", None)
-        d.event("Warning", "StepFailed", f"{s}: {msg}")
-        return f"{s} failed: {msg}"
-    delay = backoff_delay(failures, policy)
-    retry_at = now + timedelta(seconds=delay)
-    ss.update(phase="Pending", reason="Retrying", retryAfter=iso(retry_at),
-              message=f"attempt {attempt} failed: {message}; retry {failures}/{policy.max_retries} "
-                      f"in {delay:.0f}s")
-    d.retries.append(s)
-    d.wake(delay)
-    d.event("Warning", "Retrying", f"{s}: attempt {attempt} failed ({message}); retry {failures}/"
-                                   f"{policy.max_retries} in {delay:.0f}s")
+        c.d.event("Warning", "StepFailed", f"{s}: attempt {ss.attempts} failed permanently: {message}")
+        return _fail_step(c, ss, s, reason, message)
+    ss.failures += 1
+    if ss.failures > c.policy.max_retries:
+        msg = (f"{message}; gave up after {ss.failures} attempt(s) "
+               f"(RVC_STEP_MAX_RETRIES={c.policy.max_retries})")
+        c.d.event("Warning", "StepFailed", f"{s}: {msg}")
+        return _fail_step(c, ss, s, "RetriesExhausted", msg)
+    _schedule_retry(c, ss, s, message)
     return None
 
 
-def _finish_artifacts(st: dict[str, Any], exp: Experiment, index_file: str | None) -> None:
-    uri = exp.spec.storage.uri
-    name = exp.name
-    art = dict(st.get("artifacts") or {})
-    art["logs"] = _join(uri, f"logs/{name}/")
-    steps = st.get("steps") or {}
-
-    def produced(s: str) -> bool:
-        ss = steps.get(s) or {}
-        return ss.get("phase") == "Succeeded" or (ss.get("phase") == "Skipped"
-                                                  and ss.get("reason") == "AlreadyComplete")
-
-    if produced("train"):
-        art["model"] = _join(uri, f"logs/{name}/weights/{name}.pth")
-    if produced("index") and index_file:
-        art["index"] = index_file if "://" in index_file else _join(uri, index_file)
-    st["artifacts"] = art
+def _fail_step(c: _Ctx, ss: StepStatus, s: str, reason: str, message: str) -> str:
+    ss.phase, ss.reason, ss.message, ss.end_time, ss.retry_after = "Failed", reason, message, c.now_s, None
+    return f"{s} failed: {message}"
 
 
-def _cleanup_stale_jobs(d: Decision, steps: dict[str, dict[str, Any]], by_step: dict[str, list[JobSummary]]
-                        ) -> None:
+def _schedule_retry(c: _Ctx, ss: StepStatus, s: str, message: str) -> None:
+    pol = c.policy
+    delay = backoff_delay(ss.failures, pol)
+    ss.phase, ss.reason, ss.retry_after = "Pending", "Retrying", iso(c.now + timedelta(seconds=delay))
+    ss.message = (f"attempt {ss.attempts} failed: {message}; retry {ss.failures}/{pol.max_retries} "
+                  f"in {delay:.0f}s")
+    c.d.retries.append(s)
+    c.d.wake(delay)
+    c.d.event("Warning", "Retrying", f"{s}: attempt {ss.attempts} failed ({message}); retry {ss.failures}/"
+                                     f"{pol.max_retries} in {delay:.0f}s")
+
+
+# -- the experiment's phase, artifacts, stale Jobs, conditions -----------------------------------------
+def _settle_phase(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus], w: _Walk,
+                  old: ExperimentStatus, index_file: str | None) -> None:
+    if w.failed_msg is not None:
+        w.phase = "Failed"
+        w.reason = (steps[w.current].reason if w.current else None) or "StepFailed"
+        st.message = w.failed_msg
+        if st.completion_time is None:
+            st.completion_time = c.now_s
+        if old.phase != "Failed":
+            c.d.event("Warning", "Failed", w.failed_msg)
+        c.d.finished = True
+    elif all(steps[s].phase in DONE for s in STEP_ORDER):
+        _succeed(c, st, w, old, index_file)
+    elif w.phase == "Queued":
+        st.message = c.policy.queue_message or "waiting for a free slot"
+    else:
+        ss = steps[w.current] if w.current else None
+        st.message = f"{w.current}: {ss.message or ss.phase}" if ss else "starting"
+        w.reason = "StepRunning"
+    st.phase = w.phase  # type: ignore[assignment]  # one of ExperimentPhase by construction
+    st.current_step = w.current
+
+
+def _succeed(c: _Ctx, st: ExperimentStatus, w: _Walk, old: ExperimentStatus, index_file: str | None) -> None:
+    w.phase, w.reason, w.current = "Succeeded", "Succeeded", None
+    st.completion_time = c.now_s if old.phase != "Succeeded" else (old.completion_time or c.now_s)
+    _finish_artifacts(st, c.exp, index_file)
+    model = st.artifacts.model if st.artifacts else None
+    st.message = "all steps complete" + (f"; model: {model}" if model else "")
+    if old.phase != "Succeeded":
+        c.d.event("Normal", "Succeeded", st.message)
+    c.d.finished = True
+
+
+def _produced(st: ExperimentStatus, s: str) -> bool:
+    ss: StepStatus | None = getattr(st.steps, s) if st.steps is not None else None
+    return ss is not None and (ss.phase == "Succeeded"
+                               or (ss.phase == "Skipped" and ss.reason == "AlreadyComplete"))
+
+
+def _finish_artifacts(st: ExperimentStatus, exp: Experiment, index_file: str | None) -> None:
+    uri, name = exp.spec.storage.uri, exp.name
+    art = st.artifacts.model_copy() if st.artifacts is not None else ArtifactsStatus()
+    art.logs = _join(uri, f"logs/{name}/")
+    if _produced(st, "train"):
+        art.model = _join(uri, f"logs/{name}/weights/{name}.pth")
+    if _produced(st, "index") and index_file:
+        art.index = index_file if "://" in index_file else _join(uri, index_file)
+    st.artifacts = art
+
+
+def _cleanup_stale_jobs(c: _Ctx, steps: dict[str, StepStatus]) -> None:
     """An active Job that is not its step's current Job (an older attempt, or left over from before a
     spec change) must not keep running: it would write outputs and markers for stale inputs."""
-    for s, js in by_step.items():
-        ss = steps.get(s) or {}
+    for s, js in c.by_step.items():
+        ss = steps[s]
         for j in js:
-            if j.active and not (ss.get("phase") == "Running" and j.name == ss.get("job")):
-                d.delete_job(j.name, "superseded")
+            if j.active and not (ss.phase == "Running" and j.name == ss.job):
+                c.d.delete_job(j.name, "superseded")
+
+
+def _set_condition(st: ExperimentStatus, ctype: str, value: bool, reason: str, message: str, now: str,
+                   gen: int) -> None:
+    conds = st.conditions if st.conditions is not None else []
+    st.conditions = conds
+    sval = "True" if value else "False"
+    have = next((x for x in conds if x.type == ctype), None)
+    if have is None:
+        conds.append(Condition(type=ctype, status=sval, reason=reason,
+                               message=message[:1000], last_transition_time=now, observed_generation=gen))
+        return
+    if have.status != sval:
+        have.last_transition_time = now
+    have.status, have.reason, have.message = sval, reason, message[:1000]  # type: ignore[assignment]
+    have.observed_generation = gen
+
+
+_CONDITION_ORDER = {"Ready": 0, "Progressing": 1, "Failed": 2}
+
+
+def _conditions(st: ExperimentStatus, reason: str, now: str, gen: int) -> None:
+    phase = st.phase
+    msg = st.message or ""
+    ready_reason = "Succeeded" if phase == "Succeeded" else (phase or "Pending")
+    _set_condition(st, "Ready", phase == "Succeeded", ready_reason, msg, now, gen)
+    progressing = phase in ("Running", "Pending")
+    prog_reason = {"Queued": "Queued", "Succeeded": "Completed", "Failed": "Failed"}.get(phase or "", reason)
+    _set_condition(st, "Progressing", progressing, prog_reason, msg, now, gen)
+    _set_condition(st, "Failed", phase == "Failed", reason if phase == "Failed" else "NoFailure",
+                   msg if phase == "Failed" else "no failure", now, gen)
+    if st.conditions is not None:
+        st.conditions.sort(key=lambda x: _CONDITION_ORDER.get(x.type, 9))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -767,7 +745,7 @@ def plan_deletion(manifest: dict[str, Any], jobs: list[JobSummary], delete_artif
     prefix = uri = None
     if wanted:
         try:
-            exp = parse_manifest(_spec_manifest(manifest))
+            exp = parse_experiment(manifest)
             prefix, uri = f"logs/{exp.name}/", exp.spec.storage.uri
         except SpecError:
             prefix = uri = None
@@ -776,7 +754,7 @@ def plan_deletion(manifest: dict[str, Any], jobs: list[JobSummary], delete_artif
                         storage_uri=uri)
 
 
-def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON merge patch turning `old` into `new` (removed keys become None; lists are replaced)."""
     old = old or {}
     patch: dict[str, Any] = {}

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from .core.catalog import PITCH_METHODS
 from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NO_WEIGHTS, EXIT_OK, EXIT_TRANSIENT, classify
 from .spec import STEP_ORDER, Experiment, SpecError, load_manifest
 
@@ -28,7 +29,7 @@ STEPS: dict[str, str] = {
     "preprocess": "rvc_pipeline.preprocess:run",
     "f0": "rvc_pipeline.f0:run",
     "features": "rvc_pipeline.features:run",
-    "train": "rvc_pipeline.train:run",
+    "train": "rvc_pipeline.steps.train:run",
     "index": "rvc_pipeline.index:run",
 }
 
@@ -157,7 +158,7 @@ def _add_infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", help="added_*.index file (optional)")
     p.add_argument("--embedder", default="hubert_base.pt", help="HuBERT checkpoint (path, s3:// or name)")
     p.add_argument("--pitch", type=float, default=0.0, help="transpose in semitones")
-    p.add_argument("--f0-method", default="pm", choices=["pm", "harvest", "dio", "crepe", "rmvpe"])
+    p.add_argument("--f0-method", default="pm", choices=PITCH_METHODS)
     p.add_argument("--rmvpe", help="rmvpe.pt for --f0-method rmvpe")
     p.add_argument("--index-rate", type=float, default=0.75)
     p.add_argument("--protect", type=float, default=0.33)

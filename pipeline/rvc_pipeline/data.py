@@ -74,7 +74,7 @@ def mute_features_from_embedder(
     extract: Callable[[np.ndarray], np.ndarray], seconds: float = MUTE_SECONDS,
 ) -> np.ndarray:
     """The embedder's features of `seconds` of 16 kHz silence (RVC's real mute.npy). `extract` maps
-    a float32 16 kHz waveform to [frames, C] features (e.g. a partial of rvc_pipeline.hubert)."""
+    a float32 16 kHz waveform to [frames, C] features (an embedder's extract)."""
     feats = np.asarray(extract(np.zeros(int(16000 * seconds), dtype=np.float32)), dtype=np.float32)
     if feats.ndim != 2:
         raise ValueError(f"embedder returned shape {feats.shape}; expected [frames, channels]")

@@ -53,7 +53,7 @@ _PERMANENT_BOTO = frozenset({"ParamValidationError", "NoCredentialsError", "Part
 # Our exception classes for a file that cannot be used, by qualified name (their modules import torch,
 # so they are named here rather than imported).
 _PERMANENT_BY_NAME = frozenset({
-    "rvc_pipeline.rmvpe.RMVPEError", "rvc_pipeline.crepe.CrepeError",
+    "rvc_pipeline.components.pitch.rmvpe.RMVPEError", "rvc_pipeline.components.pitch.crepe.CrepeError",
     "rvc_pipeline.checkpoints.CheckpointCorrupt",
 })
 

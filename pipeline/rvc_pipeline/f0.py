@@ -5,16 +5,16 @@ For each `1_16k_wavs/<name>.wav` (names containing "spec" are skipped, as in RVC
 `2a_f0/<name>.wav.npy` (RVC's coarse mel bins 1..255, int64). Both are `np.save(dir / "<name>.wav", a)`
 files, so they are interchangeable with RVC's.
 
-Methods (RVC's training settings): pm (Praat autocorrelation through parselmouth), harvest and dio
-(PyWorld + StoneMask refinement, no median filter), crepe (torchcrepe's model and decoding, RVC's
-inference filters) and rmvpe (needs rmvpe.pt). Every method returns exactly p_len = len(x)//160 frames;
-frame i is centred on sample 160*i (pm: RVC's centred zero padding). RVC itself saves len//160 + 1 frames
-for pyworld/rmvpe; training never reads the last one (the data loader cuts pitch to the feature length).
+Methods are the files of rvc_pipeline.components.pitch (listed by rvc_pipeline.core.catalog): pm, harvest,
+dio, crepe, rmvpe, fcpe ... Every method returns exactly p_len = len(x)//160 frames; frame i is centred on
+sample 160*i (pm: RVC's centred zero padding). RVC itself saves len//160 + 1 frames for pyworld/rmvpe;
+training never reads the last one (the data loader cuts pitch to the feature length).
 
 The pure functions (`compute_f0`, `coarse_f0`) take and return arrays; `run(ctx)` is the step. CPU methods
 run in `ctx.workers` processes, each taking chunks of files (no per-file start-up, models loaded once per
-process); crepe/rmvpe on a GPU run in one process, batched. A rerun skips files whose outputs exist (resume
-after an interruption) as long as the method and settings are unchanged.
+process); methods with a network (catalog: needs_gpu) on a GPU run in one process, batched. A rerun
+skips files whose outputs exist (resume after an interruption) as long as the method and settings are
+unchanged.
 """
 
 from __future__ import annotations
@@ -31,22 +31,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .components.pitch import base as pitch
+from .components.pitch.base import F0_MAX, F0_MIN, HOP, SR
+from .core.catalog import PITCH, pitch_needs_gpu
 from .provenance import read_record, record_changes, write_record
+from .steps.runner import process_pool
 
 if TYPE_CHECKING:
     from .stepio import StepContext
 
 log = logging.getLogger("rvc_pipeline")
 
-SR = 16000
-HOP = 160
-F0_MIN = 50.0
-F0_MAX = 1100.0
+__all__ = ["F0_MAX", "F0_MIN", "HOP", "SR", "coarse_f0", "compute_f0", "compute_f0_batch", "run"]
+
 F0_BIN = 256
 F0_MEL_MIN = 1127.0 * math.log(1.0 + F0_MIN / 700.0)
 F0_MEL_MAX = 1127.0 * math.log(1.0 + F0_MAX / 700.0)
-METHODS: tuple[str, ...] = ("pm", "harvest", "dio", "crepe", "rmvpe")
-TORCH_METHODS = ("crepe", "rmvpe")
 
 IN_DIR = "1_16k_wavs"
 COARSE_DIR = "2a_f0"
@@ -78,79 +78,6 @@ def frame_count(n_samples: int) -> int:
     return n_samples // HOP
 
 
-def fit_length(f0: np.ndarray, p_len: int) -> np.ndarray:
-    """Cut or right-pad with zeros (unvoiced) to p_len frames."""
-    f0 = np.asarray(f0, dtype=np.float64)
-    if len(f0) >= p_len:
-        return f0[:p_len].copy()
-    return np.pad(f0, (0, p_len - len(f0)))
-
-
-def pad_centred(f0: np.ndarray, p_len: int) -> np.ndarray:
-    """RVC's pm padding: (p_len - len + 1)//2 zeros on the left, the rest on the right."""
-    f0 = np.asarray(f0, dtype=np.float64)
-    left = (p_len - len(f0) + 1) // 2
-    right = p_len - len(f0) - left
-    if left > 0 or right > 0:
-        f0 = np.pad(f0, (max(left, 0), max(right, 0)))
-    return f0[:p_len]
-
-
-def f0_pm(x: np.ndarray, p_len: int) -> np.ndarray:
-    import parselmouth
-
-    snd = parselmouth.Sound(np.asarray(x, dtype=np.float64), SR)
-    try:
-        pitch = snd.to_pitch_ac(
-            time_step=HOP / SR, voicing_threshold=0.6, pitch_floor=F0_MIN, pitch_ceiling=F0_MAX
-        )
-    except parselmouth.PraatError:
-        # shorter than one analysis window (3 periods of 50 Hz = 60 ms): nothing is voiced
-        return np.zeros(p_len)
-    return pad_centred(pitch.selected_array["frequency"], p_len)
-
-
-def _f0_world(x: np.ndarray, p_len: int, which: str) -> np.ndarray:
-    import pyworld
-
-    xd = np.ascontiguousarray(x, dtype=np.float64)
-    track = pyworld.harvest if which == "harvest" else pyworld.dio
-    f0, t = track(xd, fs=SR, f0_ceil=F0_MAX, f0_floor=F0_MIN, frame_period=1000.0 * HOP / SR)
-    f0 = pyworld.stonemask(xd, f0, t, SR)
-    return fit_length(f0, p_len)
-
-
-def f0_harvest(x: np.ndarray, p_len: int) -> np.ndarray:
-    return _f0_world(x, p_len, "harvest")
-
-
-def f0_dio(x: np.ndarray, p_len: int) -> np.ndarray:
-    return _f0_world(x, p_len, "dio")
-
-
-_MODELS: dict[tuple[str, ...], Any] = {}
-
-
-def get_crepe(capacity: str = "full", device: str = "cpu") -> Any:
-    """A CREPE model, loaded once per process."""
-    key = ("crepe", capacity, device)
-    if key not in _MODELS:
-        from .crepe import Crepe
-
-        _MODELS[key] = Crepe(capacity, device)
-    return _MODELS[key]
-
-
-def get_rmvpe(checkpoint: str | Path, device: str = "cpu") -> Any:
-    """An RMVPE model from a local rmvpe.pt, loaded once per process."""
-    key = ("rmvpe", str(checkpoint), device)
-    if key not in _MODELS:
-        from .rmvpe import RMVPE
-
-        _MODELS[key] = RMVPE(checkpoint, device)
-    return _MODELS[key]
-
-
 def _check_audio(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 1:
@@ -163,60 +90,25 @@ def _check_audio(x: np.ndarray) -> np.ndarray:
 def compute_f0(x: np.ndarray, method: str, p_len: int | None = None, **opts: Any) -> np.ndarray:
     """f0 in Hz (float64, 0 = unvoiced) per 10 ms frame of 16 kHz audio `x`, p_len frames (len(x)//160).
 
-    opts: crepe: `model` ("full" | "tiny", default full), `device`, `batch_size` (512), `crepe` (a loaded
-    rvc_pipeline.crepe.Crepe); rmvpe: `checkpoint` (path of rmvpe.pt) or `rmvpe` (a loaded RMVPE),
-    `device`, `threshold` (0.03).
+    opts are the method's (see its class in rvc_pipeline.components.pitch), e.g. crepe: `model`, `device`;
+    rmvpe: `checkpoint` or `rmvpe` (a loaded RMVPE), `threshold`; fcpe: `device`, `threshold`.
     """
     x = _check_audio(x)
     if p_len is None:
         p_len = frame_count(len(x))
-    if method not in METHODS:
-        raise ValueError(f"f0 method {method!r}: expected one of {', '.join(METHODS)}")
+    tracker = pitch.get(method)  # ValueError naming the choices
     if p_len <= 0:
         return np.zeros(0)
-    if method == "pm":
-        return f0_pm(x, p_len)
-    if method in ("harvest", "dio"):
-        return _f0_world(x, p_len, method)
-    return compute_f0_batch([x], method, [p_len], **opts)[0]
+    return tracker.extract([x], [p_len], **opts)[0]
 
 
 def compute_f0_batch(
     xs: Sequence[np.ndarray], method: str, p_lens: Sequence[int] | None = None, **opts: Any
 ) -> list[np.ndarray]:
-    """compute_f0 for several signals; crepe and rmvpe run their networks on batches across signals."""
+    """compute_f0 for several signals; methods with a network run it on batches across signals."""
     xs = [_check_audio(x) for x in xs]
     lens = list(p_lens) if p_lens is not None else [frame_count(len(x)) for x in xs]
-    if method not in TORCH_METHODS:
-        return [compute_f0(x, method, n) for x, n in zip(xs, lens)]
-    device = opts.get("device", "cpu")
-    if method == "rmvpe":
-        from .rmvpe import THRESHOLD, decode
-
-        model = opts.get("rmvpe")
-        if model is None:
-            if not opts.get("checkpoint"):
-                raise ValueError("rmvpe: pass checkpoint=<path of rmvpe.pt> or rmvpe=<loaded RMVPE>")
-            model = get_rmvpe(opts["checkpoint"], device)
-        sal = model.salience_batch(list(xs))
-        thr = float(opts.get("threshold", THRESHOLD))
-        return [fit_length(decode(s, thr), n) for s, n in zip(sal, lens)]
-    # crepe
-    import torch
-
-    from .crepe import decode, postprocess
-
-    model = opts.get("crepe") or get_crepe(opts.get("model", "full"), device)
-    batch = int(opts.get("batch_size", 512))
-    frames = [model.frames(x, HOP) for x in xs]
-    acts = model.activations(torch.cat(frames), batch) if frames else np.zeros((0, 360))
-    out, start = [], 0
-    for fr, n in zip(frames, lens):
-        act = acts[start : start + len(fr)]
-        start += len(fr)
-        f0, pd = decode(act, F0_MIN, F0_MAX, batch)
-        out.append(fit_length(postprocess(f0, pd, 0.1), n))
-    return out
+    return pitch.get(method).extract(xs, lens, **opts)
 
 
 def read_16k(path: Path) -> np.ndarray:
@@ -295,7 +187,7 @@ def _save(item: tuple[str, str, str], f0: np.ndarray, n_samples: int) -> _Result
 
 def process_chunk(job: _Job) -> list[_Result]:
     """Compute and save f0 for a chunk of files (runs in a worker process or inline)."""
-    if job.method in TORCH_METHODS and job.torch_threads > 0:
+    if pitch_needs_gpu(job.method) and job.torch_threads > 0:
         import torch
 
         torch.set_num_threads(job.torch_threads)
@@ -325,19 +217,12 @@ def process_chunk(job: _Job) -> list[_Result]:
 
 def _params(ctx: StepContext, method: str, opts: dict[str, Any]) -> dict[str, Any]:
     """What makes the outputs (their provenance): a difference from the recorded one recomputes all."""
-    from .provenance import weight_identity
-
     p: dict[str, Any] = {"version": PARAMS_VERSION, "method": method, "hop": HOP, "frames": "len//160"}
-    if method == "crepe":
-        p["crepe_model"] = ctx.spec.f0.crepe_model
-    if method == "rmvpe":
-        p["rmvpe_checkpoint"] = ctx.spec.f0.rmvpe_checkpoint
-        p["rmvpe_weights"] = weight_identity(opts["checkpoint"])
-    return p
+    return {**p, **pitch.get(method).provenance(ctx.spec, opts)}
 
 
 def _device(ctx: StepContext, method: str) -> str:
-    if method not in TORCH_METHODS or not ctx.spec.gpu:
+    if not pitch_needs_gpu(method) or not ctx.spec.gpu:
         return "cpu"
     import torch
 
@@ -347,15 +232,11 @@ def _device(ctx: StepContext, method: str) -> str:
     return "cpu"
 
 
-# rough speed of one CPU process, in seconds of audio per second (bench/bench_f0.py on a 2-core machine)
-_SPEED = {"pm": 400.0, "dio": 110.0, "harvest": 3.5, "crepe": 1.0, "rmvpe": 1.0}
-
-
 def _useful_procs(wavs: list[Path], method: str) -> int:
     """Worker processes worth starting: about one per second of estimated single-process work, so a
     handful of short files is not slowed down by pool start-up."""
     audio_s = sum(max(0, w.stat().st_size - 58) / 4 for w in wavs) / SR  # float32 samples
-    return max(1, math.ceil(audio_s / _SPEED[method]))
+    return max(1, math.ceil(audio_s / PITCH[method].speed))
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
@@ -394,17 +275,7 @@ def _start_or_resume(ctx: StepContext, old: dict[str, Any] | None, params: dict[
 
 
 def _method_opts(ctx: StepContext, method: str) -> dict[str, Any]:
-    spec = ctx.spec
-    opts: dict[str, Any] = {}
-    if method == "rmvpe":
-        from .weights import resolve_weight
-
-        ref = spec.f0.rmvpe_checkpoint or "rmvpe.pt"
-        opts["checkpoint"] = str(resolve_weight(ref, spec, what="RMVPE checkpoint"))
-    elif method == "crepe":
-        opts["model"] = spec.f0.crepe_model
-    opts["device"] = _device(ctx, method)
-    return opts
+    return {**pitch.get(method).spec_options(ctx.spec), "device": _device(ctx, method)}
 
 
 def _plan(todo: list[Path], method: str, gpu: bool, workers: int) -> tuple[int, int, int, int]:
@@ -413,7 +284,7 @@ def _plan(todo: list[Path], method: str, gpu: bool, workers: int) -> tuple[int, 
         return 1, 64, 64, 0
     n = len(todo)
     procs = min(workers, n, _useful_procs(todo, method)) if n else 1
-    if method in TORCH_METHODS:  # a torch process already uses several cores: >= 4 threads each
+    if pitch_needs_gpu(method):  # a torch process already uses several cores: >= 4 threads each
         procs = min(procs, max(1, workers // 4))
     per = max(1, min(32, math.ceil(n / (procs * 4)))) if n else 1
     threads = max(1, len(os.sched_getaffinity(0)) // procs) if procs > 1 else 0
@@ -514,26 +385,22 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "compute_seconds": round(compute_s, 3),
         "audio_seconds": round(audio_s, 3),
         "realtime_factor": round(audio_s / compute_s, 1) if compute_s > 0 and audio_s else None,
-        **({"rmvpe_weights": params["rmvpe_weights"]} if "rmvpe_weights" in params else {}),
+        **{k: v for k, v in params.items() if k.endswith("_weights")},
     }
 
 
 class _Runner:
     """Runs jobs inline (one process) or on a process pool; yields per-file results.
 
-    pm/harvest/dio workers are forked (no re-import, start-up in milliseconds; they never touch torch or
-    threads of the parent); crepe/rmvpe workers are spawned (torch's thread pools do not survive fork)."""
+    The pool starts by the one start-method rule (steps.runner.start_method): pm/harvest/dio workers
+    are forked while torch is not loaded; workers of network methods (crepe, rmvpe, fcpe ...) never are
+    (torch does not survive fork)."""
 
     def __init__(self, procs: int, n_jobs: int, method: str) -> None:
         self.pool: ProcessPoolExecutor | None = None
         self.futures: list[Future[list[_Result]]] = []
         if procs > 1 and n_jobs > 1:
-            import multiprocessing as mp
-
-            start = "spawn"
-            if method not in TORCH_METHODS and "fork" in mp.get_all_start_methods():
-                start = "fork"
-            self.pool = ProcessPoolExecutor(max_workers=procs, mp_context=mp.get_context(start))
+            self.pool = process_pool(procs, torch_workers=pitch_needs_gpu(method))
 
     def __enter__(self) -> _Runner:
         return self

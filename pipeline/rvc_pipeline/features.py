@@ -89,7 +89,7 @@ def resolve_spec_embedder(ctx: StepContext) -> Path | None:
 
 def load_spec_embedder(ctx: StepContext, device: str, path: Path | None) -> tuple[Any, bool]:
     """The embedder at `path` (see resolve_spec_embedder; None: random demo weights); (embedder, random)."""
-    from . import hubert
+    from .components.embedders.base import load_embedder
 
     spec = ctx.spec
     half = bool(spec.features.half_precision)
@@ -99,9 +99,9 @@ def load_spec_embedder(ctx: StepContext, device: str, path: Path | None) -> tupl
         log.warning(msg)
         log.warning("!" * 100)
         ctx.reporter.event("warning", message=msg)
-        return hubert.random_embedder(device, half, seed=0), True
+        return load_embedder(None, device, half), True
     try:
-        return hubert.load_embedder(path, device, half), False
+        return load_embedder(path, device, half), False
     except ValueError as e:
         raise StepFailed(f"HuBERT embedder {spec.features.embedder}: {e}") from None
 
@@ -188,7 +188,7 @@ def _embedder_for_run(ctx: StepContext, emb_path: Path | None, ex: _Extraction) 
 def _extract_all(ctx: StepContext, emb_path: Path | None, todo: list[Path], infos: dict[Path, int],
                  files_total: int) -> _Extraction:
     """Features of every file in `todo`, batched by length; pushed every few minutes on S3."""
-    from .hubert import batches_by_seconds
+    from .components.embedders.base import batches_by_seconds
 
     spec, ex = ctx.spec, _Extraction()
     emb = _embedder_for_run(ctx, emb_path, ex)

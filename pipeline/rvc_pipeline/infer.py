@@ -7,7 +7,7 @@ Reference §10 (`VC.vc_single` + `Pipeline.pipeline`/`Pipeline.vc`), step by ste
    (3, 10, 60, 65) on a GPU in half precision. Inputs longer than x_max seconds are cut at the quietest
    point (160-sample moving abs-sum, argmin) within +-x_query s of every x_center-second mark.
 3. The audio is reflect-padded by t_pad on both sides; f0 is computed once on the padded audio
-   (pm / harvest (+ medfilt 3 when filter_radius > 2) / dio / crepe / rmvpe), transposed by
+   (pm / harvest (+ medfilt 3 when filter_radius > 2) / dio / crepe / rmvpe / fcpe ...), transposed by
    2^(semitones/12), and mapped to coarse bins after the transposition.
 4. Each segment: HuBERT features (v1: final_proj(layer 9), 256-d; v2: layer 12, 768-d); optional index
    mixing (k = 8, weights 1/score^2 normalised per row, blended by index_rate); x2 nearest upsampling; the
@@ -43,10 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .core.catalog import PITCH_METHODS, pitch_needs_gpu
+
 if TYPE_CHECKING:
     import torch
 
-    from .hubert import Embedder
+    from .components.embedders.base import Embedder
     from .models.synthesizer import SynthesizerTrn
     from .spec import ExperimentSpec
 
@@ -57,7 +59,7 @@ WINDOW = 160  # samples per f0 frame at 16 kHz (10 ms)
 INPUT_PEAK = 0.95
 OUTPUT_PEAK = 0.99
 INDEX_K = 8
-F0_METHODS: tuple[str, ...] = ("pm", "harvest", "dio", "crepe", "rmvpe")
+F0_METHODS: tuple[str, ...] = PITCH_METHODS  # every file of components/pitch, through the catalog
 PHONE_DIMS = {"v1": 256, "v2": 768}
 
 
@@ -199,7 +201,7 @@ def extract_f0(audio_pad: np.ndarray, p_len: int, method: str, filter_radius: in
         return compute_f0(x, "rmvpe", p_len, checkpoint=str(rmvpe), device=device)
     if method == "crepe":
         return compute_f0(x, "crepe", p_len, model=crepe_model, device=device)
-    return compute_f0(x, method, p_len)
+    return compute_f0(x, method, p_len, **({"device": device} if pitch_needs_gpu(method) else {}))
 
 
 def pitch_features(f0: np.ndarray, semitones: float) -> tuple[np.ndarray, np.ndarray]:
@@ -485,7 +487,7 @@ def resolve_embedder(embedder: Any, spec: ExperimentSpec | None, device: str, ha
                      demo_random_weights: bool) -> tuple[Embedder, bool]:
     """An Embedder from an Embedder, a path (file or HF folder) or a weight name (resolve_weight).
     Returns (embedder, random_weights)."""
-    from .hubert import Embedder, load_embedder, random_embedder
+    from .components.embedders.base import Embedder, load_embedder
     from .weights import DEMO_WARNING, WeightsNotFound, resolve_weight
 
     if isinstance(embedder, Embedder):
@@ -498,7 +500,7 @@ def resolve_embedder(embedder: Any, spec: ExperimentSpec | None, device: str, ha
         if not demo_random_weights:
             raise
         log.warning(DEMO_WARNING.format(what=f"HuBERT embedder {ref!r}"))
-        return random_embedder(device, half, seed=0), True  # the same weights as the features step
+        return load_embedder(None, device, half), True  # the same weights as the features step
     try:
         return load_embedder(path, device, half), False
     except (ValueError, RuntimeError, OSError) as e:

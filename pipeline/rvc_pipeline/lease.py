@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .steps.runner import is_primary
 from .storage import Storage, StorageError, env_seconds, read_regular_file
 
 log = logging.getLogger("rvc_pipeline")
@@ -68,11 +69,6 @@ def default_owner() -> str:
 
 def lease_ttl() -> float:
     return env_seconds("RVC_LEASE_TTL", DEFAULT_TTL, MIN_TTL, MAX_TTL)
-
-
-def is_primary() -> bool:
-    """False in the processes of rank > 0 (torchrun's RANK, or NODE_RANK of multi-node training)."""
-    return all(os.environ.get(v, "0").strip() in ("", "0") for v in ("RANK", "NODE_RANK"))
 
 
 def _printable(s: str, limit: int = 200) -> str:

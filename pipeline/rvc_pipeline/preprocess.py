@@ -7,19 +7,19 @@ Butterworth high-pass (causal lfilter by default), RVC's silence slicer, pieces 
 0.675*x/max|x| + 0.25*x, skip pieces whose peak exceeds 2.5, write float32 at sr and resampled to
 16 kHz (librosa's default soxr_hq).
 
-Differences from RVC, all reported in `preprocess.json`, never silent:
-* pieces RVC's trainer would drop anyway (shorter than about 0.76 s: its sampler drops items with
-  `wav bytes // (3*hop) <= 100`) are not written, and pieces with a zero peak (RVC would write NaNs)
-  are not written either;
-* bounded memory for long files: a file is decoded as a stream (ffmpeg stdout read in chunks of
-  2^18 samples), high-passed chunk by chunk with the filter state carried over (identical to filtering
-  the whole file), and buffered into blocks of at most `block_seconds` (60 s). A full block is cut in
-  the middle of the last silence (a run of at least min_interval silent frames) in its second half, or
-  at its end if there is none, and each block is sliced and segmented on its own (the idx1 counter
-  runs on across blocks). A file shorter than one block is processed exactly as RVC does; for longer
-  ones, pieces differ only near block boundaries, which lie in silences where RVC's slicer would cut
-  anyway. Peak memory per worker is a few block sizes, whatever the file length. With the
-  'filtfilt' high-pass, zero-phase filtering is applied per block.
+Differences from RVC: the table `DEVIATIONS` below is the one list (docs/preprocess.md explains it,
+`preprocess.json` names the ones in force). All but one are on by default and off with the spec's
+`preprocess.rvcCompatible: true`, which then writes RVC's pieces and names byte for byte.
+
+Streaming (the `block_seconds` deviation): a file is decoded as a stream (ffmpeg stdout read in chunks of
+2^18 samples), high-passed chunk by chunk with the filter state carried over (identical to filtering
+the whole file), and buffered into blocks of at most `block_seconds` (60 s). A full block is cut in
+the middle of the last silence (a run of at least min_interval silent frames) in its second half, or
+at its end if there is none, and each block is sliced and segmented on its own (the idx1 counter
+runs on across blocks). A file shorter than one block is processed exactly as RVC does; for longer
+ones, pieces differ only near block boundaries, which lie in silences where RVC's slicer would cut
+anyway. Peak memory per worker is a few block sizes, whatever the file length. With the
+'filtfilt' high-pass, zero-phase filtering is applied per block.
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +50,7 @@ from .audio import (
 )
 from .provenance import sha256_file
 from .slicer import Slicer, frame_rms, silent_runs
+from .steps.runner import process_pool
 from .storage import open_storage, scratch_dir
 
 if TYPE_CHECKING:  # the worker processes import this module: keep pydantic (spec, stepio) out of it
@@ -70,6 +69,39 @@ NORM_MAX = 0.9
 NORM_ALPHA = 0.75
 BLOCK_SECONDS = 60.0
 STREAM_CHUNK_SAMPLES = 1 << 18
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """One deliberate difference from RVC's preprocess.
+
+    `switch` is the `Params` field that turns it on or off and `rvc` the value that gives RVC's
+    behaviour (what `preprocess.rvcCompatible: true` sets); `switch` None: kept in every mode.
+    """
+
+    name: str
+    switch: str | None
+    rvc: Any
+    ours: str
+    rvc_does: str
+
+
+DEVIATIONS: tuple[Deviation, ...] = (
+    Deviation("renumber", "fix_overwrite", False,
+              "a chunk's first full piece that would reuse the number of the previous chunk's last piece "
+              "gets the next free number (see Segmenter)",
+              "writes both under one name: the later piece overwrites the earlier one, which is lost"),
+    Deviation("drop-short", "drop_short", False,
+              "pieces shorter than min_train_samples (about 0.76 s) are not written",
+              "writes them; its trainer then drops them (items of at most 100 frames), after f0 and "
+              "features were computed for nothing"),
+    Deviation("blocks", "block_seconds", None,
+              "files longer than block_seconds (60 s) are streamed in blocks cut at silences",
+              "decodes, filters and slices the whole file at once (memory grows with the file length)"),
+    Deviation("no-nan", None, None,
+              "a piece whose peak is 0 (digital silence) is not written",
+              "divides by the zero peak and writes a piece of NaNs"),
+)
 
 
 def min_train_samples(sr: int) -> int:
@@ -170,17 +202,18 @@ def preprocess_audio(
 
 
 def blocks_at_silences(
-    chunks: Iterable[np.ndarray], slicer: Slicer, block_samples: int
+    chunks: Iterable[np.ndarray], slicer: Slicer, block_samples: int | None
 ) -> Iterator[np.ndarray]:
     """Regroup a stream of sample chunks into blocks of at most `block_samples`, each cut (except the
     last) in the middle of the last silent run (>= min_interval frames) of its second half, or at
-    `block_samples` when that half has no such silence. Memory: one block plus one chunk."""
+    `block_samples` when that half has no such silence. Memory: one block plus one chunk.
+    `block_samples` None: one block, the whole stream (RVC's way)."""
     parts: list[np.ndarray] = []
     n = 0
     for c in chunks:
         parts.append(c)
         n += len(c)
-        while n >= block_samples:
+        while block_samples is not None and n >= block_samples:
             buf = np.concatenate(parts) if len(parts) > 1 else parts[0]
             parts = []  # free the chunks before the block is used
             cut = _block_cut(buf[:block_samples], slicer)
@@ -189,7 +222,9 @@ def blocks_at_silences(
             del buf
             parts, n = [rest], len(rest)
     if n:
-        yield np.concatenate(parts) if len(parts) > 1 else parts[0]
+        last = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        parts = []  # free the chunks while the block is used (the whole file without blocks)
+        yield last
 
 
 def _block_cut(region: np.ndarray, slicer: Slicer) -> int:
@@ -221,12 +256,28 @@ class Params:
     min_interval_ms: float = 400
     hop_size_ms: float = 15
     max_sil_kept_ms: float = 500
-    block_seconds: float = BLOCK_SECONDS
+    # the switchable deviations (DEVIATIONS); block_seconds None: the whole file is one block
+    block_seconds: float | None = BLOCK_SECONDS
     drop_short: bool = True
+    fix_overwrite: bool = True
 
     def slicer(self) -> Slicer:
         return Slicer(self.sr, self.threshold_db, self.min_length_ms, self.min_interval_ms,
                       self.hop_size_ms, self.max_sil_kept_ms)
+
+    def rvc_exact(self) -> Params:
+        """These parameters with every switchable deviation turned off (RVC's behaviour)."""
+        return replace(self, **{d.switch: d.rvc for d in DEVIATIONS if d.switch})
+
+    @property
+    def deviations(self) -> list[str]:
+        """Names of the deviations in force (the ones kept in every mode included)."""
+        return [d.name for d in DEVIATIONS if d.switch is None or getattr(self, d.switch) != d.rvc]
+
+    def block_samples(self) -> int | None:
+        if self.block_seconds is None:
+            return None
+        return max(int(self.block_seconds * self.sr), 4 * self.slicer().win)
 
     @classmethod
     def from_spec(cls, spec: Any, **over: Any) -> Params:
@@ -236,6 +287,8 @@ class Params:
             max_peak=p.max_peak, threshold_db=s.threshold_db, min_length_ms=s.min_length_ms,
             min_interval_ms=s.min_interval_ms, hop_size_ms=s.hop_size_ms, max_sil_kept_ms=s.max_sil_kept_ms,
         )
+        if p.rvc_compatible:
+            kw.update({d.switch: d.rvc for d in DEVIATIONS if d.switch})
         kw.update(over)
         return cls(**kw)
 
@@ -263,6 +316,7 @@ class FileReport:
     short_pieces: int = 0
     short_seconds: float = 0.0
     rvc_overwrites_avoided: int = 0
+    pieces_overwritten: int = 0  # rvcCompatible: pieces replaced by a later one of the same name, as in RVC
     peak: float = 0.0
     warnings: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -270,49 +324,13 @@ class FileReport:
 
 def process_file(job: FileJob) -> FileReport:
     """Decode, slice, segment, normalise and write the pieces of one input file."""
-    p = job.params
-    sr = p.sr
     rep = FileReport(index=job.idx0, name=job.name)
-    gt_dir = Path(job.exp_dir) / GT_DIR
-    wav16_dir = Path(job.exp_dir) / WAV16_DIR
-    slicer = p.slicer()
-    seg = Segmenter(sr, p.per, p.overlap)
-    hp = HighPassStream(sr, p.hp_mode)
-    min_n = min_train_samples(sr) if p.drop_short else 0
-    block_samples = max(int(p.block_seconds * sr), 4 * slicer.win)
-    stream = AudioStream(job.path, sr, chunk_samples=STREAM_CHUNK_SAMPLES)
-    loudest = 0.0
+    slicer = job.params.slicer()
+    stream = AudioStream(job.path, job.params.sr, chunk_samples=STREAM_CHUNK_SAMPLES)
     try:
-        for block in blocks_at_silences((hp(c) for c in stream), slicer, block_samples):
-            if p.hp_mode == "filtfilt":
-                block = high_pass(block, sr, "filtfilt")
-            if len(block):  # max|x| without an |x| temporary
-                rep.peak = max(rep.peak, float(block.max()), -float(block.min()))
-            bounds, lb = slicer.analyse(block)
-            loudest = max(loudest, lb)
-            for a, b in bounds:
-                for idx1, piece in seg.segments(block[a:b]):
-                    m = float(np.abs(piece).max()) if len(piece) else 0.0
-                    if m > p.max_peak:
-                        rep.peak_filtered += 1
-                        rep.log.append(f"{job.idx0}-{idx1}-filtered (peak {m:.2f} > {p.max_peak})")
-                        continue
-                    if m == 0.0:
-                        rep.silent_pieces += 1
-                        continue
-                    if len(piece) < min_n:
-                        rep.short_pieces += 1
-                        rep.short_seconds += len(piece) / sr
-                        continue
-                    y = normalize(piece, p.max_peak)
-                    assert y is not None
-                    stem = f"{job.idx0}_{idx1}.wav"
-                    write_wav_f32(gt_dir / stem, y.astype(np.float32), sr)
-                    write_wav_f32(wav16_dir / stem, resample(y, sr, SR_16K).astype(np.float32), SR_16K)
-                    rep.pieces += 1
-                    rep.piece_seconds += len(piece) / sr
+        loudest = _slice_and_write(job, stream, slicer, rep)
     except AudioError as e:
-        _remove_pieces(job.idx0, gt_dir, wav16_dir)
+        _remove_pieces(job.idx0, Path(job.exp_dir) / GT_DIR, Path(job.exp_dir) / WAV16_DIR)
         rep.status, rep.pieces, rep.piece_seconds = "skipped", 0, 0.0
         why = str(e).removeprefix(f"{job.path}: ")
         # audio.py's own messages already say "not audio or corrupt (...)": do not say it twice
@@ -322,19 +340,81 @@ def process_file(job: FileJob) -> FileReport:
         return rep
     rep.duration_s = round(stream.seconds, 3)
     rep.warnings = stream.warnings
-    rep.rvc_overwrites_avoided = seg.collisions
     rep.piece_seconds = round(rep.piece_seconds, 3)
     rep.short_seconds = round(rep.short_seconds, 3)
     rep.peak = round(rep.peak, 4)
     if rep.pieces == 0:
         rep.status = "skipped"
-        rep.reason = _why_nothing(rep, loudest, slicer, sr, min_n)
+        min_n = min_train_samples(job.params.sr) if job.params.drop_short else 0
+        rep.reason = _why_nothing(rep, loudest, slicer, job.params.sr, min_n)
         rep.log.append(f"{job.name}\t-> skipped: {rep.reason}")
     else:
         rep.log.append(f"{job.name}\t-> Success ({rep.pieces} pieces, {rep.piece_seconds:.2f} s)")
     for w in rep.warnings:
         rep.log.append(f"{job.name}\t-> ffmpeg warning: {w}")
     return rep
+
+
+def _blocks(stream: AudioStream, p: Params, slicer: Slicer) -> Iterator[np.ndarray]:
+    """The high-passed file in blocks (one block, the whole file, without the 'blocks' deviation)."""
+    hp = HighPassStream(p.sr, p.hp_mode)
+    for block in blocks_at_silences((hp(c) for c in stream), slicer, p.block_samples()):
+        yield high_pass(block, p.sr, "filtfilt") if p.hp_mode == "filtfilt" else block
+
+
+def _slice_and_write(job: FileJob, stream: AudioStream, slicer: Slicer, rep: FileReport) -> float:
+    """Write the file's pieces, counting them into `rep`; returns the loudest frame RMS.
+
+    Pieces are written in RVC's order, so a name written twice (rvcCompatible) ends up holding the
+    later piece, as in RVC; it counts once in `rep.pieces`.
+    """
+    p = job.params
+    seg = Segmenter(p.sr, p.per, p.overlap, fix_overwrite=p.fix_overwrite)
+    min_n = min_train_samples(p.sr) if p.drop_short else 0
+    written: dict[str, float] = {}  # name -> seconds
+    loudest = 0.0
+    for block in _blocks(stream, p, slicer):
+        if len(block):  # max|x| without an |x| temporary
+            rep.peak = max(rep.peak, float(block.max()), -float(block.min()))
+        bounds, lb = slicer.analyse(block)
+        loudest = max(loudest, lb)
+        for a, b in bounds:
+            for idx1, piece in seg.segments(block[a:b]):
+                if _keep(piece, p, min_n, rep, f"{job.idx0}-{idx1}"):
+                    stem = _write_piece(job, idx1, piece)
+                    rep.pieces_overwritten += stem in written
+                    written[stem] = len(piece) / p.sr
+    rep.pieces, rep.piece_seconds = len(written), sum(written.values())
+    rep.rvc_overwrites_avoided = seg.collisions if p.fix_overwrite else 0
+    return loudest
+
+
+def _keep(piece: np.ndarray, p: Params, min_n: int, rep: FileReport, label: str) -> bool:
+    """Whether a piece is written; the reason it is not is counted into `rep`."""
+    m = float(np.abs(piece).max()) if len(piece) else 0.0
+    if m > p.max_peak:
+        rep.peak_filtered += 1
+        rep.log.append(f"{label}-filtered (peak {m:.2f} > {p.max_peak})")
+        return False
+    if m == 0.0:  # the 'no-nan' deviation
+        rep.silent_pieces += 1
+        return False
+    if len(piece) < min_n:  # the 'drop-short' deviation
+        rep.short_pieces += 1
+        rep.short_seconds += len(piece) / p.sr
+        return False
+    return True
+
+
+def _write_piece(job: FileJob, idx1: int, piece: np.ndarray) -> str:
+    """Normalise and write one piece at the model rate and at 16 kHz, as RVC's norm_write; its name."""
+    sr = job.params.sr
+    y = normalize(piece, job.params.max_peak)
+    assert y is not None
+    stem = f"{job.idx0}_{idx1}.wav"
+    write_wav_f32(Path(job.exp_dir) / GT_DIR / stem, y.astype(np.float32), sr)
+    write_wav_f32(Path(job.exp_dir) / WAV16_DIR / stem, resample(y, sr, SR_16K).astype(np.float32), SR_16K)
+    return stem
 
 
 def _why_nothing(rep: FileReport, loudest: float, slicer: Slicer, sr: int, min_n: int) -> str:
@@ -442,7 +522,8 @@ def dataset_changes(old: dict[str, Any] | None, new: Dataset) -> dict[str, list[
     """Names added, removed and changed (size or content) since the manifest `old`; None without one."""
     if not isinstance(old, dict) or not isinstance(old.get("files"), list):
         return None
-    before = {f.get("name"): (f.get("size"), f.get("digest")) for f in old["files"] if isinstance(f, dict)}
+    before = {f["name"]: (f.get("size"), f.get("digest")) for f in old["files"]
+              if isinstance(f, dict) and isinstance(f.get("name"), str)}  # a damaged manifest: no crash
     now = {f.name: (f.size, f.digest) for f in new.files}
     return {"added": sorted(set(now) - set(before)), "removed": sorted(set(before) - set(now)),
             "changed": sorted(n for n in set(now) & set(before) if now[n] != before[n])}
@@ -500,16 +581,6 @@ def check_inputs(exp: Experiment, storage: Storage) -> CheckedInputs:
     return CheckedInputs({"dataset_digest": ds.digest}, ds)
 
 
-def _start_method() -> str:
-    """'fork' starts workers in milliseconds (spawn takes about a second: every worker re-imports
-    numpy and scipy); it is safe here because the workers are started before any thread of ours and
-    torch is not loaded. Otherwise (torch already imported by the caller) use 'forkserver'."""
-    methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and "torch" not in sys.modules:
-        return "fork"
-    return "forkserver" if "forkserver" in methods else "spawn"
-
-
 def _noop() -> None:
     return None
 
@@ -524,7 +595,7 @@ def _jobs_done(
     the workers (at most workers+2 files on local disk at a time). Yields reports as files finish."""
     pool: ProcessPoolExecutor | None = None
     if workers > 1 and len(inputs) > 1:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_start_method()))
+        pool = process_pool(workers)  # (the start-method rule: steps.runner)
         pool.submit(_noop).result()  # start the workers now, before any download thread exists
     dl = ThreadPoolExecutor(4) if fetch else None
 
@@ -644,7 +715,8 @@ def run(ctx: StepContext) -> dict[str, Any]:
     t0 = time.time()
     inputs = ds.inputs()
     log_lines = [f"start preprocess: {len(inputs)} files from {source}, sr {params.sr}, "
-                 f"per {params.per}, overlap {params.overlap}, high-pass {params.hp_mode}"]
+                 f"per {params.per}, overlap {params.overlap}, high-pass {params.hp_mode}, "
+                 f"deviations from RVC: {', '.join(params.deviations)}"]
     if changes is not None and any(changes.values()):
         what = "; ".join(f"{k}: {', '.join(v)}" for k, v in changes.items() if v)
         log.info("preprocess: the dataset changed since the last run (%s)", what)
@@ -684,7 +756,9 @@ def _dataset_report(source: str, p: Params, reports: list[FileReport], seconds: 
         "overlap_seconds": p.overlap,
         "high_pass": p.hp_mode,
         "max_peak": p.max_peak,
-        "min_piece_seconds": round(min_train_samples(p.sr) / p.sr, 4),
+        "min_piece_seconds": round(min_train_samples(p.sr) / p.sr, 4) if p.drop_short else 0.0,
+        "rvc_compatible": p == p.rvc_exact(),
+        "deviations": p.deviations,
         "files_total": len(reports),
         "files_used": len(used),
         "files_skipped": len(skipped),
@@ -696,6 +770,7 @@ def _dataset_report(source: str, p: Params, reports: list[FileReport], seconds: 
         "short_seconds_dropped": round(sum(r.short_seconds for r in reports), 3),
         "silent_pieces_dropped": sum(r.silent_pieces for r in reports),
         "rvc_overwrites_avoided": sum(r.rvc_overwrites_avoided for r in reports),
+        "pieces_overwritten": sum(r.pieces_overwritten for r in reports),
         "skipped_files": [{"name": r.name, "reason": r.reason} for r in skipped],
         "wall_seconds": round(seconds, 3),
         "files": files,

@@ -34,6 +34,7 @@ from typing import Any
 from .lease import check_current
 from .progress import PROGRESS_FILE, Reporter
 from .spec import STEP_ORDER, Experiment, step_hashes
+from .steps.runner import is_primary
 from .storage import Storage, StorageError, open_storage, same_content, scratch_dir
 
 log = logging.getLogger("rvc_pipeline")
@@ -431,8 +432,9 @@ def run_step(
     missing, empty or unfinished fails (StepFailed) before any marker or output is touched."""
     storage = open_artifacts(exp)
     name = exp.name
-    # Under torchrun every rank runs this shell; rank 0 alone owns markers, events and uploads.
-    primary = os.environ.get("RANK", "0") in ("", "0")
+    # Under torchrun (and on every node of multi-node training) each process runs this shell; the primary
+    # one alone owns markers, events and uploads.
+    primary = is_primary()
     inputs_hash = step_hashes(exp)[step]
     checked = INPUT_CHECKS[step](exp, storage) if check_inputs else CheckedInputs()
     if not force:

@@ -16,15 +16,17 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
-from rvc_pipeline import cli, hubert, provenance, stepio
+from rvc_pipeline import cli, provenance, stepio
 from rvc_pipeline import f0 as f0step
 from rvc_pipeline import features as feat
 from rvc_pipeline import preprocess as pp
+from rvc_pipeline.components.embedders.base import load_embedder
 from rvc_pipeline.spec import STEP_ORDER, Experiment, parse_manifest
 from rvc_pipeline.stepio import StepContext, StepFailed, is_complete, marker_key, run_step
 from rvc_pipeline.storage import S3Storage, open_storage
 
 from tests.s3server import S3Endpoint
+from tests.support.fairseq_hubert import HubertConfig, HubertModel, save_fairseq_checkpoint
 
 pytestmark = [
     pytest.mark.skipif(not shutil.which("ffmpeg"), reason="needs ffmpeg"),
@@ -531,10 +533,10 @@ def tiny_hubert(path: Path, seed: int) -> Path:
     import torch
 
     torch.manual_seed(seed)
-    cfg = hubert.HubertConfig(conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
+    cfg = HubertConfig(conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
                               embed_dim=768, ffn_dim=64, heads=12, layers=1, conv_pos=16,
                               conv_pos_groups=16, final_dim=256)
-    return hubert.save_fairseq_checkpoint(hubert.HubertModel(cfg), path)
+    return save_fairseq_checkpoint(HubertModel(cfg), path)
 
 
 def _features_of(store: Path) -> dict[str, np.ndarray]:
@@ -560,7 +562,7 @@ def test_random_then_real_embedder_recomputes_everything(tmp_path: Path, offline
     assert again["files_written"] == 3 and again["files_skipped"] == 0
     assert again["random_weights"] is False
     assert again["embedder_weights"] == f"sha256:{provenance.sha256_file(real)}"
-    emb = hubert.load_embedder(real, "cpu")
+    emb = load_embedder(real, "cpu")
     for name, f in _features_of(store).items():
         x, _ = sf.read(store / "logs" / EXP / "1_16k_wavs" / name.replace("npy", "wav"), dtype="float32")
         np.testing.assert_allclose(f, emb.extract(x, "v2")[0], atol=1e-4)
@@ -635,18 +637,18 @@ def test_rmvpe_weights_identity_is_recorded(tmp_path: Path) -> None:
 
 
 def test_mute_set_uses_the_embedder_that_made_the_features(tmp_path: Path, offline_weights: Path) -> None:
-    from rvc_pipeline import train
+    from rvc_pipeline.steps.train import prepare
 
     exp_dir = tmp_path / "logs" / EXP
     provenance.write_record(exp_dir / feat.PARAMS_FILE, {"embedder": "sha256:not-this-one"})
     tiny_hubert(offline_weights / "tiny_hubert.pt", 3)
     spec = experiment(tmp_path / "d", tmp_path, features={"embedder": "tiny_hubert.pt"}).spec
     ctx = SimpleNamespace(spec=spec, exp_dir=exp_dir)
-    feats, kind = train._mute_features(ctx, "v2")  # type: ignore[arg-type]
+    feats, kind = prepare.mute_features(ctx, "v2")  # type: ignore[arg-type]
     assert feats is None and kind == "zeros"  # another embedder made the features: never mixed
     provenance.write_record(exp_dir / feat.PARAMS_FILE,
                             {"embedder": provenance.weight_identity(offline_weights / "tiny_hubert.pt")})
-    feats, kind = train._mute_features(ctx, "v2")  # type: ignore[arg-type]
+    feats, kind = prepare.mute_features(ctx, "v2")  # type: ignore[arg-type]
     assert feats is not None and kind.startswith("embedder:tiny_hubert.pt@sha256:")
 
 

@@ -185,11 +185,11 @@ def test_rmvpe_without_weights_says_where_to_put_them(tmp_path: Path, slices: di
 
 
 def test_rmvpe_and_crepe_steps(tmp_path: Path, slices: dict[str, Path]) -> None:
-    from rvc_pipeline import rmvpe
+    from tests.support.rmvpe_files import save_random_checkpoint
 
     short = tmp_path / "short.wav"
     sf.write(short, tone(180.0, 0.3), SR, subtype="FLOAT")  # CPU RMVPE and CREPE are slow: keep it short
-    rmvpe.save_random_checkpoint(tmp_path / "weights-cache" / "rmvpe.pt", seed=1)
+    save_random_checkpoint(tmp_path / "weights-cache" / "rmvpe.pt", seed=1)
     exp = experiment(tmp_path, f0={"method": "rmvpe"}, resources={"parallelism": 1})
     exp_dir = tmp_path / "store" / "logs" / "x"
     put(exp_dir, {"0_0.wav": short})
@@ -222,6 +222,32 @@ def test_crepe_in_spawned_workers(tmp_path: Path) -> None:
     for i, hz in enumerate([130.0, 260.0, 390.0]):
         nsf = np.load(exp_dir / "2b-f0nsf" / f"0_{i}.wav.npy")
         assert nsf.shape == (120,) and np.abs(nsf[5:-5] / hz - 1).max() < 0.02
+
+
+def test_fcpe_step_on_speech(tmp_path: Path, slices: dict[str, Path]) -> None:
+    """spec.f0.method fcpe end to end: RVC's files, the pure function's numbers, the weights recorded,
+    a resumed run, and a switch from pm that recomputes everything."""
+    exp_dir = tmp_path / "store" / "logs" / "x"
+    in_dir = put(exp_dir, {n: slices[n] for n in ("0_0.wav", "0_1.wav", "1_0.wav")})
+    assert run_step(experiment(tmp_path), "f0", f0step.run)["method"] == "pm"
+    (exp_dir / ".rvc" / "f0.done.json").unlink()
+    exp = experiment(tmp_path, f0={"method": "fcpe"}, resources={"device": "gpu", "parallelism": 1})
+    s = run_step(exp, "f0", f0step.run)
+    assert s["method"] == "fcpe" and s["computed"] == 3 and s["resumed"] == 0 and s["device"] == "cpu"
+    assert s["fcpe_weights"].startswith("sha256:") and 0.4 < s["voiced_ratio"] < 1.0
+    for n in ("0_0.wav", "0_1.wav", "1_0.wav"):
+        x, _ = sf.read(in_dir / n, dtype="float32")
+        nsf = np.load(exp_dir / "2b-f0nsf" / f"{n}.npy")
+        assert nsf.dtype == np.float64 and nsf.shape == (len(x) // 160,)
+        np.testing.assert_allclose(nsf, f0step.compute_f0(x, "fcpe"), rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(np.load(exp_dir / "2a_f0" / f"{n}.npy"), f0step.coarse_f0(nsf))
+    tone_f0 = np.load(exp_dir / "2b-f0nsf" / "1_0.wav.npy")[10:-10]
+    assert (tone_f0 > 0).all() and np.abs(1200 * np.log2(tone_f0 / 200.0)).max() < 10
+    # interrupted: one file lost its outputs; the rerun computes only that one
+    (exp_dir / "2b-f0nsf" / "0_1.wav.npy").unlink()
+    (exp_dir / ".rvc" / "f0.done.json").unlink()
+    again = run_step(exp, "f0", f0step.run)
+    assert again["computed"] == 1 and again["resumed"] == 2 and again["fcpe_weights"] == s["fcpe_weights"]
 
 
 def test_step_on_s3(tmp_path: Path, s3: Any, slices: dict[str, Path]) -> None:

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from rvc_pipeline import features, hubert, voices
+from rvc_pipeline import features, voices
+from rvc_pipeline.components.embedders.base import load_embedder
 from rvc_pipeline.progress import read_events
 from rvc_pipeline.spec import Experiment, parse_spec
 from rvc_pipeline.stepio import StepFailed, run_step
 from rvc_pipeline.weights import WeightsNotFound
 
 from tests.s3server import S3Endpoint
+from tests.support.fairseq_hubert import HubertConfig, HubertModel, save_fairseq_checkpoint
 
 pytestmark = [
     pytest.mark.skipif(
@@ -40,7 +42,7 @@ def speak(text: str, dest: Path, rate: int = 16000, channels: int = 1, voice: st
     return voices.speak(text, dest, sr=rate, channels=channels, voice=voice)
 
 
-def small_cfg(**kw: Any) -> hubert.HubertConfig:
+def small_cfg(**kw: Any) -> HubertConfig:
     # 768-d output and a 256-d final_proj as RVC expects, but narrow convs and 2 layers: fast on CPU
     base: dict[str, Any] = dict(
         conv_layers=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2,
@@ -53,14 +55,14 @@ def small_cfg(**kw: Any) -> hubert.HubertConfig:
         final_dim=256,
     )
     base.update(kw)
-    return hubert.HubertConfig(**base)
+    return HubertConfig(**base)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(11)
-    return hubert.save_fairseq_checkpoint(
-        hubert.HubertModel(small_cfg()), tmp_path_factory.mktemp("w") / "hubert_small.pt", fp16=True
+    return save_fairseq_checkpoint(
+        HubertModel(small_cfg()), tmp_path_factory.mktemp("w") / "hubert_small.pt", fp16=True
     )
 
 
@@ -104,7 +106,7 @@ def test_v2_features_match_the_model_and_resume(tmp_path: Path, ckpt: Path, spee
     assert summary["random_weights"] is False and summary["device"] == "cpu" and summary["dim"] == 768
     assert summary["threads"] == 2 and summary["dtype"] == "float32"
 
-    ref = hubert.load_embedder(ckpt, "cpu", False)
+    ref = load_embedder(ckpt, "cpu", False)
     total = 0.0
     for name in speech:
         audio, sr = sf.read(in_dir / name, dtype="float32", always_2d=True)
@@ -185,10 +187,10 @@ def test_wrong_sample_rate_fails_naming_the_file(tmp_path: Path, ckpt: Path, spe
 
 def test_nan_features_are_not_saved_and_fail(tmp_path: Path, speech: dict[str, Path]) -> None:
     torch.manual_seed(2)
-    m = hubert.HubertModel(small_cfg())
+    m = HubertModel(small_cfg())
     with torch.no_grad():
         m.post_extract_proj.bias[3] = float("nan")
-    path = hubert.save_fairseq_checkpoint(m, tmp_path / "nan.pt")
+    path = save_fairseq_checkpoint(m, tmp_path / "nan.pt")
     exp = experiment(tmp_path, features={"embedder": str(path)})
     in_dir = put_wavs(exp, tmp_path, {"0_0.wav": speech["0_0.wav"], "0_1.wav": speech["0_1.wav"]})
     with pytest.raises(StepFailed, match=r"NaN .* 2 file\(s\): 0_\d\.wav, 0_\d\.wav"):
@@ -197,7 +199,7 @@ def test_nan_features_are_not_saved_and_fail(tmp_path: Path, speech: dict[str, P
 
 
 def test_embedder_of_the_wrong_size_fails(tmp_path: Path, speech: dict[str, Path]) -> None:
-    path = hubert.save_fairseq_checkpoint(hubert.HubertModel(small_cfg(embed_dim=96)), tmp_path / "h96.pt")
+    path = save_fairseq_checkpoint(HubertModel(small_cfg(embed_dim=96)), tmp_path / "h96.pt")
     exp = experiment(tmp_path, features={"embedder": str(path)})
     put_wavs(exp, tmp_path, {"0_0.wav": speech["0_0.wav"]})
     with pytest.raises(StepFailed, match="96-d v2 features; an RVC v2 model needs 768-d"):

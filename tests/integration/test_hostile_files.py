@@ -4,9 +4,9 @@ Each path gets the hostile kinds below (payloads of tests/support/hostile.py, wh
 does run: tests/unit/test_safeload.py::test_payloads_are_real). For each, the test asserts that the
 payload's marker file was not created and that the error names the file. A training run is too slow
 for a 2-core machine, so the training paths call the lowest real function train.run goes through:
-`train.choose_init` (own checkpoints, resumeFrom, pretrained G/D, the weights cache), then
-`checkpoints.load_checkpoint` / `checkpoints.read_checkpoint` / `train._load_pretrained_d` (what
-train.run does with the plan), and `train._mute_features` (the mute set). The features step's
+`steps.train.state.choose_init` (own checkpoints, resumeFrom, pretrained G/D, the weights cache), then
+`checkpoints.load_checkpoint` / `checkpoints.read_checkpoint` / `state.load_pretrained_d` (what
+train.run does with the plan), and `prepare.mute_features` (the mute set). The features step's
 embedder is `features.resolve_spec_embedder` + `features.load_spec_embedder`; `rvc-pipeline infer`
 is driven through `cli.main` (exit code 2, one line, no traceback).
 """
@@ -24,16 +24,22 @@ import pytest
 import soundfile as sf
 import torch
 from rvc_pipeline import checkpoints as ck
-from rvc_pipeline import cli, crepe, f0, features, hubert, infer, safeload, train
+from rvc_pipeline import cli, features, infer, safeload
+from rvc_pipeline.components.embedders.base import load_embedder
+from rvc_pipeline.components.pitch import crepe, fcpe
+from rvc_pipeline.components.pitch.rmvpe import get_rmvpe
 from rvc_pipeline.data import TextAudioDataset, spec_cache_path
 from rvc_pipeline.export import load_small_model
 from rvc_pipeline.progress import Reporter
 from rvc_pipeline.spec import Experiment, parse_spec
 from rvc_pipeline.stepio import StepContext, StepFailed
+from rvc_pipeline.steps.train import prepare, state
 from rvc_pipeline.storage import open_storage
+from rvc_pipeline.weights import resolve_weight
 
 from tests.s3server import S3Endpoint
 from tests.support import hostile
+from tests.support.fairseq_hubert import HubertConfig, HubertModel, save_fairseq_checkpoint
 from tests.support.hostile import torch_zip, write_legacy
 
 pytestmark = pytest.mark.usefixtures("offline_weights")
@@ -109,7 +115,7 @@ def _each_kind(tmp_path: Path, kinds: dict[str, Writer]):  # noqa: ANN202 - gene
 
 
 def test_resume_from_own_checkpoint_G_999(tmp_path: Path) -> None:
-    """A G_999.pth (or D_999.pth) dropped into the experiment: train.choose_init refuses it."""
+    """A G_999.pth (or D_999.pth) dropped into the experiment: choose_init refuses it."""
     for _kind, d, marker, writer in _each_kind(tmp_path, KINDS):
         for bad in ("G_999.pth", "D_999.pth"):
             exp = _experiment(d / bad)
@@ -118,7 +124,7 @@ def test_resume_from_own_checkpoint_G_999(tmp_path: Path) -> None:
                 target = ctx.exp_dir / name
                 writer(marker, target) if name == bad else _valid(target)
             with pytest.raises(safeload.UnsafeFile) as err:
-                train.choose_init(ctx, "v2", "40k", True)
+                state.choose_init(ctx, "v2", "40k", True)
             _check(err.value, ctx.exp_dir / bad, marker)
     # the control: a truncated newest checkpoint is corrupt, and resume falls back to the older one
     exp = _experiment(tmp_path / "trunc")
@@ -127,7 +133,7 @@ def test_resume_from_own_checkpoint_G_999(tmp_path: Path) -> None:
         _valid(ctx.exp_dir / name)
     data = (ctx.exp_dir / "G_999.pth").read_bytes()
     (ctx.exp_dir / "G_999.pth").write_bytes(data[: len(data) // 2])
-    plan = train.choose_init(ctx, "v2", "40k", True)
+    plan = state.choose_init(ctx, "v2", "40k", True)
     assert plan.kind == "resume" and Path(plan.g).name == "G_1.pth"
 
 
@@ -140,7 +146,7 @@ def test_own_checkpoint_dropped_into_s3_storage(tmp_path: Path, s3: S3Endpoint) 
     for name in ("G_999.pth", "D_999.pth"):
         s3.client().upload_file(str(tmp_path / name), s3.bucket, f"runs/logs/exp/{name}")
     with pytest.raises(safeload.UnsafeFile) as err:
-        train.choose_init(ctx, "v2", "40k", True)
+        state.choose_init(ctx, "v2", "40k", True)
     _check(err.value, ctx.exp_dir / "G_999.pth", marker)
 
 
@@ -150,7 +156,7 @@ def test_resume_from(tmp_path: Path) -> None:
         g = writer(marker, d / "G_5.pth")
         _valid(d / "D_5.pth")
         exp = _experiment(d, train={"resumeFrom": str(g)})
-        plan = train.choose_init(_ctx(exp, d), "v2", "40k", True)
+        plan = state.choose_init(_ctx(exp, d), "v2", "40k", True)
         assert plan.kind == "resume_from"
         with pytest.raises(safeload.UnsafeFile) as err:
             ck.load_checkpoint(Path(plan.g), torch.nn.Linear(3, 2), None)
@@ -162,14 +168,14 @@ def test_pretrained_g_and_d(tmp_path: Path) -> None:
         bad = writer(marker, d / "f0G40k.pth")
         good = _valid(d / "f0D40k.pth")
         exp = _experiment(d, train={"pretrainedG": str(bad), "pretrainedD": str(good)})
-        plan = train.choose_init(_ctx(exp, d), "v2", "40k", True)
+        plan = state.choose_init(_ctx(exp, d), "v2", "40k", True)
         assert plan.kind == "pretrained"
         with pytest.raises(safeload.UnsafeFile) as err:
             ck.read_checkpoint(Path(plan.g))  # train.run's pretrained branch
         _check(err.value, bad, marker)
         exp = _experiment(d, train={"pretrainedG": str(good), "pretrainedD": str(bad)})
         with pytest.raises(safeload.UnsafeFile) as err:  # the discriminator of a resumeFrom without D_
-            train._load_pretrained_d(torch.nn.Linear(3, 2), exp.spec, "v2", "40k", True)
+            state.load_pretrained_d(torch.nn.Linear(3, 2), exp.spec, "v2", "40k", True)
         _check(err.value, bad, marker)
 
 
@@ -195,17 +201,17 @@ def test_weights_cache_on_s3(tmp_path: Path, s3: S3Endpoint) -> None:
         features.load_spec_embedder(ctx, "cpu", path)
     _check(err.value, path, marker)
     with pytest.raises(safeload.UnsafeFile) as err:  # the mute set: refused loudly, not zeros
-        train._mute_features(ctx, "v2")
+        prepare.mute_features(ctx, "v2")
     _check(err.value, path, marker)
-    plan = train.choose_init(ctx, "v2", "40k", True)
+    plan = state.choose_init(ctx, "v2", "40k", True)
     assert plan.kind == "pretrained"
     for p in (plan.g, plan.d):
         with pytest.raises(safeload.UnsafeFile) as err:
             ck.read_checkpoint(Path(p))
         _check(err.value, Path(p), marker)
-    rmvpe_path = train.resolve_weight(exp.spec.f0.rmvpe_checkpoint, exp.spec, what="RMVPE checkpoint")
+    rmvpe_path = resolve_weight(exp.spec.f0.rmvpe_checkpoint, exp.spec, what="RMVPE checkpoint")
     with pytest.raises(safeload.UnsafeFile) as err:
-        f0.get_rmvpe(rmvpe_path)
+        get_rmvpe(rmvpe_path)
     _check(err.value, rmvpe_path, marker)
 
 
@@ -221,7 +227,7 @@ def test_embedder_via_features_and_mute_set(tmp_path: Path) -> None:
             features.load_spec_embedder(ctx, "cpu", features.resolve_spec_embedder(ctx))
         _check(err.value, bad, marker)
         with pytest.raises(safeload.UnsafeFile) as err:  # a train-only run fails naming the file
-            train._mute_features(ctx, "v2")
+            prepare.mute_features(ctx, "v2")
         _check(err.value, bad, marker)
         assert not marker.exists()
 
@@ -232,7 +238,7 @@ def test_hugging_face_folder_with_hostile_bin(tmp_path: Path) -> None:
         (d / "hf" / "config.json").write_text("{}")
         bad = writer(marker, d / "hf" / "pytorch_model.bin")
         with pytest.raises(safeload.UnsafeFile) as err:
-            hubert.load_embedder(d / "hf")
+            load_embedder(d / "hf")
         _check(err.value, bad, marker)
 
 
@@ -245,8 +251,9 @@ def test_rmvpe_crepe_exported_models_and_spectrogram_cache(tmp_path: Path) -> No
     for _kind, d, marker, writer in _each_kind(tmp_path, KINDS):
         bad = writer(marker, d / "w.pth")
         loaders: list[Callable[[Path], Any]] = [
-            f0.get_rmvpe,  # what the f0 step and infer use
+            get_rmvpe,  # what the f0 step and infer use
             lambda p: crepe.Crepe("tiny", weights=p),
+            lambda p: fcpe.FCPE(weights=p),
             load_small_model,
             infer.load_model,
         ]
@@ -281,9 +288,9 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     sd = {k: v.half() for k, v in g.state_dict().items() if "enc_q" not in k}
     torch.save({"weight": sd, "config": args, "info": "1epoch", "sr": "40k", "f0": 1, "version": "v2"},
                d / "model.pth")
-    hc = hubert.HubertConfig(conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2, embed_dim=768,
+    hc = HubertConfig(conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2, embed_dim=768,
                              ffn_dim=64, heads=12, layers=1, conv_pos=16, conv_pos_groups=16, final_dim=256)
-    hubert.save_fairseq_checkpoint(hubert.HubertModel(hc), d / "hubert.pt")
+    save_fairseq_checkpoint(HubertModel(hc), d / "hubert.pt")
     t = np.arange(16000) / 16000
     sf.write(d / "in.wav", (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000)
     return {"model": d / "model.pth", "embedder": d / "hubert.pt", "input": d / "in.wav"}

@@ -23,9 +23,9 @@ import pytest
 import torch
 from rvc_pipeline import cli
 from rvc_pipeline.audio import high_pass, load_audio
+from rvc_pipeline.components.embedders.base import Embedder
 from rvc_pipeline.export import export_small_model
 from rvc_pipeline.f0 import coarse_f0, compute_f0
-from rvc_pipeline.hubert import Embedder, HubertConfig, HubertModel, save_fairseq_checkpoint
 from rvc_pipeline.index import build_index
 from rvc_pipeline.infer import (
     FP32_WINDOW,
@@ -48,6 +48,8 @@ from rvc_pipeline.models import build_generator, constructor_args, get_config
 from rvc_pipeline.models.synthesizer import SynthesizerTrn
 from scipy.io import wavfile
 from scipy.signal import medfilt
+
+from tests.support.fairseq_hubert import HubertConfig, HubertModel, save_fairseq_checkpoint, to_embedder
 
 SMALL_CONV = [(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2  # HuBERT's strides, narrow channels
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -99,7 +101,7 @@ def tiny_hubert(seed: int = 0) -> HubertModel:
 
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
-    return Embedder(tiny_hubert())
+    return to_embedder(tiny_hubert())
 
 
 @pytest.fixture(scope="module")
@@ -508,3 +510,28 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path, speech: dict[str, Path], s
     assert "protect must be within" in err("--model", str(v2_model), *base, "--protect", "0.7")
     assert "sid 200 out of range" in err("--model", str(v2_model), *base, "--sid", "200")
     assert not Path(out).exists()
+
+
+def test_cli_converts_with_fcpe(tmp_path: Path, speech: dict[str, Path], small_model_file: Path,
+                                hubert_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--f0-method fcpe (a method added as one file in components/pitch) drives the conversion."""
+    from rvc_pipeline.components.pitch import fcpe
+
+    try:
+        fcpe.asset_path()
+    except fcpe.FCPEError:
+        pytest.skip("the torchfcpe wheel (its bundled weights) is not installed")
+    x = load_audio(speech["short"], 16000)
+    outs = {}
+    for method in ("fcpe", "pm"):
+        outs[method] = tmp_path / f"{method}.wav"
+        rc = _run_cli("--model", str(small_model_file), "--input", str(speech["short"]), "--output",
+                      str(outs[method]), "--embedder", str(hubert_file), "--device", "cpu",
+                      "--f0-method", method)
+        assert rc == 0, capsys.readouterr().err
+    sr, y = read_wav(outs["fcpe"])
+    assert sr == 40000 and len(y) == expected_length(len(x), 40000, FP32_WINDOW, []) and np.abs(y).max() > 100
+    assert not np.array_equal(y, read_wav(outs["pm"])[1])  # another pitch track, another output
+    xp = np.pad(x.astype(np.float64), (16000, 16000), mode="reflect")
+    p_len = len(xp) // 160
+    np.testing.assert_array_equal(extract_f0(xp, p_len, "fcpe"), compute_f0(xp, "fcpe", p_len))

@@ -1,6 +1,7 @@
 """The operator's glue (rvc_operator.handlers) against a real S3 API (moto server) and an in-memory cluster.
 
-kopf itself needs an API server, so the kopf smoke test lives in the e2e tier. Here the reconcile loop runs
+kopf itself needs an API server, so the in-process KopfRunner test lives in the e2e tier
+(tests/e2e/test_operator_kopfrunner.py). Here the reconcile loop runs
 exactly as under kopf, with the Kubernetes calls answered by `FakeCluster` (plain dicts, the same shapes the
 API returns) and storage on a real S3 endpoint: markers, progress.jsonl and the index are real objects.
 """
@@ -17,11 +18,15 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
-from rvc_operator import handlers, progress_reader
+from rvc_operator import access, handlers, progress_reader
 from rvc_operator.__main__ import kopf_arguments
+from rvc_operator.cluster import Conflict
 from rvc_operator.config import OperatorConfig
 from rvc_operator.metrics import OperatorMetrics
+from rvc_operator.observe import observe_jobs
+from rvc_operator.reconcile import cleanup, reconcile
 from rvc_operator.status import Event
+from rvc_operator.sweeper import Sweeper, due_for_sweep
 from rvc_pipeline.spec import STEP_ORDER
 from rvc_pipeline.stepio import marker_key
 from rvc_pipeline.storage import open_storage
@@ -140,9 +145,9 @@ class FakeCluster:
             self.conflict_patch -= 1
             self.rv += 1
             body["metadata"]["resourceVersion"] = str(self.rv)
-            raise handlers.Conflict("the object has been modified")
+            raise Conflict("the object has been modified")
         if resource_version is not None and resource_version != body["metadata"]["resourceVersion"]:
-            raise handlers.Conflict("stale resourceVersion")
+            raise Conflict("stale resourceVersion")
         body["status"] = _merge(body.get("status") or {}, patch)
         self.rv += 1
         body["metadata"]["resourceVersion"] = str(self.rv)
@@ -182,8 +187,8 @@ class Harness:
 
     def reconcile(self, name: str = "alice", advance: float = 15.0):  # noqa: ANN201
         self.now += timedelta(seconds=advance)
-        return handlers.reconcile(self.cluster, "voice", name, self.cfg, post=self.post, metrics=self.metrics,
-                                  now=lambda: self.now)
+        return reconcile(self.cluster, "voice", name, self.cfg, post=self.post, metrics=self.metrics,
+                         now=lambda: self.now)
 
     def marker(self, step: str, exp: str = "alice") -> None:
         self.storage.write_bytes(marker_key(exp, step), json.dumps({"step": step}).encode())
@@ -274,6 +279,28 @@ def test_one_click_training_through_all_steps(h: Harness) -> None:
     # a finished experiment costs no further API writes
     n_events = len(h.events)
     assert h.reconcile() is None and len(h.events) == n_events
+
+
+def test_the_manifest_is_parsed_once_per_reconcile(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rvc_operator.api
+    import rvc_operator.jobs
+
+    calls: list[str] = []
+    for mod in (rvc_operator.api, rvc_operator.jobs):
+        real = mod.parse_manifest
+
+        def counting(body: Any, _real: Any = real) -> Any:
+            calls.append(body["metadata"]["name"])
+            return _real(body)
+
+        monkeypatch.setattr(mod, "parse_manifest", counting)
+    h.cluster.add_experiment("alice", h.spec())
+    h.reconcile()  # storage check, decide, the ConfigMap and the Job: one parse
+    assert h.cluster.created == ["alice-preprocess-1"] and calls == ["alice"]
+    h.marker("preprocess")
+    h.cluster.finish_job("alice-preprocess-1")
+    h.reconcile()  # a step finished and the next Job created: again one
+    assert h.cluster.created == ["alice-preprocess-1", "alice-f0-1"] and calls == ["alice", "alice"]
 
 
 def test_restart_between_job_creation_and_status_write_never_duplicates(h: Harness) -> None:
@@ -414,11 +441,11 @@ def test_delete_cleans_jobs_and_optionally_artifacts(h: Harness) -> None:
     h.storage.write_bytes("logs/alice/0_gt_wavs/a.wav", b"RIFF")
     h.marker("preprocess")
     h.storage.write_bytes("logs/bob/keep.txt", b"other experiment")
-    assert handlers.cleanup(c, body, h.cfg, metrics=h.metrics) == []
+    assert cleanup(c, body, h.cfg, metrics=h.metrics) == []
     assert c.deleted == ["alice-preprocess-1"] and ("voice", "alice-spec") not in c.configmaps
     assert h.storage.exists("logs/alice/0_gt_wavs/a.wav")
     body["metadata"]["annotations"]["rvc-operator.dev/delete-artifacts"] = "true"
-    gone = handlers.cleanup(c, body, h.cfg, metrics=h.metrics)
+    gone = cleanup(c, body, h.cfg, metrics=h.metrics)
     assert sorted(gone) == ["logs/alice/.rvc/preprocess.done.json", "logs/alice/0_gt_wavs/a.wav"]
     assert not h.storage.exists("logs/alice/0_gt_wavs/a.wav") and h.storage.exists("logs/bob/keep.txt")
 
@@ -433,7 +460,7 @@ def test_jobs_of_a_deleted_namesake_are_ignored(h: Harness) -> None:
     body = c.add_experiment("alice", h.spec())
     body["metadata"]["uid"] = "uid-alice-2"
     assert old["metadata"]["ownerReferences"][0]["uid"] == "uid-alice"
-    jobs = handlers.observe_jobs(c, body)
+    jobs = observe_jobs(c, body)
     assert jobs == []
 
 
@@ -471,7 +498,7 @@ def test_periodic_sweep_reconciles_only_unfinished_experiments(h: Harness) -> No
     done["status"] = {"phase": "Succeeded", "observedGeneration": 1}
     gone = c.add_experiment("dave", h.spec(experimentName="dave"))
     gone["metadata"]["deletionTimestamp"] = "2025-03-01T12:00:00Z"
-    assert handlers.due_for_sweep(c.list_experiments(None)) == [
+    assert due_for_sweep(c.list_experiments(None)) == [
         ("voice", "alice", "uid-alice"), ("voice", "bob", "uid-bob")]
     ran: list[str] = []
 
@@ -479,12 +506,12 @@ def test_periodic_sweep_reconciles_only_unfinished_experiments(h: Harness) -> No
         ran.append(name)
         h.reconcile(name)
 
-    sweeper = handlers.Sweeper(c, h.cfg, run, workers=1)
+    sweeper = Sweeper(c, h.cfg, run, workers=1)
     assert sweeper.sweep_once() == 2 and sorted(ran) == ["alice", "bob"]
     assert sorted(c.created) == ["alice-preprocess-1", "bob-preprocess-1"]
     c.update_spec("voice", "carol", h.spec(experimentName="carol", train={"epochs": 9}))  # finished, edited
-    assert ("voice", "carol", "uid-carol") in handlers.due_for_sweep(c.list_experiments("voice"))
-    assert handlers.due_for_sweep(c.list_experiments("elsewhere")) == []
+    assert ("voice", "carol", "uid-carol") in due_for_sweep(c.list_experiments("voice"))
+    assert due_for_sweep(c.list_experiments("elsewhere")) == []
 
 
 def test_no_kopf_handler_needs_a_finalizer() -> None:
@@ -507,14 +534,14 @@ class Spy:
 
     def __call__(self, manifest: dict[str, Any], cfg: OperatorConfig) -> Any:
         self.opened.append(manifest["spec"]["storage"]["uri"])
-        storage = handlers.open_experiment_storage(manifest, cfg)
+        storage = access.open_experiment_storage(manifest, cfg)
         return self.wrap(storage) if self.wrap else storage
 
 
-def _reconcile_in(h: Harness, ns: str, name: str, opener: Any = handlers.open_experiment_storage) -> None:
+def _reconcile_in(h: Harness, ns: str, name: str, opener: Any = access.open_experiment_storage) -> None:
     h.now += timedelta(seconds=15)
-    handlers.reconcile(h.cluster, ns, name, h.cfg, post=h.post, metrics=h.metrics, now=lambda: h.now,
-                       opener=opener)
+    reconcile(h.cluster, ns, name, h.cfg, post=h.post, metrics=h.metrics, now=lambda: h.now,
+              opener=opener)
 
 
 def _record(h: Harness, exp: str = "alice") -> dict[str, Any]:
@@ -558,7 +585,7 @@ def test_storage_outside_the_allowed_prefixes_is_never_opened(s3: S3Endpoint) ->
         allowed = "none" if ns == "team-z" else s3.uri("rvc") + "/team-a/"
         assert allowed in st["message"] and "steps" not in st
         assert (name, "Warning", "StorageNotAllowed") in h.events
-        assert handlers.cleanup(c, body, h.cfg, opener=spy, metrics=h.metrics) == []
+        assert cleanup(c, body, h.cfg, opener=spy, metrics=h.metrics) == []
     assert spy.opened == [] and c.created == []
     # inside its prefix the experiment runs, and the operator opens its storage
     c.add_experiment("alice", h.spec(storage={"uri": s3.uri("rvc") + "/team-a"}))
@@ -604,14 +631,14 @@ def test_another_resource_can_neither_read_nor_delete_the_folder(h: Harness) -> 
     assert not [j for (ns, _), j in c.jobs.items() if ns == "team-b"]
     # deleting mallory with delete-artifacts deletes nothing of alice's
     del c.experiments[("team-b", "mallory")]
-    assert handlers.cleanup(c, body, h.cfg, metrics=h.metrics) == []
+    assert cleanup(c, body, h.cfg, metrics=h.metrics) == []
     assert {o.key: o.etag or "" for o in h.storage.list("logs/alice/")} == before
     # alice goes on as before, and her own deletion with delete-artifacts removes the folder
     h.reconcile()
     assert c.status("alice")["phase"] == "Running" and c.status("alice")["progress"]["epochText"] == "2/4"
     alice = c.experiments.pop(("voice", "alice"))
     alice["metadata"]["annotations"]["rvc-operator.dev/delete-artifacts"] = "true"
-    gone = handlers.cleanup(c, alice, h.cfg, metrics=h.metrics)
+    gone = cleanup(c, alice, h.cfg, metrics=h.metrics)
     assert sorted(gone) == sorted(k for k in before if not k.endswith("owner.json"))
     assert h.storage.list("logs/alice/") == []
 
@@ -628,7 +655,7 @@ def test_unreadable_or_oversized_record_is_never_treated_as_ours(h: Harness) -> 
         body["metadata"]["uid"] = "uid-alice"  # even the uid the junk names
         h.reconcile(name)
         assert c.status(name)["phase"] == "Failed" and "belongs to another" in c.status(name)["message"]
-        assert handlers.cleanup(c, body, h.cfg, metrics=h.metrics) == []
+        assert cleanup(c, body, h.cfg, metrics=h.metrics) == []
         assert h.storage.exists(f"logs/{name}/keep.bin")
     assert c.created == []
 
@@ -644,7 +671,7 @@ def test_recreated_namesake_takes_over_but_a_stale_cleanup_deletes_nothing(h: Ha
     h.reconcile()
     assert _record(h)["uid"] == "uid-alice-2"
     assert c.status("alice")["steps"]["preprocess"]["phase"] == "Running"  # its Job re-checks the dataset
-    assert handlers.cleanup(c, old, h.cfg, metrics=h.metrics) == []  # the old one's late cleanup
+    assert cleanup(c, old, h.cfg, metrics=h.metrics) == []  # the old one's late cleanup
     assert h.storage.exists(marker_key("alice", "preprocess"))
 
 
@@ -678,8 +705,8 @@ def test_two_resources_racing_for_a_fresh_folder_one_wins(h: Harness) -> None:
             return self.inner.create_exclusive(key, data)
 
     h.now += timedelta(seconds=15)
-    handlers.reconcile(c, "voice", "alice", h.cfg, post=h.post, metrics=h.metrics, now=lambda: h.now,
-                       opener=Spy(LosesRace))
+    reconcile(c, "voice", "alice", h.cfg, post=h.post, metrics=h.metrics, now=lambda: h.now,
+              opener=Spy(LosesRace))
     assert c.status("alice")["phase"] == "Failed" and c.created == []
     assert _record(h)["uid"] == "uid-bob"
 

@@ -20,6 +20,8 @@ from rvc_pipeline.spec import Experiment, parse_manifest
 from rvc_pipeline.stepio import StepFailed, run_step
 from scipy.io import wavfile
 
+from tests.support import rvc_port
+
 SR = 40000
 
 
@@ -252,6 +254,90 @@ def test_empty_and_missing_dataset(tmp_path: Path) -> None:
         run_step(_exp(empty, tmp_path / "store"), "preprocess", pp.run)
     with pytest.raises(StepFailed, match="no such folder"):
         run_step(_exp(tmp_path / "nope", tmp_path / "store"), "preprocess", pp.run)
+
+
+def _rvc_cases(voice_dir: Path, dest: Path) -> Path:
+    """Real speech laid out so that RVC's loop meets each of its quirks: a.wav, 79 s (longer than one
+    60 s block), has chunks whose last piece RVC overwrites with the next chunk's first piece and a
+    chunk with a tail under 0.76 s; b.wav is 0.5 s of speech (one short piece, named _1); c.wav is 50
+    samples of digital silence (RVC's slicer returns it whole, RVC writes a piece of NaNs at the model
+    rate, then its resampler raises: no 16 kHz piece, the file is logged as failed)."""
+    dest.mkdir(parents=True)
+    v = [wavfile.read(q)[1] for q in sorted(voice_dir.glob("*.wav"))]  # 32 kHz int16
+    rng = np.random.default_rng(1)
+    cropped = v[1][: int(3.8 * 32000)]  # its chunk is 4.07 s long: a 0.67 s tail
+    parts = []
+    for x in [v[1], v[1], cropped, v[2], v[3], v[0], v[1], v[2], v[3], v[0], cropped, v[1]]:
+        parts += [x, (rng.standard_normal(int(1.2 * 32000)) * 3).astype(np.int16)]
+    wavfile.write(dest / "a.wav", 32000, np.concatenate(parts))
+    loud = np.flatnonzero(np.abs(v[0]) > 1500)
+    wavfile.write(dest / "b.wav", 32000, v[0][loud[0]: loud[0] + 16000])
+    wavfile.write(dest / "c.wav", 32000, np.zeros(50, dtype=np.int16))
+    return dest
+
+
+def test_rvc_compatible_writes_rvcs_pieces_byte_for_byte(tmp_path: Path, voice_dir: Path) -> None:
+    from collections import Counter
+
+    data = _rvc_cases(voice_dir, tmp_path / "data")
+    rvc_log = rvc_port.preprocess_dataset(data, SR, tmp_path / "rvc")
+    writes = Counter(rvc_log.writes)
+    rvc_gt, rvc_16k = _pieces(tmp_path / "rvc", pp.GT_DIR), _pieces(tmp_path / "rvc", pp.WAV16_DIR)
+    nan = {n for n, b in rvc_gt.items() if np.isnan(np.frombuffer(b[58:], np.float32)).any()}
+    short = {n for n, b in rvc_gt.items() if (len(b) - 58) // 4 < pp.min_train_samples(SR)} - nan
+    # the data meets every case: overwritten names, short pieces inside the long file and alone, NaNs
+    assert sum(k > 1 for k in writes.values()) >= 3
+    assert {n.split("_")[0] for n in short} == {"0", "1"} and "1_1.wav" in short and nan == {"2_1.wav"}
+    assert rvc_log.failed == ["c.wav"] and set(rvc_16k) == set(rvc_gt) - nan
+
+    store = tmp_path / "store"
+    summary = run_step(_exp(data, store, rvcCompatible=True), "preprocess", pp.run)
+    exp_dir = store / "logs" / "pp"
+    assert _pieces(exp_dir, pp.GT_DIR) == {n: b for n, b in rvc_gt.items() if n not in nan}
+    assert _pieces(exp_dir, pp.WAV16_DIR) == {n: b for n, b in rvc_16k.items() if n not in nan}
+    report = json.loads((exp_dir / pp.REPORT).read_text())
+    assert report["rvc_compatible"] is True and report["deviations"] == ["no-nan"]
+    assert report["pieces_overwritten"] == sum(k - 1 for k in writes.values())
+    assert report["rvc_overwrites_avoided"] == report["short_pieces_dropped"] == 0
+    assert summary["pieces"] == len(rvc_gt) - len(nan) and report["silent_pieces_dropped"] == 1
+    assert "deviations from RVC: no-nan" in (exp_dir / pp.LOGFILE).read_text()
+
+    # the default keeps its deviations on the same data: no piece lost to a reused name, none too short
+    default = run_step(_exp(data, tmp_path / "store2"), "preprocess", pp.run)
+    report = json.loads((tmp_path / "store2" / "logs" / "pp" / pp.REPORT).read_text())
+    assert report["rvc_compatible"] is False and report["deviations"] == ["renumber", "drop-short", "blocks",
+                                                                          "no-nan"]
+    assert report["rvc_overwrites_avoided"] >= 3 and report["pieces_overwritten"] == 0
+    assert report["short_pieces_dropped"] == len(short)
+    gt = _pieces(tmp_path / "store2" / "logs" / "pp", pp.GT_DIR)
+    assert default["pieces"] == len(gt) == len(rvc_log.writes) - len(short)  # all kept but the short
+    assert min((len(b) - 58) // 4 for b in gt.values()) >= pp.min_train_samples(SR)
+
+
+def test_damaged_previous_manifest_entries_are_ignored() -> None:
+    ds = pp.Dataset("/data", [pp.DatasetFile("a.wav", 1, "sha256:x"), pp.DatasetFile("b.wav", 2, "sha256:y")])
+    changed_a = {"name": "a.wav", "size": 1, "digest": "sha256:z"}
+    old = {"files": [{"size": 1}, {"name": 3}, "junk", None, changed_a]}
+    assert pp.dataset_changes(old, ds) == {"added": ["b.wav"], "removed": [], "changed": ["a.wav"]}
+    assert pp.dataset_changes({"files": "nope"}, ds) is None
+    assert pp.dataset_changes([], ds) is None  # type: ignore[arg-type]
+
+
+def test_rvc_compatible_spec_switches_every_deviation() -> None:
+    exp = _exp("/data", Path("/store"), rvcCompatible=True)
+    p = pp.Params.from_spec(exp.spec)
+    assert (p.fix_overwrite, p.drop_short, p.block_seconds, p.block_samples()) == (False, False, None, None)
+    assert p == p.rvc_exact() and p.deviations == ["no-nan"]
+    default = pp.Params.from_spec(_exp("/data", Path("/store")).spec)
+    assert default.deviations == [d.name for d in pp.DEVIATIONS]
+    assert default.rvc_exact() == p
+    # every switch names a Params field, and the table's RVC value differs from the default
+    for d in pp.DEVIATIONS:
+        if d.switch is not None:
+            assert getattr(default, d.switch) != d.rvc
+    # other preprocess settings keep their meaning beside it
+    seg3 = pp.Params.from_spec(_exp("/data", Path("/store"), rvcCompatible=True, segmentSeconds=3.0).spec)
+    assert seg3.per == 3.0 and seg3.deviations == ["no-nan"]
 
 
 _RSS_SCRIPT = textwrap.dedent("""

@@ -1,8 +1,9 @@
 """The train step end to end on CPU: real speech (espeak-ng), tiny models, checkpoints, resume, failures.
 
 The models are RVC's classes built from a small `config.json` model section (RVC builds the generator
-from logs/<exp>/config.json too) plus a tiny discriminator through the documented test hook
-`train.DISCRIMINATOR_FACTORY`, so a step takes a fraction of a second and a checkpoint a few hundred kB.
+from logs/<exp>/config.json too) plus a tiny discriminator through the Trainer's test hooks
+(`TrainHooks(discriminator_factory=...)`), so a step takes a fraction of a second and a checkpoint a few
+hundred kB.
 The full-size v2 40k models are exercised once in the slow test at the end.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import json
 import os
 import signal
@@ -25,13 +27,14 @@ import soundfile as sf
 import torch
 import yaml
 from rvc_pipeline import checkpoints as ck
-from rvc_pipeline import train
 from rvc_pipeline.models import build_generator, get_config
 from rvc_pipeline.models.config import RVCConfig
 from rvc_pipeline.models.weightnorm import weight_norm
 from rvc_pipeline.progress import read_events
 from rvc_pipeline.spec import parse_manifest
 from rvc_pipeline.stepio import StepFailed, run_step
+from rvc_pipeline.steps import train
+from rvc_pipeline.steps.train import TrainHooks
 from rvc_pipeline.weights import WeightsNotFound
 from scipy.signal import resample_poly
 
@@ -75,14 +78,26 @@ def tiny_config(version: str = "v2", sr: str = "40k") -> RVCConfig:
     return RVCConfig.from_json(j)
 
 
+# Tiny D (the tiny generator comes from the experiment's config.json, which export checks against).
+HOOKS = TrainHooks(discriminator_factory=TinyD)
+
+
+def train_step(hooks: TrainHooks = HOOKS) -> Any:
+    """The train step function with test hooks, as run_step calls it."""
+    return functools.partial(train.run, hooks=hooks)
+
+
 def install_hooks() -> None:
-    """Tiny D (the tiny generator comes from the experiment's config.json, which export checks against)."""
-    train.DISCRIMINATOR_FACTORY = TinyD
+    """In a process driven through the CLI: its train step runs with HOOKS."""
+    from rvc_pipeline import cli
+
+    real = cli.step_function
+    cli.step_function = lambda step: train_step() if step == "train" else real(step)
 
 
 @pytest.fixture(autouse=True)
-def _hooks(monkeypatch: pytest.MonkeyPatch, offline_weights: Path) -> None:
-    monkeypatch.setattr(train, "DISCRIMINATOR_FACTORY", TinyD)
+def _offline(offline_weights: Path) -> None:
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +171,9 @@ def manifest(root: Path, name: str, *, version: str = "v2", sr: str = "40k", f0:
     }
 
 
-def run_train(root: Path, name: str, **kw: Any) -> dict[str, Any]:
+def run_train(root: Path, name: str, hooks: TrainHooks = HOOKS, **kw: Any) -> dict[str, Any]:
     exp = parse_manifest(manifest(root, name, **kw))
-    return run_step(exp, "train", train.run, force=True)
+    return run_step(exp, "train", train_step(hooks), force=True)
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -359,7 +374,7 @@ def test_missing_pretrained_and_demo_random(tmp_path: Path, speech: list[np.ndar
         run_train(tmp_path, "nopre", fromScratch=False)
     exp = parse_manifest({**manifest(tmp_path, "nopre", fromScratch=False, maxStepsPerEpoch=1)})
     exp.spec.demo_random_weights = True
-    s = run_step(exp, "train", train.run, force=True)
+    s = run_step(exp, "train", train_step(), force=True)
     assert s["random_weights"] is True and s["init"] == "scratch"
     m = torch.load(tmp_path / "logs" / "nopre" / "weights" / "nopre.pth", weights_only=True)
     assert m["info"].startswith("DEMO random init - not a real voice") and m["info"].endswith("1epoch")
@@ -378,25 +393,22 @@ def test_too_little_data(tmp_path: Path, speech: list[np.ndarray]) -> None:
         run_train(tmp_path, "short")
 
 
-def test_nan_steps_are_skipped_then_persistent_nan_fails(tmp_path: Path, speech: list[np.ndarray],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_steps_are_skipped_then_persistent_nan_fails(tmp_path: Path, speech: list[np.ndarray]) -> None:
     exp = make_experiment(tmp_path, "nan", speech[:4])
 
     def hook(step: int, which: str, loss: torch.Tensor) -> torch.Tensor:
         return loss * float("nan") if which == "g" and step in (2, 3) else loss
 
-    monkeypatch.setattr(train, "LOSS_HOOK", hook)
-    s = run_train(tmp_path, "nan", maxStepsPerEpoch=4)
+    s = run_train(tmp_path, "nan", hooks=TrainHooks(TinyD, loss_hook=hook), maxStepsPerEpoch=4)
     assert s["nonfinite_steps"] == 2 and s["global_step"] == 4
     sd = torch.load(exp / "G_4.pth", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in sd.values())
     ev = read_events(exp / "progress.jsonl", "train")
     assert [e["global_step"] for e in ev if e["event"] == "nonfinite_step"] == [2, 3]
     # NaN from step 5 on (epoch 2): stop with a clear message, epoch 1's checkpoint stays the newest
-    monkeypatch.setattr(train, "MAX_NONFINITE_STREAK", 3)
-    monkeypatch.setattr(train, "LOSS_HOOK", lambda step, which, loss: loss * float("nan"))
+    always_nan = TrainHooks(TinyD, lambda step, which, loss: loss * float("nan"), max_nonfinite_streak=3)
     with pytest.raises(StepFailed, match="3 consecutive steps with NaN.*learningRate.*fp32"):
-        run_train(tmp_path, "nan", epochs=2, maxStepsPerEpoch=4)
+        run_train(tmp_path, "nan", hooks=always_nan, epochs=2, maxStepsPerEpoch=4)
     assert ck.latest_checkpoint(exp).name == "G_4.pth"
     assert torch.load(exp / "G_4.pth", weights_only=True)["iteration"] == 1
 
@@ -425,7 +437,7 @@ def test_s3_storage_uploads_and_resumes_on_a_fresh_node(tmp_path: Path, speech: 
     def run(**kw: Any) -> dict[str, Any]:
         m = manifest(tmp_path, "remote", **kw)
         m["spec"]["storage"] = {"uri": s3.uri("store"), "endpoint": s3.url}
-        return run_step(parse_manifest(m), "train", train.run, force=True)
+        return run_step(parse_manifest(m), "train", train_step(), force=True)
 
     s1 = run(maxStepsPerEpoch=1)
     keys = {o["Key"] for o in cli.list_objects_v2(Bucket=s3.bucket, Prefix="store/logs/remote/")["Contents"]}
@@ -464,12 +476,10 @@ def test_resume_from_other_experiment_bf16_and_workers(tmp_path: Path, speech: l
 
 
 @pytest.mark.slow
-def test_full_size_v2_40k_one_step(tmp_path: Path, speech: list[np.ndarray],
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_size_v2_40k_one_step(tmp_path: Path, speech: list[np.ndarray]) -> None:
     """RVC's real architecture: 560 G / 165 D tensors in the checkpoints, export with the real checks."""
-    monkeypatch.setattr(train, "DISCRIMINATOR_FACTORY", None)
     exp = make_experiment(tmp_path, "full", speech[:2], config=False)
-    s = run_train(tmp_path, "full", batchSize=1, maxStepsPerEpoch=1)
+    s = run_train(tmp_path, "full", hooks=TrainHooks(), batchSize=1, maxStepsPerEpoch=1)
     assert s["global_step"] == 1
     assert len(torch.load(exp / "G_1.pth", weights_only=True)["model"]) == 560
     assert len(torch.load(exp / "D_1.pth", weights_only=True)["model"]) == 165

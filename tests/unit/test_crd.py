@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from rvc_operator import crd
+from rvc_pipeline.core.catalog import PITCH_METHODS
 from rvc_pipeline.spec import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAMES, ExperimentSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,7 +124,9 @@ def test_enums_from_literals(schema: dict[str, Any]) -> None:
     spec = schema["properties"]["spec"]
     assert _prop(spec, "model.version")["enum"] == ["v1", "v2"]
     assert _prop(spec, "model.sampleRate")["enum"] == ["32k", "40k", "48k"]
-    assert _prop(spec, "f0.method")["enum"] == ["pm", "harvest", "dio", "crepe", "rmvpe"]
+    # RVC's methods first, then one per file added to rvc_pipeline/components/pitch (the catalog)
+    assert _prop(spec, "f0.method")["enum"][:5] == ["pm", "harvest", "dio", "crepe", "rmvpe"]
+    assert _prop(spec, "f0.method")["enum"] == list(PITCH_METHODS)
     assert _prop(spec, "resources.device")["enum"] == ["gpu", "cpu"]
     assert spec["properties"]["steps"]["items"]["enum"] == ["preprocess", "f0", "features", "train", "index"]
     assert _prop(schema, "status.phase")["enum"] == ["Pending", "Queued", "Running", "Succeeded", "Failed"]

@@ -75,8 +75,10 @@ def test_classification_table(exc: BaseException, code: int, expected: bool) -> 
 @pytest.mark.parametrize(("module", "name"), [
     ("rvc_pipeline.audio", "AudioError"), ("rvc_pipeline.export", "ModelFileError"),
     ("rvc_pipeline.infer", "InferError"), ("rvc_pipeline.checkpoints", "CheckpointIncompatible"),
-    ("rvc_pipeline.checkpoints", "CheckpointCorrupt"), ("rvc_pipeline.rmvpe", "RMVPEError"),
-    ("rvc_pipeline.crepe", "CrepeError"), ("rvc_pipeline.safeload", "UnsafeFile"),
+    ("rvc_pipeline.checkpoints", "CheckpointCorrupt"),
+    ("rvc_pipeline.components.pitch.rmvpe", "RMVPEError"),
+    ("rvc_pipeline.components.pitch.crepe", "CrepeError"),
+    ("rvc_pipeline.components.pitch.fcpe", "FCPEError"), ("rvc_pipeline.safeload", "UnsafeFile"),
     ("rvc_pipeline.safeload", "UnreadableFile"),
 ])
 def test_our_refused_files_are_permanent(module: str, name: str) -> None:

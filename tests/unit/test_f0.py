@@ -12,9 +12,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rvc_pipeline import crepe, rmvpe, voices
+from rvc_pipeline import voices
+from rvc_pipeline.components.pitch import crepe, rmvpe
+from rvc_pipeline.components.pitch.base import pad_centred
+from rvc_pipeline.components.pitch.rmvpe import get_rmvpe
 from rvc_pipeline.f0 import coarse_f0 as coarse
-from rvc_pipeline.f0 import compute_f0, compute_f0_batch, frame_count, get_rmvpe, pad_centred
+from rvc_pipeline.f0 import compute_f0, compute_f0_batch, frame_count
+
+from tests.support.rmvpe_files import save_random_checkpoint
 
 SR = 16000
 
@@ -273,7 +278,7 @@ def torch_state(path: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def rmvpe_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return rmvpe.save_random_checkpoint(tmp_path_factory.mktemp("w") / "rmvpe.pt", seed=3)
+    return save_random_checkpoint(tmp_path_factory.mktemp("w") / "rmvpe.pt", seed=3)
 
 
 def test_rmvpe_structure_matches_rvc_file(rmvpe_ckpt: Path) -> None:

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from rvc_pipeline import checkpoints as ck
-from rvc_pipeline import errors, hubert, safeload
+from rvc_pipeline import errors, safeload
+from rvc_pipeline.components.embedders.fairseq_convert import load_fairseq_checkpoint, plain
 from rvc_pipeline.stepio import StepFailed
 
 from tests.support import hostile
+from tests.support.fairseq_hubert import HubertConfig, HubertModel, save_fairseq_checkpoint
 from tests.support.hostile import PAYLOADS, Payload, call, dict_of, g, s, torch_zip, write_legacy
 
 RUNNABLE = [p for p in PAYLOADS if p.runs]
@@ -87,11 +89,11 @@ def test_payload_in_a_fairseq_file_is_refused(tmp_path: Path, where: str) -> Non
     marker = tmp_path / "ran"
     path = hostile.fairseq_with_payload(marker, tmp_path / "hubert_base.pt", where=where)
     with pytest.raises(safeload.UnsafeFile, match=r"hubert_base\.pt: refused: .*'os\.system'"):
-        hubert.load_fairseq_checkpoint(path)
+        load_fairseq_checkpoint(path)
     assert not marker.exists()
     # the same file without the payload loads, its config as plain data
     clean = hostile.fairseq_with_payload(marker, tmp_path / "clean.pt", where="none")
-    state, cfg = hubert.load_fairseq_checkpoint(clean)
+    state, cfg = load_fairseq_checkpoint(clean)
     assert state == {} and cfg == {"model": {"encoder_layers": 2}, "task": {"normalize": False}}
 
 
@@ -176,7 +178,7 @@ def test_legitimate_files_load(tmp_path: Path) -> None:
     torch.save({"args": argparse.Namespace(encoder_layers=2, _name="hubert"), "model": {}}, tmp_path / "a.pt")
     obj = safeload.load(tmp_path / "a.pt")
     assert isinstance(obj["args"], safeload.InertObject) and obj["args"].origin == "argparse.Namespace"
-    assert hubert.plain(obj["args"]) == {"encoder_layers": 2, "_name": "hubert"}
+    assert plain(obj["args"]) == {"encoder_layers": 2, "_name": "hubert"}
 
 
 def _omegaconf_metadata() -> bytes:
@@ -198,11 +200,11 @@ def test_omegaconf_and_fairseq_classes_load_as_inert_data(tmp_path: Path) -> Non
     path = torch_zip(hostile.PROTO2 + dict_of(cfg=cfg, model=b"}") + b".", tmp_path / "h.pt")
     obj = safeload.load(path)
     assert isinstance(obj["cfg"], safeload.InertObject)
-    assert hubert.plain(obj["cfg"]) == {"activation_fn": "gelu", "labels": ["km"]}
+    assert plain(obj["cfg"]) == {"activation_fn": "gelu", "labels": ["km"]}
     # what the repo's own fairseq writer produces reads back too (tests/unit/test_hubert.py checks more)
-    m = hubert.HubertModel(hubert.HubertConfig(conv_layers=[(8, 10, 5)], embed_dim=16, ffn_dim=16, heads=2,
+    m = HubertModel(HubertConfig(conv_layers=[(8, 10, 5)], embed_dim=16, ffn_dim=16, heads=2,
                                                layers=1, conv_pos=4, conv_pos_groups=2, final_dim=4))
-    state, cfg_plain = hubert.load_fairseq_checkpoint(hubert.save_fairseq_checkpoint(m, tmp_path / "w.pt"))
+    state, cfg_plain = load_fairseq_checkpoint(save_fairseq_checkpoint(m, tmp_path / "w.pt"))
     assert cfg_plain["model"]["encoder_embed_dim"] == 16 and "mask_emb" in state
 
 
@@ -225,12 +227,12 @@ def test_plain_bounds_shared_and_deep_structures() -> None:
     for _ in range(40):  # 2**40 paths through 40 shared lists: refused, not walked
         x = [x, x]
     with pytest.raises(ValueError, match="too large"):
-        hubert.plain(x)
+        plain(x)
     deep: list = []
     for _ in range(60):
         deep = [deep]
     with pytest.raises(ValueError, match="nested too deeply"):
-        hubert.plain(deep)
+        plain(deep)
 
 
 def test_refusal_is_a_permanent_bad_input_error(tmp_path: Path) -> None:

@@ -8,54 +8,10 @@ from rvc_pipeline.audio import load_audio
 from rvc_pipeline.slicer import Slicer, frame_rms
 from rvc_pipeline.voices import harmonic_tone
 
+from tests.support.rvc_port import SlicerFrames, rms_frames, slice_audio
+from tests.support.rvc_port import slicer_tags as _oracle_tags  # RVC's frame loop, as an oracle
+
 SR = 40000
-
-
-def _oracle_tags(rms: np.ndarray, sl: Slicer) -> list[tuple[int, int]]:
-    """RVC's frame-by-frame loop, written from the reference's prose, as an independent oracle."""
-    tags: list[tuple[int, int]] = []
-    silence_start: int | None = None
-    clip_start = 0
-    msk = sl.max_sil_kept
-    for i, v in enumerate(rms):
-        if v < sl.threshold:
-            if silence_start is None:
-                silence_start = i
-            continue
-        if silence_start is None:
-            continue
-        leading = silence_start == 0 and i > msk
-        middle = i - silence_start >= sl.min_interval and i - clip_start >= sl.min_length
-        if not leading and not middle:
-            silence_start = None
-            continue
-        s = silence_start
-        if i - s <= msk:
-            pos = int(rms[s: i + 1].argmin()) + s
-            tags.append((0, pos) if s == 0 else (pos, pos))
-            clip_start = pos
-        elif i - s <= 2 * msk:
-            pos = int(rms[i - msk: s + msk + 1].argmin()) + i - msk
-            pos_l = int(rms[s: s + msk + 1].argmin()) + s
-            pos_r = int(rms[i - msk: i + 1].argmin()) + i - msk
-            if s == 0:
-                tags.append((0, pos_r))
-                clip_start = pos_r
-            else:
-                tags.append((min(pos_l, pos), max(pos_r, pos)))
-                clip_start = max(pos_r, pos)
-        else:
-            pos_l = int(rms[s: s + msk + 1].argmin()) + s
-            pos_r = int(rms[i - msk: i + 1].argmin()) + i - msk
-            tags.append((0, pos_r) if s == 0 else (pos_l, pos_r))
-            clip_start = pos_r
-        silence_start = None
-    total = len(rms)
-    if silence_start is not None and total - silence_start >= sl.min_interval:
-        end = min(total, silence_start + msk)
-        pos = int(rms[silence_start: end + 1].argmin()) + silence_start
-        tags.append((pos, total + 1))
-    return tags
 
 
 def _signal(plan: list[tuple[str, float]], sr: int = SR, seed: int = 0) -> np.ndarray:
@@ -181,3 +137,19 @@ def test_slicer_from_spec_uses_spec_values() -> None:
                                             hop_size_ms=10, max_sil_kept_ms=200))
     assert (sl.hop, sl.win, sl.min_length, sl.min_interval, sl.max_sil_kept) == (480, 1920, 200, 30, 20)
     assert sl.threshold == pytest.approx(10 ** (-30 / 20))
+
+
+@pytest.mark.parametrize("sr", [32000, 40000, 48000])
+def test_chunks_equal_rvc_port_bit_for_bit_on_speech(voice_dir, sr: int) -> None:  # noqa: ANN001
+    """The test-side port of RVC's Slicer (constants, RMS in RVC's frame layout, loop, chunks) gives the
+    very same chunks: the frame RMS is bit-identical, so no near-tie can cut elsewhere."""
+    ours, port = Slicer(sr), SlicerFrames(sr)
+    assert (ours.hop, ours.win, ours.min_length, ours.min_interval, ours.max_sil_kept) == (
+        port.hop, port.win, port.min_length, port.min_interval, port.max_sil_kept)
+    for p in sorted(voice_dir.glob("*.wav")):
+        x = load_audio(p, sr).astype(np.float64)
+        np.testing.assert_array_equal(frame_rms(x, ours.win, ours.hop), rms_frames(x, port.win, port.hop))
+        got, want = ours.slice(x), slice_audio(x, port)
+        assert len(got) == len(want) >= 1
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 from rvc_operator import ownership
-from rvc_operator.crd import ExperimentStatus
+from rvc_operator.api import ExperimentStatus
+from rvc_operator.observe import JobSummary, summarize_job, termination_line
 from rvc_operator.status import (
     Decision,
-    JobSummary,
     Policy,
     admit,
     backoff_delay,
@@ -19,11 +19,8 @@ from rvc_operator.status import (
     plan_deletion,
     rerun_point,
     status_patch,
-    step_hashes,
-    summarize_job,
-    termination_line,
 )
-from rvc_pipeline.spec import STEP_ORDER, SpecError, parse_manifest
+from rvc_pipeline.spec import STEP_ORDER, SpecError, parse_manifest, step_hashes
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 

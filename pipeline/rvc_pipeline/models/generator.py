@@ -5,6 +5,11 @@ wrapped to [0, 1). Inside frame j, sub-sample k (1..upp) adds f0_j * k / sr to t
 previous frames (sum of f0_i * upp / sr, accumulated in float64 and wrapped per frame), so the phase
 stays exact for inputs of any length. sine = 0.1 * sin(2 pi phase); voiced samples (f0 > 0) get
 N(0, 0.003) noise, unvoiced ones are noise only (std 0.1 / 3). har_source = tanh(Linear(1, 1)(e)).
+
+Random draws in RVC's order: first U[0, 1) of shape [1, 1, dim] (float32), the initial phase of each
+overtone (the fundamental's is set to 0, so with RVC's harmonic_num = 0 it changes nothing but is still
+drawn), then the noise N(0, 1) of shape [B, T*upp, dim] (float32). So the same seed (or generator)
+gives the same audio as RVC's code, up to float rounding of the phase.
 """
 
 from __future__ import annotations
@@ -41,11 +46,11 @@ class SineGen(nn.Module):
         frame_inc = rad * upp
         prev = torch.cumsum(frame_inc, dim=1) - frame_inc  # phase at the start of each frame
         prev = prev - torch.floor(prev)
-        if self.dim > 1 and self.training:
-            # random initial phase for the overtones, 0 for the fundamental
-            ini = torch.rand(b, self.dim, device=f0.device, generator=generator, dtype=torch.float64)
-            ini[:, 0] = 0.0
-            prev = prev + ini.unsqueeze(1)
+        # random initial phase of each overtone, one per harmonic for the whole batch, 0 for the
+        # fundamental; drawn even when dim == 1, as RVC does, so the noise that follows matches RVC's
+        ini = torch.rand(1, 1, self.dim, device=f0.device, generator=generator, dtype=torch.float32)
+        ini[..., 0] = 0.0
+        prev = prev + ini.to(torch.float64)
         k = torch.arange(1, upp + 1, device=f0.device, dtype=torch.float32).view(1, 1, upp, 1)
         ph = prev.to(torch.float32).unsqueeze(2) + rad.to(torch.float32).unsqueeze(2) * k  # [B,T,upp,D]
         ph = ph - torch.floor(ph)

@@ -25,13 +25,17 @@ salience-weighted mean of the cents of the +-4 bins around the arg-max; 0 where 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    import torch
+from .base import PitchMethod, cached, fit_length, register
+
+CATALOG = {"rmvpe": {"needs_gpu": True, "weights": ["rmvpe.pt"], "speed": 1.0, "rank": 4}}
 
 SAMPLE_RATE = 16000
 HOP = 160
@@ -84,138 +88,147 @@ def bin_to_hz(k: float) -> float:
     return float(10.0 * 2.0 ** ((CENTS_PER_BIN * k + CENTS_OFFSET) / 1200.0))
 
 
+_BN_MOMENTUM = 0.01
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout, momentum=_BN_MOMENTUM),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout, momentum=_BN_MOMENTUM),
+            nn.ReLU(),
+        )
+        self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + (x if self.shortcut is None else self.shortcut(x))
+
+
+class Stack(nn.Module):
+    """n_blocks residual blocks; with a pool kernel, also returns the pooled output."""
+
+    def __init__(self, cin: int, cout: int, pool: tuple[int, int] | None, n_blocks: int) -> None:
+        super().__init__()
+        self.conv = nn.ModuleList([ResBlock(cin if i == 0 else cout, cout) for i in range(n_blocks)])
+        self.pool = nn.AvgPool2d(pool) if pool is not None else None
+
+    def forward(self, x: torch.Tensor) -> Any:
+        for block in self.conv:
+            x = block(x)
+        return x if self.pool is None else (x, self.pool(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cin: int, width: int, depth: int, kernel: tuple[int, int], n_blocks: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin, momentum=_BN_MOMENTUM)
+        chans = [cin] + [width * 2**i for i in range(depth)]
+        self.layers = nn.ModuleList([Stack(chans[i], chans[i + 1], kernel, n_blocks) for i in range(depth)])
+        self.out_channels = chans[-1]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        x = self.bn(x)
+        for layer in self.layers:
+            skip, x = layer(x)
+            skips.append(skip)
+        return x, skips
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cin: int, cout: int, depth: int, n_blocks: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [Stack(cin if i == 0 else cout, cout, None, n_blocks) for i in range(depth)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: tuple[int, int], n_blocks: int) -> None:
+        super().__init__()
+        out_pad = (0, 1) if tuple(kernel) == (1, 2) else (1, 1)
+        self.conv1 = nn.Sequential(
+            nn.ConvTranspose2d(cin, cout, 3, kernel, 1, output_padding=out_pad, bias=False),
+            nn.BatchNorm2d(cout, momentum=_BN_MOMENTUM),
+            nn.ReLU(),
+        )
+        self.conv2 = nn.ModuleList([ResBlock(2 * cout if i == 0 else cout, cout) for i in range(n_blocks)])
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = torch.cat((self.conv1(x), skip), dim=1)
+        for block in self.conv2:
+            x = block(x)
+        return x
+
+
+class Decoder(nn.Module):
+    def __init__(self, cin: int, depth: int, kernel: tuple[int, int], n_blocks: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [UpBlock(cin // 2**i, cin // 2 ** (i + 1), kernel, n_blocks) for i in range(depth)]
+        )
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for layer, skip in zip(self.layers, reversed(skips), strict=True):
+            x = layer(x, skip)
+        return x
+
+
+class DeepUnet(nn.Module):
+    def __init__(self, kernel: tuple[int, int], n_blocks: int, depth: int = 5, inter: int = 4, cin: int = 1,
+                 width: int = 16) -> None:
+        super().__init__()
+        self.encoder = Encoder(cin, width, depth, kernel, n_blocks)
+        bottom = self.encoder.out_channels * 2  # 512
+        self.intermediate = Intermediate(self.encoder.out_channels, bottom, inter, n_blocks)
+        self.decoder = Decoder(bottom, depth, kernel, n_blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, skips = self.encoder(x)
+        return self.decoder(self.intermediate(x), skips)
+
+
+class BiGRU(nn.Module):
+    def __init__(self, n_in: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.gru = nn.GRU(n_in, hidden, num_layers=layers, batch_first=True, bidirectional=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gru(x)[0]
+
+
+class E2E(nn.Module):
+    def __init__(self, n_blocks: int = 4, n_gru: int = 1, kernel: tuple[int, int] = (2, 2)) -> None:
+        super().__init__()
+        self.unet = DeepUnet(kernel, n_blocks)
+        self.cnn = nn.Conv2d(16, 3, 3, padding=1)
+        if n_gru:
+            self.fc = nn.Sequential(
+                BiGRU(3 * N_MELS, 256, n_gru), nn.Linear(512, N_CLASS), nn.Dropout(0.25), nn.Sigmoid()
+            )
+        else:
+            self.fc = nn.Sequential(nn.Linear(3 * N_MELS, N_CLASS), nn.Dropout(0.25), nn.Sigmoid())
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        """[B, 128, T] log-mel (T a multiple of 32) -> [B, T, 360] salience."""
+        x = mel.transpose(-1, -2).unsqueeze(1)  # [B, 1, T, 128]
+        x = self.cnn(self.unet(x))  # [B, 3, T, 128]
+        x = x.transpose(1, 2).flatten(-2)  # [B, T, 384]
+        return self.fc(x)
+
+
 def build_e2e(n_blocks: int = 4, n_gru: int = 1, kernel: tuple[int, int] = (2, 2)) -> torch.nn.Module:
     """The E2E network (randomly initialised)."""
-    from torch import nn
-
-    bn_momentum = 0.01
-
-    class ResBlock(nn.Module):
-        def __init__(self, cin: int, cout: int) -> None:
-            super().__init__()
-            self.conv = nn.Sequential(
-                nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
-                nn.BatchNorm2d(cout, momentum=bn_momentum),
-                nn.ReLU(),
-                nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
-                nn.BatchNorm2d(cout, momentum=bn_momentum),
-                nn.ReLU(),
-            )
-            self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(x) + (x if self.shortcut is None else self.shortcut(x))
-
-    class Stack(nn.Module):
-        """n_blocks residual blocks; with a pool kernel, also returns the pooled output."""
-
-        def __init__(self, cin: int, cout: int, pool: tuple[int, int] | None) -> None:
-            super().__init__()
-            self.conv = nn.ModuleList([ResBlock(cin if i == 0 else cout, cout) for i in range(n_blocks)])
-            self.pool = nn.AvgPool2d(pool) if pool is not None else None
-
-        def forward(self, x: torch.Tensor) -> Any:
-            for block in self.conv:
-                x = block(x)
-            return x if self.pool is None else (x, self.pool(x))
-
-    class Encoder(nn.Module):
-        def __init__(self, cin: int, width: int, depth: int) -> None:
-            super().__init__()
-            self.bn = nn.BatchNorm2d(cin, momentum=bn_momentum)
-            chans = [cin] + [width * 2**i for i in range(depth)]
-            self.layers = nn.ModuleList([Stack(chans[i], chans[i + 1], kernel) for i in range(depth)])
-            self.out_channels = chans[-1]
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            skips = []
-            x = self.bn(x)
-            for layer in self.layers:
-                skip, x = layer(x)
-                skips.append(skip)
-            return x, skips
-
-    class Intermediate(nn.Module):
-        def __init__(self, cin: int, cout: int, depth: int) -> None:
-            super().__init__()
-            self.layers = nn.ModuleList([Stack(cin if i == 0 else cout, cout, None) for i in range(depth)])
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for layer in self.layers:
-                x = layer(x)
-            return x
-
-    class UpBlock(nn.Module):
-        def __init__(self, cin: int, cout: int) -> None:
-            super().__init__()
-            out_pad = (0, 1) if tuple(kernel) == (1, 2) else (1, 1)
-            self.conv1 = nn.Sequential(
-                nn.ConvTranspose2d(cin, cout, 3, kernel, 1, output_padding=out_pad, bias=False),
-                nn.BatchNorm2d(cout, momentum=bn_momentum),
-                nn.ReLU(),
-            )
-            self.conv2 = nn.ModuleList(
-                [ResBlock(2 * cout if i == 0 else cout, cout) for i in range(n_blocks)]
-            )
-
-        def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-            import torch
-
-            x = torch.cat((self.conv1(x), skip), dim=1)
-            for block in self.conv2:
-                x = block(x)
-            return x
-
-    class Decoder(nn.Module):
-        def __init__(self, cin: int, depth: int) -> None:
-            super().__init__()
-            self.layers = nn.ModuleList([UpBlock(cin // 2**i, cin // 2 ** (i + 1)) for i in range(depth)])
-
-        def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-            for layer, skip in zip(self.layers, reversed(skips), strict=True):
-                x = layer(x, skip)
-            return x
-
-    class DeepUnet(nn.Module):
-        def __init__(self, depth: int = 5, inter: int = 4, cin: int = 1, width: int = 16) -> None:
-            super().__init__()
-            self.encoder = Encoder(cin, width, depth)
-            bottom = self.encoder.out_channels * 2  # 512
-            self.intermediate = Intermediate(self.encoder.out_channels, bottom, inter)
-            self.decoder = Decoder(bottom, depth)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x, skips = self.encoder(x)
-            return self.decoder(self.intermediate(x), skips)
-
-    class BiGRU(nn.Module):
-        def __init__(self, n_in: int, hidden: int, layers: int) -> None:
-            super().__init__()
-            self.gru = nn.GRU(n_in, hidden, num_layers=layers, batch_first=True, bidirectional=True)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.gru(x)[0]
-
-    class E2E(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.unet = DeepUnet()
-            self.cnn = nn.Conv2d(16, 3, 3, padding=1)
-            if n_gru:
-                self.fc = nn.Sequential(
-                    BiGRU(3 * N_MELS, 256, n_gru), nn.Linear(512, N_CLASS), nn.Dropout(0.25), nn.Sigmoid()
-                )
-            else:
-                self.fc = nn.Sequential(nn.Linear(3 * N_MELS, N_CLASS), nn.Dropout(0.25), nn.Sigmoid())
-
-        def forward(self, mel: torch.Tensor) -> torch.Tensor:
-            """[B, 128, T] log-mel (T a multiple of 32) -> [B, T, 360] salience."""
-            x = mel.transpose(-1, -2).unsqueeze(1)  # [B, 1, T, 128]
-            x = self.cnn(self.unet(x))  # [B, 3, T, 128]
-            x = x.transpose(1, 2).flatten(-2)  # [B, T, 384]
-            return self.fc(x)
-
-    return E2E()
+    return E2E(n_blocks, n_gru, kernel)
 
 
 class LogMel:
@@ -223,7 +236,6 @@ class LogMel:
 
     def __init__(self, device: str = "cpu") -> None:
         import librosa
-        import torch
 
         basis = librosa.filters.mel(
             sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=MEL_FMIN, fmax=MEL_FMAX, htk=True
@@ -234,8 +246,6 @@ class LogMel:
 
     def __call__(self, audio: torch.Tensor) -> torch.Tensor:
         """[B, N] float audio -> [B, 128, N//160 + 1] log-mel."""
-        import torch
-
         if audio.shape[-1] <= N_FFT // 2:  # reflect padding needs more samples than the pad
             audio = torch.nn.functional.pad(audio, (0, N_FFT // 2 + 1 - audio.shape[-1]))
         spec = torch.stft(
@@ -254,8 +264,6 @@ class RMVPE:
     """A loaded RMVPE model: audio -> salience -> f0."""
 
     def __init__(self, weights: str | Path | dict[str, Any], device: str = "cpu", half: bool = False) -> None:
-        import torch
-
         with torch.device("meta"):  # no random initialisation: every tensor comes from the file
             net = build_e2e()
         net = net.to_empty(device="cpu")
@@ -267,7 +275,7 @@ class RMVPE:
             where = "state dict"
         else:
             where = str(weights)
-            from . import safeload
+            from ... import safeload
 
             try:
                 state = safeload.load(weights, what="RMVPE checkpoint")
@@ -298,8 +306,6 @@ class RMVPE:
         """Salience [N_i//160 + 1, 360] for each signal. The log-mel of each signal is computed alone;
         signals whose padded frame counts are equal run through the network together (at most
         `max_frames` frames per batch), which gives exactly the result of running each alone."""
-        import torch
-
         out: list[np.ndarray | None] = [None] * len(audios)
         mels: list[torch.Tensor] = []
         groups: dict[int, list[int]] = {}
@@ -329,17 +335,33 @@ class RMVPE:
         return decode(self.salience(audio), threshold)
 
 
-def save_random_checkpoint(path: str | Path, seed: int = 0, half: bool = True) -> Path:
-    """Write a randomly initialised E2E state_dict in rmvpe.pt's format (tests and demos only).
+def get_rmvpe(checkpoint: str | Path, device: str = "cpu") -> RMVPE:
+    """An RMVPE model from a local rmvpe.pt, loaded once per process."""
+    return cached(("rmvpe", str(checkpoint), device), lambda: RMVPE(checkpoint, device))
 
-    The public rmvpe.pt holds its 90.5 M parameters as float16 (181 MB), hence `half`."""
-    import torch
 
-    torch.manual_seed(seed)
-    net = build_e2e()
-    if half:
-        net = net.half()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), p)
-    return p
+@register("rmvpe")
+class RmvpeMethod(PitchMethod):
+    """opts: `checkpoint` (path of rmvpe.pt) or `rmvpe` (a loaded RMVPE), `device`, `threshold` (0.03)."""
+
+    def extract(self, clips: Sequence[np.ndarray], p_lens: Sequence[int], **opts: Any) -> list[np.ndarray]:
+        model = opts.get("rmvpe")
+        if model is None:
+            if not opts.get("checkpoint"):
+                raise ValueError("rmvpe: pass checkpoint=<path of rmvpe.pt> or rmvpe=<loaded RMVPE>")
+            model = get_rmvpe(opts["checkpoint"], opts.get("device", "cpu"))
+        sal = model.salience_batch(list(clips))
+        thr = float(opts.get("threshold", THRESHOLD))
+        return [fit_length(decode(s, thr), n) for s, n in zip(sal, p_lens)]
+
+    def spec_options(self, spec: Any) -> dict[str, Any]:
+        from ...weights import resolve_weight
+
+        ref = spec.f0.rmvpe_checkpoint or "rmvpe.pt"
+        return {"checkpoint": str(resolve_weight(ref, spec, what="RMVPE checkpoint"))}
+
+    def provenance(self, spec: Any, opts: dict[str, Any]) -> dict[str, Any]:
+        from ...provenance import weight_identity
+
+        return {"rmvpe_checkpoint": spec.f0.rmvpe_checkpoint,
+                "rmvpe_weights": weight_identity(opts["checkpoint"])}

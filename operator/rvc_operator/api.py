@@ -1,0 +1,189 @@
+"""The typed status of an RVCExperiment: what the operator writes to .status.
+
+The state machine (status.decide) works on these models; crd.py generates the status half of the CRD
+schema from them, so the API server refuses a status that does not fit them. `load_status` and
+`dump_status` convert at the boundary: the stored dict in, the dict to patch out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+from rvc_pipeline.spec import STEP_ORDER, Experiment, parse_manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# status models (crd.py turns them into the CRD schema: descriptions and docstrings appear there)
+# --------------------------------------------------------------------------------------------------
+class _StatusModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+StepPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
+ExperimentPhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed"]
+
+
+class StepStatus(_StatusModel):
+    phase: StepPhase = Field(description="Pending, Running, Succeeded, Failed or Skipped.")
+    job: str | None = Field(default=None, description="Name of the step's current (latest) Job.")
+    attempts: int = Field(default=0, ge=0, description="Jobs created for this step so far (names end -<n>).")
+    failures: int = Field(
+        default=0, ge=0, description="Failed attempts of the current run (retries are counted here)."
+    )
+    start_time: str | None = Field(default=None, description="When the current attempt's Job was created.")
+    end_time: str | None = Field(default=None, description="When the step finished.")
+    message: str | None = Field(default=None, description="Last state change, or the error of a failure.")
+    reason: str | None = Field(default=None, description="Machine-readable reason of the last change.")
+    exit_code: int | None = Field(default=None, description="Exit code of the last failed pod.")
+    retry_after: str | None = Field(default=None, description="A retry waits until this time (backoff).")
+    force: bool | None = Field(
+        default=None, description="The next Job runs with --force (a spec change reruns this step)."
+    )
+    inputs_hash: str | None = Field(
+        default=None, description="Hash of the spec fields this step depends on, as of its last run."
+    )
+
+
+class StepsStatus(_StatusModel):
+    preprocess: StepStatus | None = Field(default=None, description="Step 2a: slice and resample.")
+    f0: StepStatus | None = Field(default=None, description="Step 2b: pitch extraction.")
+    features: StepStatus | None = Field(default=None, description="Step 2b: HuBERT features.")
+    train: StepStatus | None = Field(default=None, description="Step 3: training.")
+    index: StepStatus | None = Field(default=None, description="Step 4: faiss index.")
+
+
+class Condition(_StatusModel):
+    type: Literal["Ready", "Progressing", "Failed"] = Field(description="Ready, Progressing or Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason of the last transition.")
+    message: str | None = Field(default=None, description="Human-readable detail.")
+    last_transition_time: str = Field(description="When status last changed.")
+    observed_generation: int | None = Field(default=None, description="metadata.generation it reflects.")
+
+
+class ProgressStatus(_StatusModel):
+    step: str | None = Field(default=None, description="Step the progress belongs to (train).")
+    epoch: int | None = Field(default=None, description="Last completed epoch.")
+    epochs: int | None = Field(default=None, description="Total epochs.")
+    epoch_text: str | None = Field(default=None, description="epoch/epochs, for kubectl get.")
+    global_step: int | None = Field(default=None, description="Optimizer steps so far.")
+    loss_g: float | None = Field(default=None, description="Generator loss (last reported).")
+    loss_d: float | None = Field(default=None, description="Discriminator loss (last reported).")
+    loss_mel: float | None = Field(default=None, description="Mel reconstruction loss (last reported).")
+    seconds_per_epoch: float | None = Field(default=None, description="Wall seconds of the last epoch.")
+    percent: float | None = Field(default=None, description="Completed fraction of training, 0..100.")
+    updated: str | None = Field(default=None, description="Time of the event this was read from.")
+
+
+class ArtifactsStatus(_StatusModel):
+    model: str | None = Field(default=None, description="URI of the exported RVC model (.pth).")
+    index: str | None = Field(default=None, description="URI of the added_*.index retrieval index.")
+    logs: str | None = Field(default=None, description="URI of the experiment folder logs/<name>/.")
+
+
+class ExperimentStatus(_StatusModel):
+    """status of an RVCExperiment, written by the operator."""
+
+    phase: ExperimentPhase | None = Field(
+        default=None, description="Pending, Queued, Running, Succeeded or Failed."
+    )
+    current_step: str | None = Field(default=None, description="Step running or about to run.")
+    message: str | None = Field(default=None, description="Human-readable state or error.")
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation the status reflects."
+    )
+    start_time: str | None = Field(default=None, description="When the first Job was created.")
+    completion_time: str | None = Field(default=None, description="When the experiment finished.")
+    steps: StepsStatus | None = Field(default=None, description="State of each step of the recipe.")
+    conditions: list[Condition] | None = Field(default=None, description="Ready, Progressing, Failed.")
+    progress: ProgressStatus | None = Field(
+        default=None, description="Training progress read from logs/<name>/progress.jsonl."
+    )
+    artifacts: ArtifactsStatus | None = Field(default=None, description="Where the results are.")
+
+
+assert set(StepsStatus.model_fields) == set(STEP_ORDER)
+
+
+# --------------------------------------------------------------------------------------------------
+# conversions at the boundary
+# --------------------------------------------------------------------------------------------------
+def step_of(steps: StepsStatus, step: str) -> StepStatus:
+    """The status of `step` (a fresh Pending one is put in place when there is none yet)."""
+    got: StepStatus | None = getattr(steps, step)
+    if got is None:
+        got = StepStatus(phase="Pending")
+        setattr(steps, step, got)
+    return got
+
+
+def all_steps(st: ExperimentStatus) -> dict[str, StepStatus]:
+    """Every step's status in recipe order (missing ones created Pending), the same objects as in `st`."""
+    if st.steps is None:
+        st.steps = StepsStatus()
+    steps = st.steps
+    return {s: step_of(steps, s) for s in STEP_ORDER}
+
+
+def load_status(raw: Mapping[str, Any] | ExperimentStatus | None) -> ExperimentStatus:
+    """The stored status as models (a copy). The API server checks every status write against the schema
+    made from these models, so a stored status fits them; one that does not (written by hand, or by another
+    version) loses its progress first (the operator reads that again from storage), then everything: the
+    state machine then adopts the Jobs it finds, so nothing runs twice."""
+    if isinstance(raw, ExperimentStatus):
+        return raw.model_copy(deep=True)
+    data = dict(raw or {})
+    for attempt in (data, {k: v for k, v in data.items() if k != "progress"}):
+        try:
+            return ExperimentStatus.model_validate(attempt)
+        except ValidationError:
+            continue
+    return ExperimentStatus()
+
+
+def progress_of(progress: Mapping[str, Any] | ProgressStatus) -> ProgressStatus | None:
+    """status.progress from what the progress reader found: fields the model does not know are left out
+    (the CRD keeps progress open to them, the model does not); None when a known one does not fit."""
+    if isinstance(progress, ProgressStatus):
+        return progress
+    known = {f.alias or name for name, f in ProgressStatus.model_fields.items()}
+    try:
+        return ProgressStatus.model_validate({k: v for k, v in progress.items() if k in known})
+    except ValidationError:
+        return None
+
+
+def dump_status(st: ExperimentStatus) -> dict[str, Any]:
+    """The status as the API stores it: camelCase, unset fields left out, currentStep kept as null once
+    set (a merge patch then clears it), and no "" values (some API servers, seen on 1.20, read an empty
+    string as null and refuse it for a string field)."""
+    out = st.model_dump(by_alias=True, exclude_none=True)
+    if "current_step" in st.model_fields_set and st.current_step is None:
+        out["currentStep"] = None
+    _drop_empty_strings(out)
+    return out
+
+
+def _drop_empty_strings(obj: Any) -> None:
+    if isinstance(obj, dict):
+        for k in [k for k, v in obj.items() if v == ""]:
+            del obj[k]
+        for v in obj.values():
+            _drop_empty_strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            _drop_empty_strings(v)
+
+
+def parse_experiment(manifest: Mapping[str, Any]) -> Experiment:
+    """The typed experiment of an RVCExperiment object (metadata name/namespace and spec only): parsed
+    once per reconcile and shared by the storage check, the state machine and the Job builders.
+    SpecError names the field on bad input (the experiment's folder name included)."""
+    meta = manifest.get("metadata") or {}
+    exp = parse_manifest({"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")},
+                          "spec": manifest.get("spec") or {}})
+    exp.name  # noqa: B018 - raises SpecError for a bad folder name
+    return exp

@@ -1,0 +1,96 @@
+"""The pitch-method interface and its registry.
+
+A method takes a batch of 16 kHz mono clips (float, 1-D) and the number of 10 ms frames wanted for each
+(p_len = len(clip) // 160) and returns, per clip, f0 in Hz (float64, 0 = unvoiced) of exactly that length,
+frame i centred on sample 160 * i. Each file in this package registers its classes with `@register`, and
+declares them in its `CATALOG` literal (read by rvc_pipeline.core.catalog without importing the file).
+`get(name)` imports the file the catalog names and returns the method.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ...core.catalog import PITCH
+
+SR = 16000
+HOP = 160
+F0_MIN = 50.0
+F0_MAX = 1100.0
+
+
+class PitchMethod(ABC):
+    """One pitch tracker. `opts` are method-specific (device, model choice, loaded model ...)."""
+
+    name: str = ""
+
+    @abstractmethod
+    def extract(self, clips: Sequence[np.ndarray], p_lens: Sequence[int], **opts: Any) -> list[np.ndarray]:
+        """f0 per clip, p_lens[i] frames each."""
+
+    def spec_options(self, spec: Any) -> dict[str, Any]:
+        """Options the f0 step passes to `extract`, read from an RVCExperiment spec (device is added)."""
+        return {}
+
+    def provenance(self, spec: Any, opts: dict[str, Any]) -> dict[str, Any]:
+        """What, besides the method's name, makes its outputs (recorded; a change recomputes them)."""
+        return {}
+
+
+REGISTRY: dict[str, type[PitchMethod]] = {}
+_M = TypeVar("_M", bound=type[PitchMethod])
+
+
+def register(name: str) -> Callable[[_M], _M]:
+    """Class decorator: make the class the pitch method `name` (which the file's CATALOG declares)."""
+
+    def deco(cls: _M) -> _M:
+        if name not in PITCH:
+            raise LookupError(f"pitch method {name!r}: not declared in its file's CATALOG")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def get(name: str) -> PitchMethod:
+    """The pitch method `name`; ValueError naming the choices for an unknown one."""
+    if name not in PITCH:
+        raise ValueError(f"f0 method {name!r}: expected one of {', '.join(PITCH)}")
+    if name not in REGISTRY:
+        importlib.import_module(PITCH[name].module)
+    return REGISTRY[name]()
+
+
+_MODELS: dict[tuple[str, ...], Any] = {}
+
+
+def cached(key: tuple[str, ...], load: Callable[[], Any]) -> Any:
+    """A model loaded once per process (the step's workers and inference reuse it)."""
+    if key not in _MODELS:
+        _MODELS[key] = load()
+    return _MODELS[key]
+
+
+def fit_length(f0: np.ndarray, p_len: int) -> np.ndarray:
+    """Cut or right-pad with zeros (unvoiced) to p_len frames."""
+    f0 = np.asarray(f0, dtype=np.float64)
+    if len(f0) >= p_len:
+        return f0[:p_len].copy()
+    return np.pad(f0, (0, p_len - len(f0)))
+
+
+def pad_centred(f0: np.ndarray, p_len: int) -> np.ndarray:
+    """RVC's pm padding: (p_len - len + 1)//2 zeros on the left, the rest on the right."""
+    f0 = np.asarray(f0, dtype=np.float64)
+    left = (p_len - len(f0) + 1) // 2
+    right = p_len - len(f0) - left
+    if left > 0 or right > 0:
+        f0 = np.pad(f0, (max(left, 0), max(right, 0)))
+    return f0[:p_len]

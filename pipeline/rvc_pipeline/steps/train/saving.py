@@ -1,0 +1,88 @@
+"""What training writes: G_/D_ checkpoint pairs (D first, so a G always has its D beside it), the
+exported small model (RVC's format, `weights/<exp>.pth` inside the experiment folder so that storage
+holds one self-contained tree), per-save exports with saveEveryWeights, and train_summary.json.
+Checkpoints are written atomically and uploaded right after they are written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ... import checkpoints as ck
+from ...stepio import StepContext
+from .state import Nets, TrainJob
+
+DEMO_INFO = "DEMO random init - not a real voice; {info}"
+
+
+def model_info(job: TrainJob, epoch: int) -> str:
+    """The small model's `info` field: RVC's '<E>epoch', flagged when the weights descend from DEMO."""
+    info = f"{epoch}epoch"
+    return DEMO_INFO.format(info=info) if job.init.random_weights else info
+
+
+def export(job: TrainJob, net_g: torch.nn.Module, cfg: Any, path: Path, info: str, epoch: int,
+           step: int) -> None:
+    from ...export import export_small_model
+
+    spec = job.experiment.spec
+    sd = ck.legacy_state_dict(net_g)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_small_model(sd, cfg, spec.model.version, spec.model.pitch_guidance, path, info,
+                       extra={"epoch": epoch, "step": step, "model_name": job.experiment.name})
+
+
+def save(job: TrainJob, ctx: StepContext | None, nets: Nets, epoch: int, global_step: int,
+         hist: dict[str, list[float]]) -> list[str]:
+    """Write (and upload) the checkpoint pair of a completed epoch; returns the names written."""
+    spec = job.experiment.spec
+    exp_dir = job.exp_dir
+    num = ck.LATEST_ONLY_STEP if spec.train.save_latest_only else global_step
+    scaler = nets.scaler
+    common = {"global_step": global_step, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+              "version": spec.model.version, "sr": spec.model.sample_rate,
+              "f0": int(spec.model.pitch_guidance), "random_weights": bool(job.init.random_weights)}
+    d_path = exp_dir / f"D_{num}.pth"
+    g_path = exp_dir / f"G_{num}.pth"
+    ck.save_checkpoint(d_path, nets.net_d, nets.optim_d, spec.train.learning_rate, epoch, common)
+    ck.save_checkpoint(g_path, nets.net_g, nets.optim_g, spec.train.learning_rate, epoch,
+                       {**common, "history": {k: list(v) for k, v in hist.items()}})
+    if ctx is not None:
+        ctx.push_file(d_path)
+        ctx.push_file(g_path)
+    out = [g_path.name, d_path.name]
+    if spec.train.save_every_weights:
+        from ...models.config import RVCConfig
+
+        w = exp_dir / "weights" / f"{job.experiment.name}_e{epoch}_s{global_step}.pth"
+        cfg = RVCConfig.from_json(job.config)
+        export(job, nets.net_g, cfg, w, model_info(job, epoch), epoch, global_step)
+        if ctx is not None:
+            ctx.push_file(w)
+        out.append(f"weights/{w.name}")
+    if ctx is not None:
+        ctx.reporter.event("checkpoint", epoch=epoch, global_step=global_step, files=out)
+    return out
+
+
+def export_final(job: TrainJob, ctx: StepContext | None, net_g: torch.nn.Module, cfg: Any, epoch: int,
+                 global_step: int) -> tuple[Path, str]:
+    """The experiment's model, weights/<exp>.pth; returns (path, info)."""
+    final = job.exp_dir / "weights" / f"{job.experiment.name}.pth"
+    info = model_info(job, epoch)
+    export(job, net_g, cfg, final, info, epoch, global_step)
+    if ctx is not None:
+        ctx.push_file(final)
+    return final, info
+
+
+def write_summary(job: TrainJob, ctx: StepContext | None, summary: dict[str, Any]) -> None:
+    out = job.exp_dir / "train_summary.json"
+    out.write_text(json.dumps(summary, indent=1, default=str))
+    if ctx is not None:
+        ctx.push_file(out)
+        for name in ("train.log", "config.json", "filelist.txt"):
+            ctx.push(name)
