@@ -1,7 +1,7 @@
 """Benchmark: the f0 step (pm, dio, harvest, crepe tiny/full) in seconds of audio per wall second.
 
 The audio is real speech (rvc_pipeline.voices: espeak-ng / flite / festival voices) at 16 kHz, cut into
-RVC-like pieces of 3.7 s every 3.4 s (about 103 pieces for 6 minutes, like DESIGN.md's data set) and written
+RVC-like pieces of 3.7 s every 3.4 s (about 103 pieces for 6 minutes, like the data set RVC was timed on) and written
 as float32 WAVs to a local experiment's 1_16k_wavs/. Each run is the whole step through the I/O shell
 (`run_step(force=True)` after deleting the outputs): process start-up, loading, f0, saving both .npy files.
 "step" is that wall time; "pure" is compute_f0 alone in this process (no I/O, no start-up), for reference;

@@ -2,7 +2,7 @@
 
 CPU with 1 and 2 threads (fp32), and on CUDA when available: fp32 vs bf16 (and fp16) and the peak
 memory per batch size 1/4/8 (torch.cuda.max_memory_allocated). RVC's own train.py took about 13 s per
-step at batch 4 on two CPU threads on this machine kind (DESIGN.md).
+step at batch 4 on two CPU threads on this machine kind (RVC's own script, measured).
 
     .venv/bin/python bench/bench_train.py [--steps 3] [--batch 4] [--threads 1,2] [--cuda-only]
 """

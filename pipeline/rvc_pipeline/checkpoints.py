@@ -1,4 +1,4 @@
-"""Training checkpoints G_<step>.pth / D_<step>.pth in RVC's format, written atomically (reference §8.5).
+"""Training checkpoints G_<step>.pth / D_<step>.pth in RVC's format, written atomically.
 
 Keys (both files), as RVC writes them: `model` (full state dict, weight-norm tensors named
 `weight_g`/`weight_v`), `iteration` (the EPOCH), `optimizer` (AdamW state dict), `learning_rate`

@@ -1,4 +1,4 @@
-"""Training data: filelist, mute files, dataset, collate and the bucket sampler (reference §5).
+"""Training data: filelist, mute files, dataset, collate and the bucket sampler.
 
 Filelist (`logs/<exp>/filelist.txt`, RVC's format): one line per training piece, the intersection of
 file stems across `0_gt_wavs/`, `3_feature{256,768}/` and, for pitch models, `2a_f0/` (coarse) and

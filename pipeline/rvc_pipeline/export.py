@@ -1,4 +1,4 @@
-"""RVC's small-model format (reference §8.5, `savee` in process_ckpt.py), written and read.
+"""RVC's small-model format (`savee` in process_ckpt.py), written and read.
 
 An exported model is a `torch.save`d OrderedDict:
 
@@ -236,12 +236,3 @@ def load_small_model(path: str | os.PathLike[str], device: str | torch.device = 
         "extra": {k: v for k, v in ckpt.items() if k not in RVC_KEYS},
     }
     return net_g, meta
-
-
-def export_from_checkpoint(g_checkpoint: Mapping[str, Any], cfg: RVCConfig, version: str, f0: bool,
-                           path: str | os.PathLike[str], info: str,
-                           extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Export from an RVC training checkpoint dict (`{'model': state_dict, 'iteration': epoch, ...}`)."""
-    if "model" not in g_checkpoint or not isinstance(g_checkpoint["model"], Mapping):
-        raise ValueError("export: checkpoint has no 'model' state dict")
-    return export_small_model(g_checkpoint["model"], cfg, version, f0, path, info, extra)

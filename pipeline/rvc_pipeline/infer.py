@@ -1,6 +1,6 @@
 """`rvc-pipeline infer`: voice conversion with a trained model and index, RVC's inference pipeline.
 
-Reference §10 (`VC.vc_single` + `Pipeline.pipeline`/`Pipeline.vc`), step by step:
+RVC's inference (`VC.vc_single` + `Pipeline.pipeline`/`Pipeline.vc`), step by step:
 
 1. 16 kHz mono input (ffmpeg), peak-limited to 0.95; 48 Hz order-5 Butterworth high-pass with `filtfilt`.
 2. Windowing constants (`Window`): fp32 (x_pad 1, x_query 6, x_center 38, x_max 41) on the CPU, fp16

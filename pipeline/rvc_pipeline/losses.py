@@ -1,4 +1,4 @@
-"""RVC's training losses (reference §8.3), computed in fp32 whatever the autocast state.
+"""RVC's training losses, computed in fp32 whatever the autocast state.
 
 * discriminator: LSGAN, sum over sub-discriminators of mean((1 - D(y))^2) + mean(D(y_hat)^2);
 * generator adversarial: sum of mean((1 - D(y_hat))^2);

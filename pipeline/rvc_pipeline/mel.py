@@ -1,4 +1,4 @@
-"""Linear and mel spectrograms exactly as RVC's training computes them (reference §8.4).
+"""Linear and mel spectrograms exactly as RVC's training computes them.
 
 * Linear: reflect-pad both sides by (n_fft - hop) / 2, `torch.stft(center=False, onesided)` with a
   Hann window of `win_length`, magnitude sqrt(re^2 + im^2 + 1e-6). A segment of T samples gives

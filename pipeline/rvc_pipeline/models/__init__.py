@@ -1,4 +1,4 @@
-"""RVC's synthesizer and discriminators with state dicts identical to RVC's (reference §7, §8.6).
+"""RVC's synthesizer and discriminators with state dicts identical to RVC's.
 
 Public API:
 

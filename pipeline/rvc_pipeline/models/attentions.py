@@ -1,4 +1,4 @@
-"""The text encoder's transformer (reference §7.1): VITS-style relative-position self-attention.
+"""The text encoder's transformer: VITS-style relative-position self-attention.
 
 * Multi-head attention with 1x1-conv projections and relative-position embeddings shared across heads
   (`emb_rel_k`, `emb_rel_v`: [1, 2*window+1, k_channels]); positions farther apart than the window get

@@ -1,4 +1,4 @@
-"""RVC's training configs (reference §6): `configs/v1/{32k,40k,48k}.json`, `configs/v2/{32k,48k}.json`.
+"""RVC's training configs: `configs/v1/{32k,40k,48k}.json`, `configs/v2/{32k,48k}.json`.
 
 v2 at 40k uses `v1/40k.json` (there is no v2/40k.json). `RVCConfig.to_json()` gives the same structure
 and key order as RVC's `config.json` (`{"train": ..., "data": ..., "model": ...}`), and

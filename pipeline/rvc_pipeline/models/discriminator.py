@@ -1,4 +1,4 @@
-"""HiFi-GAN discriminators (reference §7.5): MultiPeriodDiscriminator (v1) and ...V2 (v2).
+"""HiFi-GAN discriminators: MultiPeriodDiscriminator (v1) and ...V2 (v2).
 
 `forward(y, y_hat)` returns `(real_logits, fake_logits, real_fmaps, fake_fmaps)`: one entry per
 sub-discriminator (7 for v1, 9 for v2); each fmaps entry is a list (7 maps for DiscriminatorS, 6 for

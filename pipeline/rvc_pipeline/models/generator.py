@@ -1,4 +1,4 @@
-"""HiFi-GAN decoders (reference §7.4): `Generator` (no f0) and `GeneratorNSF` (neural source filter).
+"""HiFi-GAN decoders: `Generator` (no f0) and `GeneratorNSF` (neural source filter).
 
 NSF source: the frame-rate f0 is held for `upp` (= hop) samples; the phase is the running sum of f0/sr
 wrapped to [0, 1). Inside frame j, sub-sample k (1..upp) adds f0_j * k / sr to the wrapped phase of all

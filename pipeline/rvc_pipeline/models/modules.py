@@ -1,4 +1,4 @@
-"""Building blocks (reference §7.2-7.4): WaveNet-style WN, HiFi-GAN ResBlock1/2, coupling flow, Flip."""
+"""Building blocks: WaveNet-style WN, HiFi-GAN ResBlock1/2, coupling flow, Flip."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RVC's synthesizer (reference §7): `SynthesizerTrnMs{256,768}NSFsid[_nono]` as one parametrised class.
+"""RVC's synthesizer: `SynthesizerTrnMs{256,768}NSFsid[_nono]` as one parametrised class.
 
 Submodules (names are the state-dict prefixes): `enc_p` (TextEncoder), `dec` (GeneratorNSF or
 Generator), `enc_q` (PosteriorEncoder, training only), `flow` (ResidualCouplingBlock) and `emb_g`

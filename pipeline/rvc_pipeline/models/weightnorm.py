@@ -1,4 +1,4 @@
-"""Weight normalisation stored as RVC stores it: `weight_g` / `weight_v` (reference §12.11).
+"""Weight normalisation stored as RVC stores it: `weight_g` / `weight_v`.
 
 effective weight = g * v / ||v||, the norm taken over every dim except dim 0 (for ConvTranspose, dim 0
 is the *input*-channel axis, so `weight_g` is [in, 1, 1]).

@@ -4,7 +4,7 @@ to the Hugging Face `transformers.HubertModel` layout at load time (off the hot 
 The file is read through rvc_pipeline.safeload: the pickled `cfg` (omegaconf) and `task_state`
 (fairseq Dictionary) load as inert data and any other Python object is refused, so neither fairseq nor
 omegaconf is needed and nothing in the file can run. The `model` state dict is renamed to HF's keys
-(reference §4.1; training-only `mask_emb`/`label_embs_concat` dropped, fp16 tensors cast to fp32) and
+(training-only `mask_emb`/`label_embs_concat` dropped, fp16 tensors cast to fp32) and
 the model config is read from `cfg.model` / `cfg.task.normalize`.
 """
 
@@ -127,7 +127,7 @@ def config_from_fairseq(cfg: dict[str, Any] | None, final_dim: int) -> tuple[Any
     return config, bool(task.get("normalize") or False)
 
 
-_RENAMES = (  # fairseq -> transformers.HubertModel (reference §4.1), applied in order
+_RENAMES = (  # fairseq -> transformers.HubertModel, applied in order
     ("encoder.pos_conv.0.", "encoder.pos_conv_embed.conv."),
     (".self_attn_layer_norm.", ".layer_norm."),
     (".self_attn.", ".attention."),

@@ -1,6 +1,6 @@
 """HuBERT through `transformers.HubertModel`, plus the final projection (Linear 768 -> 256) for v1.
 
-RVC's features (reference §4): v1 = final_proj(output of layer 9), 256-d; v2 = output of layer 12,
+RVC's features: v1 = final_proj(output of layer 9), 256-d; v2 = output of layer 12,
 768-d. Layers count from 1 as fairseq's `output_layer` does (HF's `hidden_states[k]`); a smaller test
 model stops at its last layer. A Hugging Face HubertModel folder (config.json + model.safetensors or
 pytorch_model.bin, with an optional `final_proj`) loads here; fairseq files go through
