@@ -1,7 +1,7 @@
 """Benchmark: the f0 step (pm, dio, harvest, crepe tiny/full) in seconds of audio per wall second.
 
 The audio is real speech (rvc_pipeline.voices: espeak-ng / flite / festival voices) at 16 kHz, cut into
-RVC-like pieces of 3.7 s every 3.4 s (about 103 pieces for 6 minutes, like the data set RVC was timed on) and written
+RVC-like pieces of 3.7 s every 3.4 s (about 103 pieces for 6 minutes, as RVC was timed) and written
 as float32 WAVs to a local experiment's 1_16k_wavs/. Each run is the whole step through the I/O shell
 (`run_step(force=True)` after deleting the outputs): process start-up, loading, f0, saving both .npy files.
 "step" is that wall time; "pure" is compute_f0 alone in this process (no I/O, no start-up), for reference;
@@ -9,7 +9,7 @@ as float32 WAVs to a local experiment's 1_16k_wavs/. Each run is the whole step 
 that imports the f0 libraries, then per file an ffmpeg subprocess to load it (RVC's load_audio), f0 and
 two np.save calls, files split over the processes as RVC does (paths[i::n]).
 
-RVC's own figures on this machine kind (DESIGN.md), 6 min / 103 pieces, one / two processes:
+RVC's own figures on this machine kind, 6 min / 103 pieces, one / two processes:
 pm 9.7 s / 5.3 s, dio 12.2 s / 6.4 s, harvest 108 s / 54 s.
 
     .venv/bin/python bench/bench_f0.py --seconds 360 --procs 1 2

@@ -12,7 +12,7 @@ as the test reference in tests/support/fairseq_hubert.py, timed here on the same
   old-1by1     the pre-issue-9 model (fused q/k/v GEMM, sdpa), one clip at a time;
   old-batch    the pre-issue-9 model, clips sorted by length, padded batches with exact masking;
   bf16-batch   (informational, not exact) sdpa-batch under CPU bf16 autocast, with its max deviation.
-RVC's own figures on this machine kind (DESIGN.md): 5x real time on one thread, 9x on two.
+RVC's own figures on this machine kind: 5x real time on one thread, 9x on two.
 
     .venv/bin/python bench/bench_features.py --seconds 90 --threads 1 2
     .venv/bin/python bench/bench_features.py --seconds 30 --threads 1 --repeat 3   # old vs new

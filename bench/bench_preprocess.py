@@ -2,7 +2,7 @@
 
 Makes about 6 minutes of real speech in 12 files (rvc_pipeline.voices.make_voice_set, cached under
 ~/.cache/rvc-operator/bench-voices), runs the whole step (run_step with local storage, at 40k) once
-per process count, and compares with RVC's own figures from DESIGN.md (same data size, 2 cores):
+per process count, and compares with RVC's own figures (same data size, 2 cores):
 6 min of speech at 40k in 3.6 s with one process and 3.0 s with two.
 
     .venv/bin/python bench/bench_preprocess.py [--files 12] [--seconds 30]
