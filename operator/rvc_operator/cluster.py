@@ -5,6 +5,7 @@ protocol from memory (tests/integration/test_operator_kopf.py)."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -49,7 +50,8 @@ def load_kube_config() -> None:
         config.load_incluster_config()
     except config.ConfigException:
         try:
-            config.load_kube_config()
+            # $KUBECONFIG as it is now (the client reads it once, when it is first imported)
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
         except config.ConfigException as e:
             raise RuntimeError(f"no Kubernetes credentials (in-cluster or kubeconfig): {e}") from None
 
