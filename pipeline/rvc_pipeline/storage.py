@@ -542,12 +542,22 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def _replace_atomically(dst: Path, data: bytes) -> None:
+def _complete_temp(dst: Path, data: bytes) -> str:
+    """A complete, readable temporary file with `data` beside `dst` (hidden from listings by .partial)."""
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o644)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _replace_atomically(dst: Path, data: bytes) -> None:
+    tmp = _complete_temp(dst, data)
+    try:
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -557,11 +567,8 @@ def _replace_atomically(dst: Path, data: bytes) -> None:
 def _link_new(dst: Path, data: bytes) -> bool:
     """Create `dst` with `data` unless it exists: a complete temporary file hard-linked to the name (atomic,
     and safe on NFS, unlike O_EXCL on some versions), so nobody ever sees a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
+    tmp = _complete_temp(dst, data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
         os.link(tmp, dst)
         return True
     except FileExistsError:
