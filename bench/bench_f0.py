@@ -1,6 +1,6 @@
 """Benchmark: the f0 step (pm, dio, harvest, crepe tiny/full) in seconds of audio per wall second.
 
-The audio is real speech (rvc_pipeline.voices: espeak-ng / flite / festival voices) at 16 kHz, cut into
+The audio is real speech (rvc_pipeline.demo.voices: espeak-ng / flite / festival voices) at 16 kHz, cut into
 RVC-like pieces of 3.7 s every 3.4 s (about 103 pieces for 6 minutes, as RVC was timed) and written
 as float32 WAVs to a local experiment's 1_16k_wavs/. Each run is the whole step through the I/O shell
 (`run_step(force=True)` after deleting the outputs): process start-up, loading, f0, saving both .npy files.
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from rvc_pipeline import f0 as f0step
-from rvc_pipeline.spec import parse_manifest
+from rvc_pipeline.core.spec import parse_manifest
+from rvc_pipeline.demo.voices import make_voice_set
 from rvc_pipeline.stepio import run_step
-from rvc_pipeline.voices import make_voice_set
+from rvc_pipeline.steps import f0 as f0step
 
 SR = 16000
 RVC_SECONDS = {"pm": (9.7, 5.3), "dio": (12.2, 6.4), "harvest": (108.0, 54.0)}  # 360 s, 1 / 2 processes
@@ -77,7 +77,7 @@ def run_once(root: Path, method: str, procs: int, crepe_model: str = "full") -> 
 
 RVC_LIKE = r"""
 import sys, subprocess, numpy as np, parselmouth, pyworld
-from rvc_pipeline.f0 import compute_f0, coarse_f0
+from rvc_pipeline.steps.f0 import compute_f0, coarse_f0
 method, i, n, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 for path in files[i::n]:
     cmd = ["ffmpeg", "-nostdin", "-threads", "0", "-i", path, "-f", "f32le", "-acodec", "pcm_f32le",

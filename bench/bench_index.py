@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_index.py --sizes 17900 50000 --no-kmeans --threads 2
 
 Each size runs in a fresh process (so peak memory is its own) on random Gaussian vectors, through
-rvc_pipeline.index exactly as the step does: shuffle in place, k-means above 200k, IVF{n},Flat training,
+rvc_pipeline.steps.index exactly as the step does: shuffle in place, k-means above 200k, IVF{n},Flat training,
 adds in batches of 8192, writing trained_/added_ files. RVC's own figures on this machine kind (2 CPU
 cores): 1.05 s for 17.9k vectors, 102 s for 200k random vectors (91 s of it training IVF5128).
 
@@ -30,7 +30,7 @@ RVC_TRAIN_SECONDS = {200_000: 91.0}
 
 def one(n: int, dim: int, threads: int, kmeans_threshold: int) -> dict[str, float | int | bool]:
     import numpy as np
-    from rvc_pipeline import index as ix
+    from rvc_pipeline.steps import index as ix
 
     feats = np.random.default_rng(n).standard_normal((n, dim), dtype=np.float32)
     with tempfile.TemporaryDirectory() as d:

@@ -24,9 +24,9 @@ import torch
 from rvc_pipeline.audio import load_audio
 from rvc_pipeline.components.embedders.random import random_embedder
 from rvc_pipeline.export import export_small_model
-from rvc_pipeline.index import build_index, write_index_atomic
 from rvc_pipeline.infer import convert_file
-from rvc_pipeline.models import build_generator, get_config
+from rvc_pipeline.nn import build_generator, get_config
+from rvc_pipeline.steps.index import build_index, write_index_atomic
 
 TEXT = (
     "Retrieval based voice conversion changes who is speaking and keeps what is said. The pitch of the "

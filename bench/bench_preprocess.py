@@ -1,6 +1,6 @@
 """Benchmark step 2a (preprocess): seconds of audio per wall second, 1 process and all cores.
 
-Makes about 6 minutes of real speech in 12 files (rvc_pipeline.voices.make_voice_set, cached under
+Makes about 6 minutes of real speech in 12 files (rvc_pipeline.demo.voices.make_voice_set, cached under
 ~/.cache/rvc-operator/bench-voices), runs the whole step (run_step with local storage, at 40k) once
 per process count, and compares with RVC's own figures (same data size, 2 cores):
 6 min of speech at 40k in 3.6 s with one process and 3.0 s with two.
@@ -24,7 +24,7 @@ RVC_AUDIO_SECONDS = 360.0
 
 
 def voice_set(n_files: int, seconds: float) -> Path:
-    from rvc_pipeline.voices import CACHE_ROOT, make_voice_set
+    from rvc_pipeline.demo.voices import CACHE_ROOT, make_voice_set
 
     d = CACHE_ROOT / "bench-voices" / f"v1-{n_files}x{seconds:g}s"
     if len(list(d.glob("*.wav"))) != n_files:
@@ -36,9 +36,9 @@ def voice_set(n_files: int, seconds: float) -> Path:
 
 
 def run_once(data: Path, workers: int) -> dict:
-    from rvc_pipeline import preprocess
-    from rvc_pipeline.spec import parse_manifest
+    from rvc_pipeline.core.spec import parse_manifest
     from rvc_pipeline.stepio import run_step
+    from rvc_pipeline.steps import preprocess
 
     store = Path(tempfile.mkdtemp(prefix="rvc-bench-pp-"))
     exp = parse_manifest({"metadata": {"name": "bench"}, "spec": {

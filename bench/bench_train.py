@@ -14,7 +14,7 @@ import json
 import time
 
 import torch
-from rvc_pipeline.models import build_discriminator, build_generator, get_config
+from rvc_pipeline.nn import build_discriminator, build_generator, get_config
 from rvc_pipeline.steps.train.trainer import GanStep, gan_step
 
 RVC_CPU_2T_SECONDS = 13.0

@@ -39,7 +39,7 @@ fi
 # torch build and breaks `transformers`: keep it out.
 .venv/bin/pip install -q --no-deps torchcrepe==0.0.24 torchfcpe==0.0.4 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/pip uninstall -q -y torchaudio 2>/dev/null || true
-.venv/bin/python -c 'import rvc_pipeline.spec, torch, faiss, parselmouth, pyworld, kopf' \
+.venv/bin/python -c 'import rvc_pipeline.core.spec, torch, faiss, parselmouth, pyworld, kopf' \
   || { echo "setup: the virtual environment is incomplete" >&2; exit 1; }
 rm -f .venv/.rvc-setup-*
 touch "$stamp"

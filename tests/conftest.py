@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rvc_pipeline.voices import CACHE_ROOT, arctic_sample, make_voice_set
+from rvc_pipeline.demo.voices import CACHE_ROOT, arctic_sample, make_voice_set
 
 # Bump when the voice set's recipe changes (files are cached under this key).
 VOICES_VERSION = "v1-4x6s-32k"

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from rvc_pipeline.spec import STEP_ORDER, Experiment, SpecError
+from rvc_pipeline.core.spec import STEP_ORDER, Experiment, SpecError
+from rvc_pipeline.core.storage import Storage, open_storage
 from rvc_pipeline.stepio import MARKER_DIR
-from rvc_pipeline.storage import Storage, open_storage
 
 from . import ownership, progress_reader
 from .cluster import ClusterAPI

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
-from rvc_pipeline.spec import STEP_ORDER, Experiment, parse_manifest
+from rvc_pipeline.core.spec import STEP_ORDER, Experiment, parse_manifest
 
 
 # --------------------------------------------------------------------------------------------------

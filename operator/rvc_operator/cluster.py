@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from rvc_pipeline.spec import API_GROUP, API_VERSION, PLURAL
+from rvc_pipeline.core.spec import API_GROUP, API_VERSION, PLURAL
 
 from .status import Event
 

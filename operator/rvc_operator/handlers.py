@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 import kopf
-from rvc_pipeline.spec import API_GROUP, API_VERSION, PLURAL
+from rvc_pipeline.core.spec import API_GROUP, API_VERSION, PLURAL
 
 from .cluster import KubeCluster, load_kube_config
 from .config import ConfigError, OperatorConfig

@@ -25,9 +25,9 @@ import re
 from typing import Any
 
 import yaml
-from rvc_pipeline import errors
+from rvc_pipeline.core import errors
 from rvc_pipeline.core.catalog import pitch_needs_gpu
-from rvc_pipeline.spec import API_GROUP, API_VERSION, KIND, STEP_ORDER, Experiment, parse_manifest
+from rvc_pipeline.core.spec import API_GROUP, API_VERSION, KIND, STEP_ORDER, Experiment, parse_manifest
 
 from .config import OperatorConfig
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from rvc_pipeline.spec import Experiment, SpecError
+from rvc_pipeline.core.spec import Experiment, SpecError
 from rvc_pipeline.stepio import MARKER_DIR
 
 from .api import parse_experiment

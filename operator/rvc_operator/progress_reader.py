@@ -21,9 +21,9 @@ from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from typing import Any
 
+from rvc_pipeline.core.storage import Storage, StorageError
 from rvc_pipeline.progress import PROGRESS_FILE
 from rvc_pipeline.stepio import MARKER_DIR
-from rvc_pipeline.storage import Storage, StorageError
 
 log = logging.getLogger("rvc_operator")
 

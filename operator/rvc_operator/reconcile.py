@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from rvc_pipeline.spec import Experiment, SpecError
+from rvc_pipeline.core.spec import Experiment, SpecError
 
 from .access import (
     StorageOpener,

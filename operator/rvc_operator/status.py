@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from rvc_pipeline import errors
-from rvc_pipeline.spec import STEP_ORDER, Experiment, SpecError, step_hashes
+from rvc_pipeline.core import errors
+from rvc_pipeline.core.spec import STEP_ORDER, Experiment, SpecError, step_hashes
 from rvc_pipeline.stepio import marker_key
 
 from .api import (

@@ -11,7 +11,7 @@ Differences from RVC, on purpose:
 * "latest" sorts on the integer in the FILE NAME (RVC used every digit of the full path, so digits
   in the experiment name broke the order); `G_2333333.pth` (save-latest-only) counts as newest.
 * loading first checks that the checkpoint is of the same architecture (version, sample rate,
-  pitch) with `rvc_pipeline.models.check_compatible`, so another model's file is a clear error
+  pitch) with `rvc_pipeline.nn.check_compatible`, so another model's file is a clear error
   rather than a silent partial load; then it loads key by key with shape checks like RVC, logging
   what was skipped.
 * a checkpoint that fails to unpickle (truncated upload, killed copy) is reported as
@@ -57,7 +57,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def legacy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with weight-norm tensors named weight_g / weight_v (RVC's names)."""
-    from .models.weightnorm import to_legacy_names
+    from rvc_pipeline.nn.weightnorm import to_legacy_names
 
     sd = unwrap(model).state_dict()
     return to_legacy_names({k: v.detach().cpu() for k, v in sd.items()})
@@ -149,7 +149,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     CheckpointCorrupt if it cannot be read (truncated, empty, garbage: the caller may fall back to an
     older one); safeload.UnsafeFile (a StepFailed) if it needs any Python object beyond tensors and
     plain data: refused, nothing of it ran."""
-    from . import safeload
+    from rvc_pipeline import safeload
 
     path = Path(path)
     try:
@@ -169,8 +169,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 def check_architecture(
     state_dict: Mapping[str, torch.Tensor], version: str, sr: str, f0: bool, what: str, kind: str = "G",
 ) -> None:
-    """rvc_pipeline.models.check_compatible (kind 'G' or 'D'), raising CheckpointIncompatible."""
-    from .models import check_compatible
+    """rvc_pipeline.nn.check_compatible (kind 'G' or 'D'), raising CheckpointIncompatible."""
+    from rvc_pipeline.nn import check_compatible
 
     try:
         check_compatible(dict(state_dict), version, sr, f0, what, kind=kind)
@@ -184,10 +184,10 @@ def check_model_compat(
 ) -> None:
     """The checkpoint must fit `model` (the architecture built from the experiment's config).
 
-    When it does not, rvc_pipeline.models.check_compatible explains what the file is instead (another
+    When it does not, rvc_pipeline.nn.check_compatible explains what the file is instead (another
     version, sample rate or pitch setting); a file of the standard architecture that still does not fit
     (a model built from a customised config.json) gets a generic message. emb_g rows may differ."""
-    from .models.weightnorm import to_legacy_names
+    from rvc_pipeline.nn.weightnorm import to_legacy_names
 
     own = {k: tuple(v.shape) for k, v in to_legacy_names(dict(unwrap(model).state_dict())).items()}
     given = {k: tuple(v.shape) for k, v in to_legacy_names(dict(state_dict)).items()
@@ -213,7 +213,7 @@ def load_into(
     strict: any missing/unexpected/mis-shaped key raises CheckpointIncompatible."""
     target = unwrap(model)
     own = target.state_dict()
-    from .models.weightnorm import to_legacy_names
+    from rvc_pipeline.nn.weightnorm import to_legacy_names
 
     sd = to_legacy_names(dict(state_dict))
     own_legacy = to_legacy_names(dict(own))

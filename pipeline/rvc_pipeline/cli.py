@@ -1,6 +1,6 @@
 """`rvc-pipeline`: one sub-command per step, `run` (every step of the manifest, locally), `infer`, `demo`.
 
-Exit codes (rvc_pipeline.errors): 0 success, 1 transient or unexpected (may be retried), 2 bad spec or
+Exit codes (rvc_pipeline.core.errors): 0 success, 1 transient or unexpected (may be retried), 2 bad spec or
 bad input (permanent), 3 missing weights (permanent), 130 interrupted. The operator uses them to decide
 whether to retry. A foreseeable failure prints one `error:` line; only an unexpected one a traceback.
 """
@@ -17,20 +17,27 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from .core.catalog import PITCH_METHODS
-from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NO_WEIGHTS, EXIT_OK, EXIT_TRANSIENT, classify
-from .spec import STEP_ORDER, Experiment, SpecError, load_manifest
+from rvc_pipeline.core.catalog import PITCH_METHODS
+from rvc_pipeline.core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_NO_WEIGHTS,
+    EXIT_OK,
+    EXIT_TRANSIENT,
+    classify,
+)
+from rvc_pipeline.core.spec import STEP_ORDER, Experiment, SpecError, load_manifest
 
 log = logging.getLogger("rvc_pipeline")
 
 # step name -> "module:function"; modules are imported lazily so that `--help` stays fast and
 # importing the spec never imports torch.
 STEPS: dict[str, str] = {
-    "preprocess": "rvc_pipeline.preprocess:run",
-    "f0": "rvc_pipeline.f0:run",
-    "features": "rvc_pipeline.features:run",
+    "preprocess": "rvc_pipeline.steps.preprocess:run",
+    "f0": "rvc_pipeline.steps.f0:run",
+    "features": "rvc_pipeline.steps.features:run",
     "train": "rvc_pipeline.steps.train:run",
-    "index": "rvc_pipeline.index:run",
+    "index": "rvc_pipeline.steps.index:run",
 }
 
 EXIT_ERROR = EXIT_TRANSIENT  # the former name
@@ -45,15 +52,15 @@ def step_function(step: str) -> Callable[..., dict[str, Any]]:
 def writer_lease(exp: Experiment) -> AbstractContextManager[object]:
     """One writer per experiment (rvc_pipeline.lease): every command that writes it (each step, run,
     demo) holds the lease; a second one fails at once with LeaseHeld naming the holder."""
-    from .lease import hold
-    from .stepio import open_artifacts
+    from rvc_pipeline.lease import hold
+    from rvc_pipeline.stepio import open_artifacts
 
     return hold(open_artifacts(exp), exp.name)
 
 
 def run_steps(exp: Experiment, steps: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
     """The local runner: every requested step in recipe order, each through the I/O shell."""
-    from .stepio import run_step
+    from rvc_pipeline.stepio import run_step
 
     todo = [s for s in STEP_ORDER if s in (steps or exp.spec.steps)]
     summaries = []
@@ -123,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"name": exp.name, "spec": exp.spec.model_dump(by_alias=True)}, indent=2))
             return EXIT_OK
         if args.cmd == "infer":
-            from .infer import main_infer
+            from rvc_pipeline.infer import main_infer
 
             return main_infer(args)
         if args.cmd == "demo":
-            from .demo import main_demo
+            from rvc_pipeline.demo.run import main_demo
 
             return main_demo(args)
         exp = load_manifest(args.spec)

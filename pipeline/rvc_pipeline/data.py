@@ -39,7 +39,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .mel import spectrogram
+from rvc_pipeline.mel import spectrogram
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -228,7 +228,7 @@ class TextAudioDataset(torch.utils.data.Dataset):
         n_bins = self.filter_length // 2 + 1
         n_frames = audio.shape[-1] // self.hop_length
         if self.cache_spec and cache.exists() and cache.stat().st_mtime >= os.path.getmtime(wav_path):
-            from . import safeload
+            from rvc_pipeline import safeload
 
             try:
                 spec = safeload.load(cache, what="spectrogram cache")

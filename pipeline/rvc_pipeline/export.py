@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from .models.compat import check_compatible, describe_state_dict, normalized_shapes
-from .models.config import SAMPLE_RATES, VERSIONS, RVCConfig, normalize_sample_rate
-from .models.synthesizer import SynthesizerTrn, build_generator_from_list, constructor_args
-from .models.weightnorm import to_legacy_names
+from rvc_pipeline.nn.compat import check_compatible, describe_state_dict, normalized_shapes
+from rvc_pipeline.nn.config import SAMPLE_RATES, VERSIONS, RVCConfig, normalize_sample_rate
+from rvc_pipeline.nn.synthesizer import SynthesizerTrn, build_generator_from_list, constructor_args
+from rvc_pipeline.nn.weightnorm import to_legacy_names
 
 RVC_KEYS: tuple[str, ...] = ("weight", "config", "info", "sr", "f0", "version")
 SUPPORTED_VOCODERS: tuple[str, ...] = ("HiFi-GAN",)
@@ -113,7 +113,7 @@ def _as_bool_f0(value: Any, path: str) -> bool:
 def read_small_model(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load an exported model through rvc_pipeline.safeload and check its top-level structure (no model
     is built). ModelFileError if unreadable; safeload.UnsafeFile if it needs foreign Python objects."""
-    from . import safeload
+    from rvc_pipeline import safeload
 
     p = str(path)
     if not os.path.exists(p):

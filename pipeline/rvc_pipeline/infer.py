@@ -43,14 +43,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .core.catalog import PITCH_METHODS, pitch_needs_gpu
+from rvc_pipeline.core.catalog import PITCH_METHODS, pitch_needs_gpu
 
 if TYPE_CHECKING:
     import torch
 
-    from .components.embedders.base import Embedder
-    from .models.synthesizer import SynthesizerTrn
-    from .spec import ExperimentSpec
+    from rvc_pipeline.components.embedders.base import Embedder
+    from rvc_pipeline.core.spec import ExperimentSpec
+    from rvc_pipeline.nn.synthesizer import SynthesizerTrn
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -182,7 +182,7 @@ def transpose_f0(f0: np.ndarray, semitones: float) -> np.ndarray:
 def extract_f0(audio_pad: np.ndarray, p_len: int, method: str, filter_radius: int = 3, *,
                device: str = "cpu", rmvpe: str | Path | None = None, crepe_model: str = "full") -> np.ndarray:
     """f0 in Hz of the padded 16 kHz audio, p_len frames, as RVC's `get_f0` computes it before transposing."""
-    from .f0 import compute_f0
+    from rvc_pipeline.steps.f0 import compute_f0
 
     if method not in F0_METHODS:
         raise InferError(f"f0 method {method!r}: expected one of {', '.join(F0_METHODS)}")
@@ -206,7 +206,7 @@ def extract_f0(audio_pad: np.ndarray, p_len: int, method: str, filter_radius: in
 
 def pitch_features(f0: np.ndarray, semitones: float) -> tuple[np.ndarray, np.ndarray]:
     """(coarse int64 bins 1..255, pitchf float32 Hz) of the transposed f0; coarse after transposition."""
-    from .f0 import coarse_f0
+    from rvc_pipeline.steps.f0 import coarse_f0
 
     shifted = transpose_f0(f0, semitones)
     return coarse_f0(shifted), shifted.astype(np.float32)
@@ -397,7 +397,7 @@ def convert(audio16k: np.ndarray, net_g: SynthesizerTrn, meta: Mapping[str, Any]
             big_npy = index.reconstruct_n(0, index.ntotal)
         big_npy = np.asarray(big_npy, dtype=np.float32)
 
-    from .audio import high_pass
+    from rvc_pipeline.audio import high_pass
 
     t0 = time.perf_counter()
     audio = high_pass(limit_peak(x.astype(np.float64)), SR, "filtfilt")
@@ -460,7 +460,7 @@ def convert(audio16k: np.ndarray, net_g: SynthesizerTrn, meta: Mapping[str, Any]
         audio_opt = change_rms(audio, SR, audio_opt, tgt_sr, rms_mix_rate)
     out_sr = tgt_sr
     if resample_sr and resample_sr != tgt_sr and resample_sr >= SR:
-        from .audio import resample
+        from rvc_pipeline.audio import resample
 
         audio_opt = resample(np.asarray(audio_opt, dtype=np.float32), tgt_sr, resample_sr)
         out_sr = int(resample_sr)
@@ -478,7 +478,7 @@ def convert(audio16k: np.ndarray, net_g: SynthesizerTrn, meta: Mapping[str, Any]
 
 
 def _minimal_spec() -> ExperimentSpec:
-    from .spec import ExperimentSpec
+    from rvc_pipeline.core.spec import ExperimentSpec
 
     return ExperimentSpec.model_validate({"dataset": {"source": "."}, "storage": {"uri": "."}})
 
@@ -487,8 +487,8 @@ def resolve_embedder(embedder: Any, spec: ExperimentSpec | None, device: str, ha
                      demo_random_weights: bool) -> tuple[Embedder, bool]:
     """An Embedder from an Embedder, a path (file or HF folder) or a weight name (resolve_weight).
     Returns (embedder, random_weights)."""
-    from .components.embedders.base import Embedder, load_embedder
-    from .weights import DEMO_WARNING, WeightsNotFound, resolve_weight
+    from rvc_pipeline.components.embedders.base import Embedder, load_embedder
+    from rvc_pipeline.weights import DEMO_WARNING, WeightsNotFound, resolve_weight
 
     if isinstance(embedder, Embedder):
         return embedder, False
@@ -511,16 +511,16 @@ def _load_training_checkpoint(path: Path, device: str) -> tuple[SynthesizerTrn, 
     """A G_*.pth checkpoint plus the experiment's config.json beside it -> (net_g, meta)."""
     import torch
 
-    from .models import describe_state_dict
-    from .models.config import RVCConfig
-    from .models.synthesizer import build_generator
+    from rvc_pipeline.nn import describe_state_dict
+    from rvc_pipeline.nn.config import RVCConfig
+    from rvc_pipeline.nn.synthesizer import build_generator
 
     cfg_path = path.parent / "config.json"
     hint = (f"{path}: this is a training checkpoint (G_*.pth), not an exported voice model; use the exported "
             f"model (logs/<experiment>/weights/<experiment>.pth, written by the train step)")
     if not cfg_path.is_file():
         raise InferError(hint + f", or keep the experiment's config.json beside it (not found: {cfg_path})")
-    from . import safeload
+    from rvc_pipeline import safeload
 
     try:
         ckpt = safeload.load(path, what="training checkpoint")
@@ -540,7 +540,7 @@ def _load_training_checkpoint(path: Path, device: str) -> tuple[SynthesizerTrn, 
     spk = int(sd["emb_g.weight"].shape[0])
     net_g = build_generator(cfg, desc["version"], bool(desc["f0"]), spk_embed_dim=spk)
     net_g.remove_posterior_encoder()
-    from .models.weightnorm import to_legacy_names
+    from rvc_pipeline.nn.weightnorm import to_legacy_names
 
     weights = {k: v.float() for k, v in to_legacy_names(sd).items() if not k.startswith("enc_q.")}
     own = {k for k in to_legacy_names(dict(net_g.state_dict()))}
@@ -564,7 +564,7 @@ def _load_training_checkpoint(path: Path, device: str) -> tuple[SynthesizerTrn, 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[SynthesizerTrn, dict[str, Any]]:
     """An exported model (RVC's or Applio's small-model format) or a G_*.pth beside its config.json."""
-    from .export import ModelFileError, load_small_model
+    from rvc_pipeline.export import ModelFileError, load_small_model
 
     p = Path(path)
     if not p.is_file():
@@ -642,7 +642,7 @@ def convert_file(model: str | Path, input_path: str | Path, output: str | Path,
     filter_radius, rms_mix_rate, resample_sr, sid, device, half, window, seed, rmvpe, crepe_model).
     Returns input/output seconds, the output rate, the wall time and the real-time factor.
     """
-    from .audio import load_audio
+    from rvc_pipeline.audio import load_audio
 
     t0 = time.perf_counter()
     device = pick_device(str(opts.pop("device", "auto") or "auto"))
@@ -660,11 +660,11 @@ def convert_file(model: str | Path, input_path: str | Path, output: str | Path,
     if index not in (None, "") and index_rate != 0:
         faiss_index, big_npy, used_index = load_index(index, meta["version"])  # type: ignore[arg-type]
     if opts.get("f0_method") == "rmvpe" and not opts.get("rmvpe") and meta["f0"]:
-        from .weights import resolve_weight
+        from rvc_pipeline.weights import resolve_weight
 
         opts["rmvpe"] = str(resolve_weight("rmvpe.pt", spec or _minimal_spec(), what="RMVPE checkpoint"))
     emb, random_weights = resolve_embedder(embedder, spec, device, half, demo_random_weights)
-    from .audio import AudioError
+    from rvc_pipeline.audio import AudioError
 
     try:
         audio = load_audio(inp, SR)
@@ -696,8 +696,8 @@ def convert_file(model: str | Path, input_path: str | Path, output: str | Path,
 
 def main_infer(args: argparse.Namespace) -> int:
     """`rvc-pipeline infer`: 0 on success, 2 for bad input (named), 3 for missing weights."""
-    from .export import ModelFileError
-    from .weights import WeightsNotFound
+    from rvc_pipeline.export import ModelFileError
+    from rvc_pipeline.weights import WeightsNotFound
 
     opts = {
         "pitch": float(args.pitch), "f0_method": args.f0_method, "index_rate": float(args.index_rate),

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .steps.runner import is_primary
-from .storage import Storage, StorageError, env_seconds, read_regular_file
+from rvc_pipeline.core.storage import Storage, StorageError, env_seconds, read_regular_file
+from rvc_pipeline.steps.runner import is_primary
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -155,7 +155,7 @@ class LocalLease:
 
     def _note(self, data: bytes) -> None:
         """Name the holder in lease.json (for the message only: the lock is what excludes)."""
-        from .storage import _replace_atomically
+        from rvc_pipeline.core.storage import _replace_atomically
 
         try:
             _replace_atomically(self.folder / LEASE_FILE, data)

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .lease import check_current
-from .progress import PROGRESS_FILE, Reporter
-from .spec import STEP_ORDER, Experiment, step_hashes
-from .steps.runner import is_primary
-from .storage import Storage, StorageError, open_storage, same_content, scratch_dir
+from rvc_pipeline.core.spec import STEP_ORDER, Experiment, step_hashes
+from rvc_pipeline.core.storage import Storage, StorageError, open_storage, same_content, scratch_dir
+from rvc_pipeline.lease import check_current
+from rvc_pipeline.progress import PROGRESS_FILE, Reporter
+from rvc_pipeline.steps.runner import is_primary
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -352,8 +352,8 @@ def _with_weights(step: str, key: str, ref_of: Callable[[Any], str | None], what
     is stale. Only a file found now (offline) is compared: a missing one never makes work look stale."""
 
     def check(exp: Experiment, storage: Storage) -> CheckedInputs:
-        from .provenance import weight_identity
-        from .weights import WeightsNotFound, resolve_weight
+        from rvc_pipeline.provenance import weight_identity
+        from rvc_pipeline.weights import WeightsNotFound, resolve_weight
 
         checked = check_prerequisites(exp, storage, step)
         ref = ref_of(exp.spec)
@@ -375,7 +375,7 @@ def _rmvpe_ref(spec: Any) -> str | None:
 
 
 def _check_dataset(exp: Experiment, storage: Storage) -> CheckedInputs:
-    from .preprocess import check_inputs
+    from rvc_pipeline.steps.preprocess import check_inputs
 
     return check_inputs(exp, storage)
 

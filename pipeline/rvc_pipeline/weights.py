@@ -17,8 +17,8 @@ import os
 import urllib.request
 from pathlib import Path
 
-from .spec import ExperimentSpec
-from .storage import StorageError, fetch_uri, open_storage
+from rvc_pipeline.core.spec import ExperimentSpec
+from rvc_pipeline.core.storage import StorageError, fetch_uri, open_storage
 
 log = logging.getLogger("rvc_pipeline")
 

@@ -339,7 +339,7 @@ class E2EEnv:
     def upload_voice_set(self, tmp: Path, prefix: str, n_files: int = 3,
                          seconds_each: float = 6.0) -> list[str]:
         """A few seconds of real speech per file (espeak-ng/flite/festival), uploaded under `prefix`."""
-        from rvc_pipeline.voices import make_voice_set
+        from rvc_pipeline.demo.voices import make_voice_set
 
         folder = tmp / "voices"
         make_voice_set(folder, n_files=n_files, seconds_each=seconds_each, seed=7)

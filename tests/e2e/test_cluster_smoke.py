@@ -97,9 +97,9 @@ def test_images_nonroot_and_contents(images: dict[str, str]) -> None:
         assert json.loads(_docker("image", "inspect", "-f", "{{json .Config.User}}", image)) == "1000:1000"
     probe = (
         "import importlib.util as u, json, os, torch, faiss, parselmouth, pyworld, librosa, soundfile, "
-        "rvc_pipeline.spec;"
+        "rvc_pipeline.core.spec;"
         "print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, 'uid': os.getuid(),"
-        " 'spec': rvc_pipeline.spec.__file__}))"
+        " 'spec': rvc_pipeline.core.spec.__file__}))"
     )
     got = json.loads(_docker("run", "--rm", "--entrypoint", "python3", images["pipeline-cpu"], "-c", probe))
     assert got["torch"].startswith("2.13.0") and got["torch"].endswith("+cpu")

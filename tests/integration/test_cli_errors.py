@@ -23,7 +23,7 @@ import boto3
 import pytest
 import yaml
 from rvc_pipeline import cli
-from rvc_pipeline.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
+from rvc_pipeline.core.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
 
 from tests.s3server import S3Endpoint, free_port, start_moto
 
@@ -332,8 +332,8 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path: Path) -> None:
 def test_weights_cache_unreachable_is_transient_not_missing(s3: S3Endpoint, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """An S3 outage while looking for weights must be retried (exit 1), not reported as missing (exit 3)."""
-    from rvc_pipeline.errors import EXIT_NO_WEIGHTS, classify
-    from rvc_pipeline.spec import parse_spec
+    from rvc_pipeline.core.errors import EXIT_NO_WEIGHTS, classify
+    from rvc_pipeline.core.spec import parse_spec
     from rvc_pipeline.weights import resolve_weight
 
     _quick_storage(monkeypatch)

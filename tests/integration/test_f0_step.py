@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
-from rvc_pipeline import f0 as f0step
-from rvc_pipeline import voices
+from rvc_pipeline.core.spec import Experiment, SpecError, parse_manifest
+from rvc_pipeline.demo import voices
 from rvc_pipeline.progress import read_events
-from rvc_pipeline.spec import Experiment, SpecError, parse_manifest
 from rvc_pipeline.stepio import StepFailed, run_step
+from rvc_pipeline.steps import f0 as f0step
 from rvc_pipeline.weights import WeightsNotFound
 
 pytestmark = [

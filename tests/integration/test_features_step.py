@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from rvc_pipeline import features, voices
 from rvc_pipeline.components.embedders.base import load_embedder
+from rvc_pipeline.core.spec import Experiment, parse_spec
+from rvc_pipeline.demo import voices
 from rvc_pipeline.progress import read_events
-from rvc_pipeline.spec import Experiment, parse_spec
 from rvc_pipeline.stepio import StepFailed, run_step
+from rvc_pipeline.steps import features
 from rvc_pipeline.weights import WeightsNotFound
 
 from tests.s3server import S3Endpoint

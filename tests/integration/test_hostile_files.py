@@ -24,17 +24,18 @@ import pytest
 import soundfile as sf
 import torch
 from rvc_pipeline import checkpoints as ck
-from rvc_pipeline import cli, features, infer, safeload
+from rvc_pipeline import cli, infer, safeload
 from rvc_pipeline.components.embedders.base import load_embedder
 from rvc_pipeline.components.pitch import crepe, fcpe
 from rvc_pipeline.components.pitch.rmvpe import get_rmvpe
+from rvc_pipeline.core.spec import Experiment, parse_spec
+from rvc_pipeline.core.storage import open_storage
 from rvc_pipeline.data import TextAudioDataset, spec_cache_path
 from rvc_pipeline.export import load_small_model
 from rvc_pipeline.progress import Reporter
-from rvc_pipeline.spec import Experiment, parse_spec
 from rvc_pipeline.stepio import StepContext, StepFailed
+from rvc_pipeline.steps import features
 from rvc_pipeline.steps.train import prepare, state
-from rvc_pipeline.storage import open_storage
 from rvc_pipeline.weights import resolve_weight
 
 from tests.s3server import S3Endpoint
@@ -277,8 +278,8 @@ def test_rmvpe_crepe_exported_models_and_spectrogram_cache(tmp_path: Path) -> No
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small exported v2 model, a small HuBERT in fairseq format, a 1 s recording."""
-    from rvc_pipeline.models import constructor_args, get_config
-    from rvc_pipeline.models.synthesizer import SynthesizerTrn
+    from rvc_pipeline.nn import constructor_args, get_config
+    from rvc_pipeline.nn.synthesizer import SynthesizerTrn
 
     d = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)

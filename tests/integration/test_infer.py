@@ -25,8 +25,6 @@ from rvc_pipeline import cli
 from rvc_pipeline.audio import high_pass, load_audio
 from rvc_pipeline.components.embedders.base import Embedder
 from rvc_pipeline.export import export_small_model
-from rvc_pipeline.f0 import coarse_f0, compute_f0
-from rvc_pipeline.index import build_index
 from rvc_pipeline.infer import (
     FP32_WINDOW,
     InferError,
@@ -44,8 +42,10 @@ from rvc_pipeline.infer import (
     to_int16,
     transpose_f0,
 )
-from rvc_pipeline.models import build_generator, constructor_args, get_config
-from rvc_pipeline.models.synthesizer import SynthesizerTrn
+from rvc_pipeline.nn import build_generator, constructor_args, get_config
+from rvc_pipeline.nn.synthesizer import SynthesizerTrn
+from rvc_pipeline.steps.f0 import coarse_f0, compute_f0
+from rvc_pipeline.steps.index import build_index
 from scipy.io import wavfile
 from scipy.signal import medfilt
 

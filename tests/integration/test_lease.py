@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rvc_pipeline.core.storage import Storage, StorageError, open_storage
 from rvc_pipeline.lease import (
     MAX_TTL,
     LeaseHeld,
@@ -30,7 +31,6 @@ from rvc_pipeline.lease import (
     lease_key,
     lease_ttl,
 )
-from rvc_pipeline.storage import Storage, StorageError, open_storage
 
 from tests.s3server import S3Endpoint
 
@@ -40,7 +40,7 @@ KEY = lease_key(EXP)
 HOLDER = """
 import sys
 from rvc_pipeline.cli import run_steps, writer_lease
-from rvc_pipeline.spec import load_manifest
+from rvc_pipeline.core.spec import load_manifest
 
 exp = load_manifest(sys.argv[1])
 with writer_lease(exp):
@@ -258,7 +258,7 @@ def test_local_lock_paths_careless_and_hostile(tmp_path: Path) -> None:
 
 def _other_process_acquires(root: Path) -> None:
     code = ("import sys; from rvc_pipeline.lease import acquire, LeaseHeld; "
-            "from rvc_pipeline.storage import open_storage\n"
+            "from rvc_pipeline.core.storage import open_storage\n"
             "try:\n acquire(open_storage(sys.argv[1]), sys.argv[2])\n"
             "except LeaseHeld as e:\n print(e); sys.exit(7)\n")
     r = subprocess.run([sys.executable, "-c", code, str(root), EXP], capture_output=True, text=True,

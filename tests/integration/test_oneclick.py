@@ -16,9 +16,9 @@ import pytest
 import soundfile as sf
 import torch
 from rvc_pipeline.cli import run_steps
+from rvc_pipeline.core.spec import STEP_ORDER, parse_manifest
 from rvc_pipeline.export import RVC_KEYS, load_small_model
 from rvc_pipeline.infer import convert_file
-from rvc_pipeline.spec import STEP_ORDER, parse_manifest
 
 from tests.s3server import S3Endpoint
 

@@ -27,9 +27,9 @@ from rvc_operator.observe import observe_jobs
 from rvc_operator.reconcile import cleanup, reconcile
 from rvc_operator.status import Event
 from rvc_operator.sweeper import Sweeper, due_for_sweep
-from rvc_pipeline.spec import STEP_ORDER
+from rvc_pipeline.core.spec import STEP_ORDER
+from rvc_pipeline.core.storage import open_storage
 from rvc_pipeline.stepio import marker_key
-from rvc_pipeline.storage import open_storage
 
 from tests.s3server import S3Endpoint
 

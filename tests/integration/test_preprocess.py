@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rvc_pipeline import preprocess as pp
 from rvc_pipeline.audio import load_audio, resample
+from rvc_pipeline.core.spec import Experiment, parse_manifest
 from rvc_pipeline.progress import read_events
-from rvc_pipeline.spec import Experiment, parse_manifest
 from rvc_pipeline.stepio import StepFailed, run_step
+from rvc_pipeline.steps import preprocess as pp
 from scipy.io import wavfile
 
 from tests.support import rvc_port
@@ -342,8 +342,8 @@ def test_rvc_compatible_spec_switches_every_deviation() -> None:
 
 _RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys
-    from rvc_pipeline import preprocess as pp
-    from rvc_pipeline.spec import parse_manifest
+    from rvc_pipeline.steps import preprocess as pp
+    from rvc_pipeline.core.spec import parse_manifest
     from rvc_pipeline.stepio import run_step
     import numpy, scipy.signal, soxr  # noqa: F401 - counted in the baseline
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -10,12 +10,12 @@ from typing import Any
 import faiss
 import numpy as np
 import pytest
-from rvc_pipeline import index as index_step
 from rvc_pipeline import stepio
+from rvc_pipeline.core.spec import STEP_ORDER, Experiment, parse_manifest
+from rvc_pipeline.core.storage import S3Storage, Storage
 from rvc_pipeline.progress import PROGRESS_FILE, read_events
-from rvc_pipeline.spec import STEP_ORDER, Experiment, parse_manifest
 from rvc_pipeline.stepio import StepContext, invalidate_from, is_complete, marker_key, run_step
-from rvc_pipeline.storage import S3Storage, Storage
+from rvc_pipeline.steps import index as index_step
 
 from tests.s3server import S3Endpoint
 
@@ -363,7 +363,7 @@ def test_only_rank_zero_writes_markers(s3: S3Endpoint, monkeypatch: pytest.Monke
 
 
 def test_spec_change_reruns_the_affected_step_and_later_ones(s3: S3Endpoint) -> None:
-    """The marker records a hash of the spec fields the step depends on (rvc_pipeline.spec.STEP_INPUTS)."""
+    """The marker records a hash of the spec fields the step depends on (core.spec.STEP_INPUTS)."""
     calls: list[str] = []
 
     def rec(ctx: StepContext) -> dict[str, Any]:

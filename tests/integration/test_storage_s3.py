@@ -14,7 +14,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from rvc_pipeline.storage import (
+from rvc_pipeline.core.storage import (
     MULTIPART_THRESHOLD,
     LocalStorage,
     ObjectInfo,

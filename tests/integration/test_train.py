@@ -27,11 +27,11 @@ import soundfile as sf
 import torch
 import yaml
 from rvc_pipeline import checkpoints as ck
-from rvc_pipeline.models import build_generator, get_config
-from rvc_pipeline.models.config import RVCConfig
-from rvc_pipeline.models.weightnorm import weight_norm
+from rvc_pipeline.core.spec import parse_manifest
+from rvc_pipeline.nn import build_generator, get_config
+from rvc_pipeline.nn.config import RVCConfig
+from rvc_pipeline.nn.weightnorm import weight_norm
 from rvc_pipeline.progress import read_events
-from rvc_pipeline.spec import parse_manifest
 from rvc_pipeline.stepio import StepFailed, run_step
 from rvc_pipeline.steps import train
 from rvc_pipeline.steps.train import TrainHooks

@@ -21,7 +21,7 @@ from rvc_pipeline.audio import (
     resample,
     write_wav_f32,
 )
-from rvc_pipeline.voices import harmonic_tone, make_tone, make_voice_set
+from rvc_pipeline.demo.voices import harmonic_tone, make_tone, make_voice_set
 from scipy.io import wavfile
 from scipy.signal import butter, lfilter
 

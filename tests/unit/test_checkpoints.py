@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from rvc_pipeline import checkpoints as ck
-from rvc_pipeline.models import build_generator, get_config
-from rvc_pipeline.models.weightnorm import weight_norm
+from rvc_pipeline.nn import build_generator, get_config
+from rvc_pipeline.nn.weightnorm import weight_norm
 
 
 class Small(torch.nn.Module):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from rvc_operator import crd
 from rvc_pipeline.core.catalog import PITCH_METHODS
-from rvc_pipeline.spec import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAMES, ExperimentSpec
+from rvc_pipeline.core.spec import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAMES, ExperimentSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "rvcexperiments.yaml"
@@ -55,7 +55,7 @@ def _prop(schema: dict[str, Any], dotted: str) -> dict[str, Any]:
 def test_checked_in_crd_is_generated() -> None:
     have = CRD_FILE.read_text() if CRD_FILE.exists() else ""
     assert have == crd.render(), (
-        f"{CRD_FILE} is out of date with rvc_pipeline/spec.py; regenerate it with:\n"
+        f"{CRD_FILE} is out of date with rvc_pipeline/core/spec.py; regenerate it with:\n"
         "    python -m rvc_operator.crd > crds/rvcexperiments.yaml"
     )
 

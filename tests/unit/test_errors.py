@@ -16,8 +16,8 @@ from botocore.exceptions import (
     ParamValidationError,
     ReadTimeoutError,
 )
-from rvc_pipeline import errors
-from rvc_pipeline.errors import (
+from rvc_pipeline.core import errors
+from rvc_pipeline.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
     EXIT_NO_WEIGHTS,
@@ -125,7 +125,7 @@ def test_operator_uses_the_same_codes() -> None:
 
 
 def test_importing_errors_does_not_import_torch() -> None:
-    code = ("import json, sys\nimport rvc_pipeline.errors\n"
+    code = ("import json, sys\nimport rvc_pipeline.core.errors\n"
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'boto3'})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

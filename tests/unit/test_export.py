@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from rvc_pipeline.export import ModelFileError, export_small_model, load_small_model
-from rvc_pipeline.models import (
+from rvc_pipeline.nn import (
     SynthesizerTrn,
     build_generator,
     check_compatible,

@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rvc_pipeline import voices
 from rvc_pipeline.components.pitch import crepe, rmvpe
 from rvc_pipeline.components.pitch.base import pad_centred
 from rvc_pipeline.components.pitch.rmvpe import get_rmvpe
-from rvc_pipeline.f0 import coarse_f0 as coarse
-from rvc_pipeline.f0 import compute_f0, compute_f0_batch, frame_count
+from rvc_pipeline.demo import voices
+from rvc_pipeline.steps.f0 import coarse_f0 as coarse
+from rvc_pipeline.steps.f0 import compute_f0, compute_f0_batch, frame_count
 
 from tests.support.rmvpe_files import save_random_checkpoint
 

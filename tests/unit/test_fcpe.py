@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 from rvc_pipeline import safeload
 from rvc_pipeline.components.pitch import fcpe
-from rvc_pipeline.f0 import compute_f0, compute_f0_batch
+from rvc_pipeline.steps.f0 import compute_f0, compute_f0_batch
 
 SR = 16000
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from rvc_pipeline import index as ix
-from rvc_pipeline.spec import Experiment, parse_manifest
+from rvc_pipeline.core.spec import Experiment, parse_manifest
 from rvc_pipeline.stepio import StepFailed, marker_key, run_step
+from rvc_pipeline.steps import index as ix
 
 
 def _exp(root: Path, name: str = "voice1", version: str = "v2", **index: int) -> Experiment:

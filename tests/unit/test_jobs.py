@@ -10,7 +10,7 @@ import pytest
 import yaml
 from rvc_operator import jobs
 from rvc_operator.config import ConfigError, OperatorConfig
-from rvc_pipeline.spec import STEP_ORDER, SpecError, parse_manifest
+from rvc_pipeline.core.spec import STEP_ORDER, SpecError, parse_manifest
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
@@ -346,7 +346,7 @@ def test_examples_are_valid_and_build_jobs(path: str, want_gpus: dict[str, int])
     from pathlib import Path
 
     from rvc_operator.crd import build_crd
-    from rvc_pipeline.spec import load_manifest
+    from rvc_pipeline.core.spec import load_manifest
 
     root = Path(__file__).resolve().parents[2]
     exp = load_manifest(root / path)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from rvc_pipeline.models import (
+from rvc_pipeline.nn import (
     DiscriminatorP,
     RVCConfig,
     SineGen,
@@ -24,9 +24,9 @@ from rvc_pipeline.models import (
     constructor_args,
     get_config,
 )
-from rvc_pipeline.models.attentions import MultiHeadAttention
-from rvc_pipeline.models.commons import rand_slice_segments, slice_segments
-from rvc_pipeline.models.modules import ResidualCouplingBlock
+from rvc_pipeline.nn.attentions import MultiHeadAttention
+from rvc_pipeline.nn.commons import rand_slice_segments, slice_segments
+from rvc_pipeline.nn.modules import ResidualCouplingBlock
 from torch import nn
 
 SEGMENTS = {  # (version, sr) -> (segment samples, hop)

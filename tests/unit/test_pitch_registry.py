@@ -15,7 +15,7 @@ from rvc_operator.jobs import step_uses_gpu
 from rvc_pipeline import cli, infer
 from rvc_pipeline.components.pitch import base
 from rvc_pipeline.core import catalog
-from rvc_pipeline.spec import SpecError, parse_manifest
+from rvc_pipeline.core.spec import SpecError, parse_manifest
 
 RVC_METHODS = ("pm", "harvest", "dio", "crepe", "rmvpe")  # RVC's own, in its order
 
@@ -111,7 +111,7 @@ def test_code_in_a_declaration_is_refused(tmp_path: Path) -> None:
 
 
 def test_catalog_and_spec_stay_torch_free() -> None:
-    code = ("import sys, rvc_pipeline.core.catalog, rvc_pipeline.spec; "
+    code = ("import sys, rvc_pipeline.core.catalog, rvc_pipeline.core.spec; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy') "
             "or m.startswith('rvc_pipeline.components')]; "
             "assert not bad, bad")

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from rvc_pipeline import checkpoints as ck
-from rvc_pipeline import errors, safeload
+from rvc_pipeline import safeload
 from rvc_pipeline.components.embedders.fairseq_convert import load_fairseq_checkpoint, plain
+from rvc_pipeline.core import errors
 from rvc_pipeline.stepio import StepFailed
 
 from tests.support import hostile

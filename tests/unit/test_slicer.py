@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from rvc_pipeline.audio import load_audio
+from rvc_pipeline.demo.voices import harmonic_tone
 from rvc_pipeline.slicer import Slicer, frame_rms
-from rvc_pipeline.voices import harmonic_tone
 
 from tests.support.rvc_port import SlicerFrames, rms_frames, slice_audio
 from tests.support.rvc_port import slicer_tags as _oracle_tags  # RVC's frame loop, as an oracle
@@ -131,7 +131,7 @@ def test_tags_equal_rvc_frame_loop_on_speech(voice_dir) -> None:  # noqa: ANN001
 
 
 def test_slicer_from_spec_uses_spec_values() -> None:
-    from rvc_pipeline.spec import SlicerSpec
+    from rvc_pipeline.core.spec import SlicerSpec
 
     sl = Slicer.from_spec(48000, SlicerSpec(threshold_db=-30, min_length_ms=2000, min_interval_ms=300,
                                             hop_size_ms=10, max_sil_kept_ms=200))

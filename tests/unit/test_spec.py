@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rvc_pipeline.spec import (
+from rvc_pipeline.core.spec import (
     API_GROUP,
     API_VERSION,
     KIND,
@@ -251,7 +251,7 @@ def test_load_manifest_errors_name_the_file(tmp_path: Path) -> None:
 def test_importing_the_spec_does_not_import_torch() -> None:
     code = (
         "import json, sys\n"
-        "import rvc_pipeline.spec as s\n"
+        "import rvc_pipeline.core.spec as s\n"
         "s.load_manifest\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torch', 'numpy', 'faiss', 'librosa', 'transformers'))))\n"
@@ -259,7 +259,7 @@ def test_importing_the_spec_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     heavy = json.loads(out.stdout.strip().splitlines()[-1])
     assert "torch" not in heavy, heavy
-    assert heavy == [], f"importing rvc_pipeline.spec pulled in {heavy}"
+    assert heavy == [], f"importing rvc_pipeline.core.spec pulled in {heavy}"
 
 
 # ---------------------------------------------------------------- careless and hostile values

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from rvc_operator import crd
-from rvc_pipeline.spec import SpecError, parse_manifest, step_hashes
+from rvc_pipeline.core.spec import SpecError, parse_manifest, step_hashes
 
 # step_hashes of _manifest() computed before the field existed
 HASHES_BEFORE = {"preprocess": "3cfab1719f6c23d5", "f0": "0f8b6e32e5364771", "features": "e0e25f80ffe5ad9c",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rvc_pipeline.models import (
+from rvc_pipeline.nn import (
     DiscriminatorP,
     build_generator,
     discriminator_shapes,
@@ -18,7 +18,7 @@ from rvc_pipeline.models import (
     param_count,
     to_parametrization_names,
 )
-from rvc_pipeline.models.weightnorm import compute_weight, remove_weight_norm, weight_norm
+from rvc_pipeline.nn.weightnorm import compute_weight, remove_weight_norm, weight_norm
 from torch import nn
 
 # the reference TSVs: a copy inside the repo if there is one, else the shared reference folder

@@ -20,7 +20,7 @@ from rvc_operator.status import (
     rerun_point,
     status_patch,
 )
-from rvc_pipeline.spec import STEP_ORDER, SpecError, parse_manifest, step_hashes
+from rvc_pipeline.core.spec import STEP_ORDER, SpecError, parse_manifest, step_hashes
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 

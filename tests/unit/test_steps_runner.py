@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from rvc_pipeline import lease, stepio
-from rvc_pipeline.spec import parse_manifest
+from rvc_pipeline.core.spec import parse_manifest
 from rvc_pipeline.stepio import is_complete, open_artifacts, run_step
 from rvc_pipeline.steps import runner
 

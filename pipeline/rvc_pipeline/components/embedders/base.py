@@ -69,7 +69,7 @@ def register(kind: EmbedderKind) -> EmbedderKind:
 
 def _discover() -> None:
     """Import every module the catalog lists for this package (each registers its kinds)."""
-    from ...core.catalog import EMBEDDERS as DECLARED
+    from rvc_pipeline.core.catalog import EMBEDDERS as DECLARED
 
     for component in DECLARED.values():
         importlib.import_module(component.module)

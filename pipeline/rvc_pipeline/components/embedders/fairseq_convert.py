@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from ... import safeload
-from .base import EmbedderKind, register
-from .hf_hubert import HFHubert, HubertWeights, hf_config, load_weights
+from rvc_pipeline import safeload
+from rvc_pipeline.components.embedders.base import EmbedderKind, register
+from rvc_pipeline.components.embedders.hf_hubert import HFHubert, HubertWeights, hf_config, load_weights
 
 # speed as hf_hubert (the same network after conversion)
 CATALOG = {"fairseq_hubert": {"needs_gpu": True, "weights": ["hubert_base.pt"], "speed": 5.0, "rank": 0}}

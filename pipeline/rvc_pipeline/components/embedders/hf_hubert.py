@@ -25,8 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ... import safeload
-from .base import Embedder, EmbedderKind, Version, as_clips, check_version, equal_length_batches, register
+from rvc_pipeline import safeload
+from rvc_pipeline.components.embedders.base import (
+    Embedder,
+    EmbedderKind,
+    Version,
+    as_clips,
+    check_version,
+    equal_length_batches,
+    register,
+)
 
 # speed: audio seconds per CPU second, 1 thread, HuBERT-base v2 in equal-length batches (bench_features.py)
 CATALOG = {"hf_hubert": {"needs_gpu": True, "weights": [], "speed": 5.0}}

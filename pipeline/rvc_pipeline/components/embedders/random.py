@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import RANDOM_KIND, EmbedderKind, register
-from .hf_hubert import HFHubert, hf_config
+from rvc_pipeline.components.embedders.base import RANDOM_KIND, EmbedderKind, register
+from rvc_pipeline.components.embedders.hf_hubert import HFHubert, hf_config
 
 CATALOG = {"random": {"needs_gpu": True, "weights": [], "speed": 5.0, "rank": 200}}  # as hf_hubert
 

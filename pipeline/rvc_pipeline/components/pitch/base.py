@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ...core.catalog import PITCH
+from rvc_pipeline.core.catalog import PITCH
 
 SR = 16000
 HOP = 160

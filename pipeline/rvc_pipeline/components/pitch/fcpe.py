@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import F0_MAX, F0_MIN, HOP, SR, PitchMethod, cached, register
+from rvc_pipeline.components.pitch.base import F0_MAX, F0_MIN, HOP, SR, PitchMethod, cached, register
 
 # speed: bench/bench_f0.py --methods fcpe --seconds 30 --procs 1 (2 cores): 23.8 s of audio per second
 CATALOG = {"fcpe": {"needs_gpu": True, "weights": ["fcpe/fcpe_c_v001.pt"], "speed": 20.0}}
@@ -124,7 +124,7 @@ class FCPENet(nn.Module):
 def asset_path() -> Path:
     """torchfcpe's bundled assets/fcpe_c_v001.pt (found without importing torchfcpe), else
     <weights cache>/fcpe/fcpe_c_v001.pt."""
-    from ...weights import local_cache_dir
+    from rvc_pipeline.weights import local_cache_dir
 
     spec = importlib.util.find_spec("torchfcpe")
     tried = [Path(loc) / "assets" / ASSET for loc in (spec.submodule_search_locations or [])] if spec else []
@@ -165,7 +165,7 @@ def _fold_weight_norm(state: dict[str, Any], where: Path) -> dict[str, Any]:
 
 def _state_dict(path: Path) -> dict[str, Any]:
     """The file's model weights with the weight-normed output layer folded into one weight."""
-    from ... import safeload
+    from rvc_pipeline import safeload
 
     try:
         ckpt = safeload.load(path, what="FCPE weights file")
@@ -272,6 +272,6 @@ class FcpeMethod(PitchMethod):
         return [to_rvc_range(f, n) for f, n in zip(raw, p_lens)]
 
     def provenance(self, spec: Any, opts: dict[str, Any]) -> dict[str, Any]:
-        from ...provenance import weight_identity
+        from rvc_pipeline.provenance import weight_identity
 
         return {"fcpe_weights": weight_identity(asset_path())}

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import F0_MAX, F0_MIN, HOP, SR, PitchMethod, pad_centred, register
+from rvc_pipeline.components.pitch.base import F0_MAX, F0_MIN, HOP, SR, PitchMethod, pad_centred, register
 
 CATALOG = {"pm": {"needs_gpu": False, "weights": [], "speed": 400.0, "rank": 0}}
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import PitchMethod, cached, fit_length, register
+from rvc_pipeline.components.pitch.base import PitchMethod, cached, fit_length, register
 
 CATALOG = {"rmvpe": {"needs_gpu": True, "weights": ["rmvpe.pt"], "speed": 1.0, "rank": 4}}
 
@@ -275,7 +275,7 @@ class RMVPE:
             where = "state dict"
         else:
             where = str(weights)
-            from ... import safeload
+            from rvc_pipeline import safeload
 
             try:
                 state = safeload.load(weights, what="RMVPE checkpoint")
@@ -355,13 +355,13 @@ class RmvpeMethod(PitchMethod):
         return [fit_length(decode(s, thr), n) for s, n in zip(sal, p_lens)]
 
     def spec_options(self, spec: Any) -> dict[str, Any]:
-        from ...weights import resolve_weight
+        from rvc_pipeline.weights import resolve_weight
 
         ref = spec.f0.rmvpe_checkpoint or "rmvpe.pt"
         return {"checkpoint": str(resolve_weight(ref, spec, what="RMVPE checkpoint"))}
 
     def provenance(self, spec: Any, opts: dict[str, Any]) -> dict[str, Any]:
-        from ...provenance import weight_identity
+        from rvc_pipeline.provenance import weight_identity
 
         return {"rmvpe_checkpoint": spec.f0.rmvpe_checkpoint,
                 "rmvpe_weights": weight_identity(opts["checkpoint"])}

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import F0_MAX, F0_MIN, HOP, SR, PitchMethod, fit_length, register
+from rvc_pipeline.components.pitch.base import F0_MAX, F0_MIN, HOP, SR, PitchMethod, fit_length, register
 
 CATALOG = {
     "harvest": {"needs_gpu": False, "weights": [], "speed": 3.5, "rank": 1},

@@ -20,13 +20,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ...data import feature_dir_name, read_filelist, write_filelist
-from ...stepio import StepContext
-from ..runner import is_primary
-from . import prepare
-from .launch import launch, world_size
-from .state import TrainJob, choose_init
-from .trainer import TrainHooks
+from rvc_pipeline.data import feature_dir_name, read_filelist, write_filelist
+from rvc_pipeline.stepio import StepContext
+from rvc_pipeline.steps.runner import is_primary
+from rvc_pipeline.steps.train import prepare
+from rvc_pipeline.steps.train.launch import launch, world_size
+from rvc_pipeline.steps.train.state import TrainJob, choose_init
+from rvc_pipeline.steps.train.trainer import TrainHooks
 
 __all__ = ["TrainHooks", "run"]
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from ...progress import Reporter
-from ...stepio import StepContext, StepFailed, open_artifacts
-from .state import TrainJob
-from .trainer import Trainer, TrainHooks
+from rvc_pipeline.progress import Reporter
+from rvc_pipeline.stepio import StepContext, StepFailed, open_artifacts
+from rvc_pipeline.steps.train.state import TrainJob
+from rvc_pipeline.steps.train.trainer import Trainer, TrainHooks
 
 log = logging.getLogger("rvc_pipeline")
 

@@ -12,17 +12,17 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from ...data import (
+from rvc_pipeline.core.spec import SAMPLE_RATES
+from rvc_pipeline.data import (
     BUCKET_BOUNDARIES,
     bucket_index,
     feature_dir_name,
     is_mute_item,
     mute_features_from_embedder,
 )
-from ...spec import SAMPLE_RATES
-from ...stepio import StepContext, StepFailed
-from ...weights import resolve_weight
-from .state import InitPlan
+from rvc_pipeline.stepio import StepContext, StepFailed
+from rvc_pipeline.steps.train.state import InitPlan
+from rvc_pipeline.weights import resolve_weight
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -163,7 +163,7 @@ def pull_append(ctx: StepContext, name: str) -> None:
 
 def load_config(ctx: StepContext) -> Any:
     """The experiment's config.json (written from RVC's defaults when absent) with spec.train applied."""
-    from ...models.config import RVCConfig, get_config
+    from rvc_pipeline.nn.config import RVCConfig, get_config
 
     spec = ctx.spec
     sr_key = spec.model.sample_rate
@@ -188,12 +188,12 @@ def mute_features(ctx: StepContext, version: str) -> tuple[np.ndarray | None, st
     """HuBERT's output for 3 s of silence from the embedder that made the features (recorded by the
     features step), else zeros: the mute set never mixes embedders with the real items."""
     try:
-        from ...components.embedders.base import Version, load_embedder
+        from rvc_pipeline.components.embedders.base import Version, load_embedder
     except ImportError:
         return None, "zeros"
-    from ...features import PARAMS_FILE as FEATURES_PARAMS
-    from ...provenance import RANDOM, read_record, weight_identity
-    from ...safeload import UnsafeFile
+    from rvc_pipeline.provenance import RANDOM, read_record, weight_identity
+    from rvc_pipeline.safeload import UnsafeFile
+    from rvc_pipeline.steps.features import PARAMS_FILE as FEATURES_PARAMS
 
     made_by = (read_record(ctx.exp_dir / FEATURES_PARAMS) or {}).get("embedder")
     try:

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from ... import checkpoints as ck
-from ...stepio import StepContext
-from .state import Nets, TrainJob
+from rvc_pipeline import checkpoints as ck
+from rvc_pipeline.stepio import StepContext
+from rvc_pipeline.steps.train.state import Nets, TrainJob
 
 DEMO_INFO = "DEMO random init - not a real voice; {info}"
 
@@ -26,7 +26,7 @@ def model_info(job: TrainJob, epoch: int) -> str:
 
 def export(job: TrainJob, net_g: torch.nn.Module, cfg: Any, path: Path, info: str, epoch: int,
            step: int) -> None:
-    from ...export import export_small_model
+    from rvc_pipeline.export import export_small_model
 
     spec = job.experiment.spec
     sd = ck.legacy_state_dict(net_g)
@@ -55,7 +55,7 @@ def save(job: TrainJob, ctx: StepContext | None, nets: Nets, epoch: int, global_
         ctx.push_file(g_path)
     out = [g_path.name, d_path.name]
     if spec.train.save_every_weights:
-        from ...models.config import RVCConfig
+        from rvc_pipeline.nn.config import RVCConfig
 
         w = exp_dir / "weights" / f"{job.experiment.name}_e{epoch}_s{global_step}.pth"
         cfg = RVCConfig.from_json(job.config)

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from ... import checkpoints as ck
-from ...spec import Experiment
-from ...stepio import StepContext, StepFailed
-from ...storage import StorageError
-from ...weights import DEMO_WARNING, WeightsNotFound, resolve_weight
+from rvc_pipeline import checkpoints as ck
+from rvc_pipeline.core.spec import Experiment
+from rvc_pipeline.core.storage import StorageError
+from rvc_pipeline.stepio import StepContext, StepFailed
+from rvc_pipeline.weights import DEMO_WARNING, WeightsNotFound, resolve_weight
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -115,7 +115,7 @@ def _own_checkpoint_plan(ctx: StepContext) -> InitPlan | None:
 
 
 def _resume_from_plan(ctx: StepContext, uri: str) -> InitPlan:
-    from ...storage import fetch_uri
+    from rvc_pipeline.core.storage import fetch_uri
 
     spec = ctx.spec
     dest = ctx.exp_dir / "resume_from"

@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 
-from ...data import DistributedBucketSampler, TextAudioCollate, TextAudioDataset
-from ...losses import discriminator_loss, feature_loss, generator_loss, kl_loss, mel_loss
-from ...mel import mel_spectrogram, spec_to_mel
-from ...stepio import StepContext, StepFailed
-from . import saving
-from .state import Nets, Start, TrainJob, apply_plan, lr_schedules
+from rvc_pipeline.data import DistributedBucketSampler, TextAudioCollate, TextAudioDataset
+from rvc_pipeline.losses import discriminator_loss, feature_loss, generator_loss, kl_loss, mel_loss
+from rvc_pipeline.mel import mel_spectrogram, spec_to_mel
+from rvc_pipeline.stepio import StepContext, StepFailed
+from rvc_pipeline.steps.train import saving
+from rvc_pipeline.steps.train.state import Nets, Start, TrainJob, apply_plan, lr_schedules
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -129,7 +129,7 @@ def _r(x: float) -> float | None:
 def build_models(cfg: Any, version: str, f0: bool, device: torch.device,
                  discriminator_factory: Callable[[str], torch.nn.Module] | None = None) -> tuple[Any, Any]:
     """G from the experiment's config.json (RVC builds it from there too), RVC's D for the version."""
-    from ...models import build_discriminator, build_generator
+    from rvc_pipeline.nn import build_discriminator, build_generator
 
     net_g = build_generator(cfg, version, f0, spk_embed_dim=cfg.model.spk_embed_dim).to(device)
     net_d = (discriminator_factory or build_discriminator)(version).to(device)
@@ -167,7 +167,7 @@ class GanStep:
 def _generate(st: GanStep, batch: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
     """G forward, the mels and the real segment: (y_hat, y_mel, y_hat_mel, wave_seg, (z_p, m_p, logs_p,
     logs_q, z_mask))."""
-    from ...models.commons import slice_segments
+    from rvc_pipeline.nn.commons import slice_segments
 
     cfg = st.cfg
     hop, seg, seg_frames = cfg.hop_length, cfg.segment_size, cfg.segment_frames
@@ -235,7 +235,7 @@ class Trainer:
 
     def __init__(self, job: TrainJob, rank: int = 0, world: int = 1, local_rank: int = 0,
                  ctx: StepContext | None = None, hooks: TrainHooks | None = None) -> None:
-        from ...models.config import RVCConfig
+        from rvc_pipeline.nn.config import RVCConfig
 
         self.job, self.rank, self.world, self.local_rank, self.ctx = job, rank, world, local_rank, ctx
         self.hooks = hooks or TrainHooks()

@@ -16,11 +16,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .lease import LeaseHeld
-from .spec import SpecError
-from .stepio import StepFailed
-from .storage import StorageError
-from .weights import WeightsNotFound
+from rvc_pipeline.core.spec import SpecError
+from rvc_pipeline.core.storage import StorageError
+from rvc_pipeline.lease import LeaseHeld
+from rvc_pipeline.stepio import StepFailed
+from rvc_pipeline.weights import WeightsNotFound
 
 __all__ = [
     "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NO_WEIGHTS", "EXIT_OK", "EXIT_TRANSIENT",

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from .provenance import RANDOM, read_record, record_changes, weight_identity, write_record
-from .stepio import OWNED_OUTPUTS, StepContext, StepFailed, remove_owned, remove_owned_local
-from .weights import DEMO_WARNING, WeightsNotFound, resolve_weight
+from rvc_pipeline.provenance import RANDOM, read_record, record_changes, weight_identity, write_record
+from rvc_pipeline.stepio import OWNED_OUTPUTS, StepContext, StepFailed, remove_owned, remove_owned_local
+from rvc_pipeline.weights import DEMO_WARNING, WeightsNotFound, resolve_weight
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -89,7 +89,7 @@ def resolve_spec_embedder(ctx: StepContext) -> Path | None:
 
 def load_spec_embedder(ctx: StepContext, device: str, path: Path | None) -> tuple[Any, bool]:
     """The embedder at `path` (see resolve_spec_embedder; None: random demo weights); (embedder, random)."""
-    from .components.embedders.base import load_embedder
+    from rvc_pipeline.components.embedders.base import load_embedder
 
     spec = ctx.spec
     half = bool(spec.features.half_precision)
@@ -188,7 +188,7 @@ def _embedder_for_run(ctx: StepContext, emb_path: Path | None, ex: _Extraction) 
 def _extract_all(ctx: StepContext, emb_path: Path | None, todo: list[Path], infos: dict[Path, int],
                  files_total: int) -> _Extraction:
     """Features of every file in `todo`, batched by length; pushed every few minutes on S3."""
-    from .components.embedders.base import batches_by_seconds
+    from rvc_pipeline.components.embedders.base import batches_by_seconds
 
     spec, ex = ctx.spec, _Extraction()
     emb = _embedder_for_run(ctx, emb_path, ex)

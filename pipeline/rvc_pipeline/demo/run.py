@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .spec import API_GROUP, API_VERSION, KIND, parse_manifest
+from rvc_pipeline.core.spec import API_GROUP, API_VERSION, KIND, parse_manifest
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -41,8 +41,8 @@ def demo_manifest(name: str, dataset: Path, storage: Path, epochs: int) -> dict:
 
 
 def main_demo(args: argparse.Namespace) -> int:
-    from .cli import run_steps
-    from .voices import make_voice_set
+    from rvc_pipeline.cli import run_steps
+    from rvc_pipeline.demo.voices import make_voice_set
 
     t0 = time.time()
     work = Path(args.workdir).resolve()
@@ -60,7 +60,7 @@ def main_demo(args: argparse.Namespace) -> int:
     index = sorted(exp_dir.glob("added_*.index"))
     sample = sorted(data.glob("*.wav"))[0]
     out = exp_dir / "demo-converted.wav"
-    from .infer import convert_file
+    from rvc_pipeline.infer import convert_file
 
     info = convert_file(model=model, input_path=sample, output=out, index=index[0] if index else None,
                         embedder="hubert_base.pt", spec=exp.spec, demo_random_weights=True)

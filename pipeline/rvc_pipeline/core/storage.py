@@ -329,7 +329,7 @@ class S3Storage:
         return StorageError(f"{where}: {err}")
 
     def _wrap_client(self, err: Exception, where: str) -> StorageError:
-        from .errors import s3_code_is_permanent
+        from rvc_pipeline.core.errors import s3_code_is_permanent
 
         code = _code(err)
         if code == "NoSuchBucket":

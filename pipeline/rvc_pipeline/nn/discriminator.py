@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .commons import get_padding
-from .modules import LRELU_SLOPE
-from .weightnorm import remove_all_weight_norm, weight_norm
+from rvc_pipeline.nn.commons import get_padding
+from rvc_pipeline.nn.modules import LRELU_SLOPE
+from rvc_pipeline.nn.weightnorm import remove_all_weight_norm, weight_norm
 
 PERIODS: dict[str, tuple[int, ...]] = {"v1": (2, 3, 5, 7, 11, 17), "v2": (2, 3, 5, 7, 11, 17, 23, 37)}
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .commons import get_padding, init_normal
-from .weightnorm import remove_weight_norm, weight_norm
+from rvc_pipeline.nn.commons import get_padding, init_normal
+from rvc_pipeline.nn.weightnorm import remove_weight_norm, weight_norm
 
 LRELU_SLOPE = 0.1
 

@@ -13,7 +13,7 @@ def get_padding(kernel_size: int, dilation: int = 1) -> int:
 
 def init_normal(module: nn.Module, std: float = 0.01) -> None:
     """N(0, std) init of a conv's weight (of `weight_v` when weight-normed, then g = ||v||)."""
-    from .weightnorm import is_weight_normed, reset_weight_norm
+    from rvc_pipeline.nn.weightnorm import is_weight_normed, reset_weight_norm
 
     with torch.no_grad():
         if is_weight_normed(module):

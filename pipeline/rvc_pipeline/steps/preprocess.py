@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .audio import (
+from rvc_pipeline.audio import (
     WAV_F32_HEADER_BYTES,
     AudioError,
     AudioStream,
@@ -48,15 +48,15 @@ from .audio import (
     resample,
     write_wav_f32,
 )
-from .provenance import sha256_file
-from .slicer import Slicer, frame_rms, silent_runs
-from .steps.runner import process_pool
-from .storage import open_storage, scratch_dir
+from rvc_pipeline.core.storage import open_storage, scratch_dir
+from rvc_pipeline.provenance import sha256_file
+from rvc_pipeline.slicer import Slicer, frame_rms, silent_runs
+from rvc_pipeline.steps.runner import process_pool
 
 if TYPE_CHECKING:  # the worker processes import this module: keep pydantic (spec, stepio) out of it
-    from .spec import Experiment
-    from .stepio import CheckedInputs, StepContext
-    from .storage import Storage
+    from rvc_pipeline.core.spec import Experiment
+    from rvc_pipeline.core.storage import Storage
+    from rvc_pipeline.stepio import CheckedInputs, StepContext
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -505,7 +505,7 @@ def scan_dataset(source: str, endpoint: str | None = None, region: str | None = 
         objs = sorted((o for o in st.list("", recursive=False) if o.key and "/" not in o.key),
                       key=lambda o: o.key)
         return Dataset(source, [DatasetFile(o.key, o.size, f"etag:{o.etag or ''}") for o in objs])
-    from .stepio import StepFailed
+    from rvc_pipeline.stepio import StepFailed
 
     root = Path(source.removeprefix("file://")).expanduser()
     if not root.is_dir():
@@ -546,7 +546,7 @@ def _s3_overlap(source: str, storage_uri: str, exp_prefix: str) -> bool:
 def refuse_overlap(ds: Dataset, storage_uri: str, experiment: str) -> None:
     """StepFailed when the dataset is, lies inside or contains the experiment folder logs/<exp>/ of the
     storage (preprocess would delete or read back its own outputs), or a dataset file is a link into it."""
-    from .stepio import StepFailed
+    from rvc_pipeline.stepio import StepFailed
 
     exp_prefix = f"logs/{experiment}"
     why = (f"dataset {ds.source} overlaps the experiment folder {exp_prefix}/ of storage {storage_uri}; "
@@ -570,7 +570,7 @@ def refuse_overlap(ds: Dataset, storage_uri: str, experiment: str) -> None:
 def check_inputs(exp: Experiment, storage: Storage) -> CheckedInputs:
     """preprocess's input check (stepio.INPUT_CHECKS): the dataset lists, is not empty and does not
     overlap the experiment's folder. Fingerprint: the manifest digest (a changed dataset reruns)."""
-    from .stepio import CheckedInputs, StepFailed
+    from rvc_pipeline.stepio import CheckedInputs, StepFailed
 
     spec = exp.spec
     source = spec.dataset.source
@@ -643,7 +643,7 @@ def _jobs_done(
 
 
 def _previous_manifest(ctx: StepContext) -> dict[str, Any] | None:
-    from .storage import StorageError
+    from rvc_pipeline.core.storage import StorageError
 
     try:
         data = json.loads(ctx.storage.read_bytes(f"{ctx.exp_key}/{MANIFEST_FILE}"))
@@ -697,7 +697,7 @@ def _process_all(ctx: StepContext, inputs: list[_Input], params: Params) -> list
 
 
 def run(ctx: StepContext) -> dict[str, Any]:
-    from .stepio import OWNED_OUTPUTS, StepFailed, remove_owned_local
+    from rvc_pipeline.stepio import OWNED_OUTPUTS, StepFailed, remove_owned_local
 
     spec = ctx.spec
     params = Params.from_spec(spec)
@@ -780,7 +780,7 @@ def _dataset_report(source: str, p: Params, reports: list[FileReport], seconds: 
 def _prune_remote(ctx: StepContext, subs: tuple[str, ...]) -> None:
     """Delete pieces left in remote storage by an earlier run that this run did not produce (owned files
     directly in each folder only)."""
-    from .stepio import remove_owned
+    from rvc_pipeline.stepio import remove_owned
 
     for sub in subs:
         keep = {p.name for p in (ctx.exp_dir / sub).glob("*.wav")}

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .stepio import StepContext, StepFailed
+from rvc_pipeline.stepio import StepContext, StepFailed
 
 log = logging.getLogger("rvc_pipeline")
 

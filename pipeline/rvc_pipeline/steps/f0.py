@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .components.pitch import base as pitch
-from .components.pitch.base import F0_MAX, F0_MIN, HOP, SR
-from .core.catalog import PITCH, pitch_needs_gpu
-from .provenance import read_record, record_changes, write_record
-from .steps.runner import process_pool
+from rvc_pipeline.components.pitch import base as pitch
+from rvc_pipeline.components.pitch.base import F0_MAX, F0_MIN, HOP, SR
+from rvc_pipeline.core.catalog import PITCH, pitch_needs_gpu
+from rvc_pipeline.provenance import read_record, record_changes, write_record
+from rvc_pipeline.steps.runner import process_pool
 
 if TYPE_CHECKING:
-    from .stepio import StepContext
+    from rvc_pipeline.stepio import StepContext
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -122,7 +122,7 @@ def read_16k(path: Path) -> np.ndarray:
             return np.ascontiguousarray(x[:, 0])
     except (sf.LibsndfileError, RuntimeError, ValueError):
         pass
-    from .audio import load_audio
+    from rvc_pipeline.audio import load_audio
 
     return load_audio(path, SR)
 
@@ -258,7 +258,7 @@ def _done(wav: Path, nsf: Path, coarse: Path) -> bool:
 
 def _start_or_resume(ctx: StepContext, old: dict[str, Any] | None, params: dict[str, Any]) -> None:
     """Remove partial files; and every output when they were made another way (or by an unknown one)."""
-    from .stepio import OWNED_OUTPUTS, remove_owned, remove_owned_local
+    from rvc_pipeline.stepio import OWNED_OUTPUTS, remove_owned, remove_owned_local
 
     for d in (NSF_DIR, COARSE_DIR):
         remove_owned_local(ctx.exp_dir / d, ("*.partial",))
@@ -293,7 +293,7 @@ def _plan(todo: list[Path], method: str, gpu: bool, workers: int) -> tuple[int, 
 
 def _compute(ctx: StepContext, method: str, jobs: list[_Job], procs: int, n_items: int,
              n_skip: int, total: int) -> list[_Result]:
-    from .stepio import StepFailed
+    from rvc_pipeline.stepio import StepFailed
 
     results: list[_Result] = []
     last_event = 0.0
@@ -317,7 +317,7 @@ def _compute(ctx: StepContext, method: str, jobs: list[_Job], procs: int, n_item
 
 def _voicing(wavs: list[Path], outs: dict[Path, tuple[Path, Path]]) -> tuple[int, int]:
     """(frames, voiced frames) over every output; StepFailed naming the inputs left without one."""
-    from .stepio import StepFailed
+    from rvc_pipeline.stepio import StepFailed
 
     missing = [w.name for w in wavs if not all(p.is_file() for p in outs[w])]
     if missing:
@@ -334,7 +334,7 @@ def _voicing(wavs: list[Path], outs: dict[Path, tuple[Path, Path]]) -> tuple[int
 
 
 def run(ctx: StepContext) -> dict[str, Any]:
-    from .stepio import StepFailed
+    from rvc_pipeline.stepio import StepFailed
 
     spec = ctx.spec
     if not spec.model.pitch_guidance:

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from .config import SAMPLE_RATES, VERSIONS, get_config, normalize_sample_rate
-from .discriminator import build_discriminator
-from .synthesizer import build_generator
-from .weightnorm import to_legacy_names
+from rvc_pipeline.nn.config import SAMPLE_RATES, VERSIONS, get_config, normalize_sample_rate
+from rvc_pipeline.nn.discriminator import build_discriminator
+from rvc_pipeline.nn.synthesizer import build_generator
+from rvc_pipeline.nn.weightnorm import to_legacy_names
 
 Shape = tuple[int, ...]
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .commons import init_normal
-from .modules import LRELU_SLOPE, ResBlock1, ResBlock2
-from .weightnorm import remove_weight_norm, weight_norm
+from rvc_pipeline.nn.commons import init_normal
+from rvc_pipeline.nn.modules import LRELU_SLOPE, ResBlock1, ResBlock2
+from rvc_pipeline.nn.weightnorm import remove_weight_norm, weight_norm
 
 
 class SineGen(nn.Module):

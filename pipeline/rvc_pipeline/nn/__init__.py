@@ -18,7 +18,7 @@ torch's `parametrizations.weight.original0/1` spelling and folded `.weight` tens
 
 from __future__ import annotations
 
-from .compat import (
+from rvc_pipeline.nn.compat import (
     check_compatible,
     describe_state_dict,
     discriminator_shapes,
@@ -26,16 +26,16 @@ from .compat import (
     normalized_shapes,
     param_count,
 )
-from .config import RVCConfig, get_config, normalize_sample_rate
-from .discriminator import (
+from rvc_pipeline.nn.config import RVCConfig, get_config, normalize_sample_rate
+from rvc_pipeline.nn.discriminator import (
     DiscriminatorP,
     DiscriminatorS,
     MultiPeriodDiscriminator,
     MultiPeriodDiscriminatorV2,
     build_discriminator,
 )
-from .generator import Generator, GeneratorNSF, SineGen, SourceModuleHnNSF
-from .synthesizer import (
+from rvc_pipeline.nn.generator import Generator, GeneratorNSF, SineGen, SourceModuleHnNSF
+from rvc_pipeline.nn.synthesizer import (
     SynthesizerTrn,
     SynthesizerTrnMs256NSFsid,
     SynthesizerTrnMs256NSFsid_nono,
@@ -45,7 +45,7 @@ from .synthesizer import (
     build_generator_from_list,
     constructor_args,
 )
-from .weightnorm import remove_all_weight_norm, to_legacy_names, to_parametrization_names
+from rvc_pipeline.nn.weightnorm import remove_all_weight_norm, to_legacy_names, to_parametrization_names
 
 __all__ = [
     "DiscriminatorP",

@@ -1,0 +1,1 @@
+"""The demo: a generated voice set and the one-click local run."""
