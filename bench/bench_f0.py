@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from rvc_pipeline.core import layout
 from rvc_pipeline.core.spec import parse_manifest
 from rvc_pipeline.demo.voices import make_voice_set
-from rvc_pipeline.stepio import run_step
 from rvc_pipeline.steps import f0 as f0step
+from rvc_pipeline.steps.runner import run_step
 
 SR = 16000
 RVC_SECONDS = {"pm": (9.7, 5.3), "dio": (12.2, 6.4), "harvest": (108.0, 54.0)}  # 360 s, 1 / 2 processes
@@ -52,7 +53,7 @@ def make_pieces(seconds: float, work: Path) -> list[np.ndarray]:
 
 
 def write_set(root: Path, pieces: list[np.ndarray]) -> Path:
-    d = root / "store" / "logs" / "bench" / "1_16k_wavs"
+    d = root / "store" / layout.exp_key("bench") / layout.WAVS_16K_DIR
     shutil.rmtree(d.parent, ignore_errors=True)
     d.mkdir(parents=True)
     for i, x in enumerate(pieces):
@@ -68,7 +69,7 @@ def run_once(root: Path, method: str, procs: int, crepe_model: str = "full") -> 
         "f0": {"method": method, "crepeModel": crepe_model},
     }})
     exp_dir = root / "store" / "logs" / "bench"
-    for sub in ("2a_f0", "2b-f0nsf"):
+    for sub in layout.F0_DIRS:
         shutil.rmtree(exp_dir / sub, ignore_errors=True)
     t0 = time.perf_counter()
     summary = run_step(exp, "f0", f0step.run, force=True)
@@ -158,7 +159,8 @@ def main() -> None:
                       + (f"{rvc_s:>7.1f} {audio / rvc_s:>6.1f} {rvc_s / wall:>7.2f}x" if rvc_s else
                          f"{'-':>7} {'-':>6} {'-':>8}"), flush=True)
                 if args.baseline and method in RVC_SECONDS:
-                    files = sorted((root / "store" / "logs" / "bench" / "1_16k_wavs").glob("*.wav"))
+                    wav_dir = root / "store" / layout.exp_key("bench") / layout.WAVS_16K_DIR
+                    files = sorted(wav_dir.glob("*.wav"))
                     base = rvc_like(files, method, procs)
                     print(f"{'  rvc-like':<11} {procs:>5} {audio:>8.1f} {base:>8.2f} {audio / base:>8.1f} "
                           f"{'':>8} {'':>7} {'':>6} {base / wall:>7.2f}x  (same machine and load)",

@@ -30,6 +30,7 @@ RVC_TRAIN_SECONDS = {200_000: 91.0}
 
 def one(n: int, dim: int, threads: int, kmeans_threshold: int) -> dict[str, float | int | bool]:
     import numpy as np
+    from rvc_pipeline.core.fileio import save_npy_atomic
     from rvc_pipeline.steps import index as ix
 
     feats = np.random.default_rng(n).standard_normal((n, dim), dtype=np.float32)
@@ -37,7 +38,7 @@ def one(n: int, dim: int, threads: int, kmeans_threshold: int) -> dict[str, floa
         t0, cpu0 = time.perf_counter(), time.process_time()
         vectors, info = ix.prepare_vectors(feats, kmeans_threshold, n_cpu=threads)
         t_prep = time.perf_counter() - t0
-        ix.save_npy_atomic(vectors, Path(d) / "total_fea.npy")
+        save_npy_atomic(Path(d) / "total_fea.npy", vectors)
         trained, added = ix.index_file_names(ix.n_ivf_for(vectors.shape[0]), "bench", "v2")
         index, tinfo = ix.train_ivf(vectors, n_threads=threads, trained_path=Path(d) / trained)
         index, add_s = ix.add_vectors(index, vectors, ix.ADD_BATCH, n_threads=threads, use_gpu=tinfo["gpu"])

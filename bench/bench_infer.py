@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from rvc_pipeline.audio import load_audio
 from rvc_pipeline.components.embedders.random import random_embedder
+from rvc_pipeline.core.layout import index_name
 from rvc_pipeline.export import export_small_model
 from rvc_pipeline.infer import convert_file
 from rvc_pipeline.nn import build_generator, get_config
@@ -75,7 +76,7 @@ def main() -> None:
         t0 = time.perf_counter()
         feats = emb.extract(load_audio(other, 16000), "v2", batch_seconds=30)[0]
         index, iinfo = build_index(np.ascontiguousarray(feats, dtype=np.float32), seed=0)
-        index_file = work / f"added_IVF{iinfo['n_ivf']}_Flat_nprobe_1_bench_v2.index"
+        index_file = work / index_name("added", iinfo["n_ivf"], "bench", "v2")
         write_index_atomic(index, index_file)
         print(f"input: {audio_s:.1f} s of espeak-ng speech; index: {index.ntotal} vectors "
               f"(IVF{iinfo['n_ivf']}, built in {time.perf_counter() - t0:.1f} s); model: v2 40k f0 "

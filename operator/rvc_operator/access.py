@@ -14,11 +14,12 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from rvc_pipeline.core import layout
 from rvc_pipeline.core.spec import STEP_ORDER, Experiment, SpecError
 from rvc_pipeline.core.storage import Storage, open_storage
-from rvc_pipeline.stepio import MARKER_DIR
 
 from . import ownership, progress_reader
+from .api import ExperimentStatus, ProgressStatus, TrainingStatus
 from .cluster import ClusterAPI
 from .config import OperatorConfig
 from .ownership import Owner, Refusal, folder_key, owner_key
@@ -75,7 +76,7 @@ class FolderState:
 
 def read_folder_state(storage: Storage, name: str) -> FolderState:
     """One listing of logs/<name>/.rvc/: the step markers and the ownership record (read when small)."""
-    objs = storage.list(f"logs/{name}/{MARKER_DIR}/")
+    objs = storage.list(layout.marker_prefix(name))
     markers = progress_reader.markers_in([o.key for o in objs], STEP_ORDER)
     rec = next((o for o in objs if o.key == owner_key(name)), None)
     if rec is None:
@@ -141,31 +142,30 @@ def storage_access(api: ClusterAPI, body: dict[str, Any], cfg: OperatorConfig, o
 @dataclasses.dataclass
 class StorageView:
     markers: set[str] | None = None
-    progress: dict[str, Any] | None = None
+    progress: ProgressStatus | None = None
+    training: TrainingStatus | None = None
     index_file: str | None = None
 
 
-def read_storage_view(manifest: dict[str, Any], status: dict[str, Any], access: StorageAccess) -> StorageView:
+def read_storage_view(status: ExperimentStatus, total_epochs: int | None, access: StorageAccess,
+                      where: str = "") -> StorageView:
     """Markers (always), training progress (while train runs or until its final epoch is shown) and the
     index file (once the index step may have finished), of an owned folder only. Storage errors leave the
-    fields None."""
+    fields None; `where` (namespace/name) names the experiment in the log."""
     view = StorageView(markers=access.markers)
     storage, name = access.storage, access.name
     if storage is None or view.markers is None:
         return view
-    steps = status.get("steps") or {}
+    train = status.steps.train.phase if status.steps and status.steps.train else None
+    index = status.steps.index.phase if status.steps and status.steps.index else None
+    final_shown = status.progress is not None and status.progress.percent == 100.0
     try:
-        train = (steps.get("train") or {}).get("phase")
-        shown = status.get("progress") or {}
-        if train == "Running" or (train == "Succeeded" and shown.get("percent") != 100.0):
-            epochs = ((manifest.get("spec") or {}).get("train") or {}).get("epochs")
-            view.progress = progress_reader.read_progress(storage, name, epochs)
-        index = (steps.get("index") or {}).get("phase")
+        if train == "Running" or (train == "Succeeded" and not final_shown):
+            view.progress, view.training = progress_reader.read_train_view(storage, name, total_epochs)
         if index == "Running" or "index" in view.markers:
             view.index_file = progress_reader.find_index(storage, name)
     except Exception as e:  # noqa: BLE001 - storage trouble must not stop the state machine
-        log.warning("%s/%s: cannot read storage (%s); continuing from the cluster state only",
-                    (manifest.get("metadata") or {}).get("namespace"), name, e)
+        log.warning("%s: cannot read storage (%s); continuing from the cluster state only", where or name, e)
     return view
 
 

@@ -78,6 +78,25 @@ class ProgressStatus(_StatusModel):
     updated: str | None = Field(default=None, description="Time of the event this was read from.")
 
 
+class EvaluationStatus(_StatusModel):
+    epoch: int | None = Field(default=None, description="Epoch of the evaluated checkpoint.")
+    global_step: int | None = Field(default=None, description="Optimizer step of the evaluated checkpoint.")
+    score: float | None = Field(default=None, description="Score (spec.eval.score; higher is better).")
+    checkpoint: str | None = Field(default=None, description="URI of the evaluated G_*.pth checkpoint.")
+    metrics: dict[str, float] | None = Field(
+        default=None, description="Metrics on held-out data (mel_l1, speaker_sim, dnsmos_ovrl, ...)."
+    )
+
+
+class TrainingStatus(_StatusModel):
+    best: EvaluationStatus | None = Field(
+        default=None, description="The best evaluated checkpoint, exported as status.artifacts.model."
+    )
+    latest: EvaluationStatus | None = Field(default=None, description="The latest evaluated checkpoint.")
+    stopped_early: bool | None = Field(default=None,
+                                       description="Training stopped early (spec.eval.patience).")
+
+
 class ArtifactsStatus(_StatusModel):
     model: str | None = Field(default=None, description="URI of the exported RVC model (.pth).")
     index: str | None = Field(default=None, description="URI of the added_*.index retrieval index.")
@@ -101,6 +120,9 @@ class ExperimentStatus(_StatusModel):
     conditions: list[Condition] | None = Field(default=None, description="Ready, Progressing, Failed.")
     progress: ProgressStatus | None = Field(
         default=None, description="Training progress read from logs/<name>/progress.jsonl."
+    )
+    training: TrainingStatus | None = Field(
+        default=None, description="Checkpoint evaluation: the best and the latest evaluated checkpoint."
     )
     artifacts: ArtifactsStatus | None = Field(default=None, description="Where the results are.")
 

@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from rvc_pipeline.core import layout
 from rvc_pipeline.core.spec import Experiment, SpecError
-from rvc_pipeline.stepio import MARKER_DIR
 
 from .api import parse_experiment
 
-OWNER_FILE = "owner.json"
 MAX_RECORD_BYTES = 4096  # a record is ~200 bytes; anything bigger is not one of ours
 ANY_NAMESPACE = "*"
 
@@ -95,11 +94,11 @@ def parse_record(data: bytes | None) -> Owner | None:
 
 
 def owner_key(experiment: str) -> str:
-    return f"logs/{experiment}/{MARKER_DIR}/{OWNER_FILE}"
+    return layout.bookkeeping_key(experiment, layout.OWNER_FILE)
 
 
 def folder_key(experiment: str) -> str:
-    return f"logs/{experiment}/"
+    return f"{layout.exp_key(experiment)}/"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,43 +1,41 @@
 """Read training progress and artifacts from the experiment's storage (no torch, no cluster).
 
-The pipeline appends JSON lines to logs/<exp>/progress.jsonl and pushes the file after every epoch. The
-operator reads the tail of that file and turns the last training events into status.progress:
-
-    {"event": "train_start", "step": "train", "epochs": 20, "start_epoch": 1, ...}
-    {"event": "train_step", "step": "train", "epoch": 3, "global_step": 120, "loss_g": .., "loss_d": ..,
-     "loss_mel": ..}
-    {"event": "epoch", "step": "train", "epoch": 3, "epochs": 20, "seconds": 41.2, "global_step": 130,
-     "avg_loss_g": .., "avg_loss_d": .., "avg_loss_mel": ..}
-
-Field names are matched loosely (lossG / loss_g / loss_gen, seconds / epoch_seconds, ...), so small changes
-on the pipeline side do not blank the status.
+The pipeline appends typed events (rvc_pipeline.core.events) to logs/<exp>/progress.jsonl and pushes the
+file after every epoch. The operator reads the tail of that file and turns the last training events
+(train_start, train_step, epoch, done) into status.progress. Lines it cannot read (torn, another
+version's kinds) are skipped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TypeVar
 
-from rvc_pipeline.core.storage import Storage, StorageError
-from rvc_pipeline.progress import PROGRESS_FILE
-from rvc_pipeline.stepio import MARKER_DIR
+from rvc_pipeline.core import layout
+from rvc_pipeline.core.errors import StorageError
+from rvc_pipeline.core.events import (
+    EpochEnd,
+    Evaluated,
+    Event,
+    Losses,
+    StepDone,
+    StepStart,
+    TrainStart,
+    TrainStep,
+)
+from rvc_pipeline.core.events import parse_events as parse_event_lines
+from rvc_pipeline.core.storage import Storage
+
+from .api import EvaluationStatus, ProgressStatus, TrainingStatus
 
 log = logging.getLogger("rvc_operator")
 
 TAIL_BYTES = 256 * 1024
-
-_ALIASES: dict[str, tuple[str, ...]] = {
-    "epoch": ("epoch",),
-    "epochs": ("epochs", "total_epochs", "totalEpochs"),
-    "global_step": ("global_step", "globalStep", "step_count", "iteration"),
-    "loss_g": ("loss_g", "lossG", "avg_loss_g", "loss_gen", "g_loss"),
-    "loss_d": ("loss_d", "lossD", "avg_loss_d", "loss_disc", "d_loss"),
-    "loss_mel": ("loss_mel", "lossMel", "avg_loss_mel", "mel_loss"),
-    "seconds_per_epoch": ("seconds_per_epoch", "secondsPerEpoch", "epoch_seconds", "seconds"),
-}
+E = TypeVar("E")
 
 
 def read_tail(storage: Storage, key: str, nbytes: int = TAIL_BYTES) -> bytes | None:
@@ -75,125 +73,124 @@ def read_tail(storage: Storage, key: str, nbytes: int = TAIL_BYTES) -> bytes | N
         raise StorageError(f"{storage.uri}/{key}: {e}") from None
 
 
-def parse_events(data: bytes) -> list[dict[str, Any]]:
-    """JSON lines, skipping a torn first line (from the ranged read) and a torn last line."""
-    out = []
-    for line in data.decode("utf-8", "replace").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+def parse_events(data: bytes) -> list[Event]:
+    """The typed events of a progress.jsonl tail (a torn first and last line are skipped)."""
+    return parse_event_lines(data)
 
 
-def _pick(rec: dict[str, Any], field: str) -> Any:
-    for k in _ALIASES[field]:
-        if k in rec and isinstance(rec[k], (int, float)) and not isinstance(rec[k], bool):
-            return rec[k]
-    return None
+def _last(train: Sequence[Event], kind: type[E]) -> E | None:
+    return next((e for e in reversed(train) if isinstance(e, kind)), None)
 
 
-def _last(train: list[dict[str, Any]], *kinds: str) -> dict[str, Any] | None:
-    return next((e for e in reversed(train) if e.get("event") in kinds), None)
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
 
 
-def _first(recs: tuple[dict[str, Any] | None, ...], field: str) -> Any:
-    """The first value of `field` among the records that exist (None: none has it)."""
-    return next((v for v in (_pick(r, field) for r in recs if r is not None) if v is not None), None)
-
-
-def _epoch_fields(last_epoch: dict[str, Any] | None, last_step: dict[str, Any] | None,
-                  start: dict[str, Any] | None, done: dict[str, Any] | None, total_epochs: int | None
-                  ) -> dict[str, Any]:
-    epochs = _first((last_epoch, last_step, start), "epochs")
-    epochs = epochs if epochs is not None else total_epochs
-    epoch = _pick(last_epoch, "epoch") if last_epoch is not None else None
+def _epoch_fields(last_epoch: EpochEnd | None, start: TrainStart | StepStart | None, done: StepDone | None,
+                  total_epochs: int | None) -> dict[str, object]:
+    """epoch, epochs, epochText, percent: the last summary's epoch of the total the run reported."""
+    reported = [e.epochs for e in (last_epoch, start) if isinstance(e, EpochEnd | TrainStart)]
+    epochs = next((n for n in reported if n is not None), total_epochs)
+    epoch = last_epoch.epoch if last_epoch is not None else None
     if epoch is None and done is not None and epochs is not None:
         epoch = epochs
-    out: dict[str, Any] = {"epoch": int(epoch or 0)}
-    if epochs:
-        out["epochs"] = int(epochs)
-        out["epochText"] = f"{int(epoch or 0)}/{int(epochs)}"
-        out["percent"] = round(100.0 * min(1.0, float(epoch or 0) / float(epochs)), 1)
-    else:
-        out["epochText"] = str(int(epoch or 0))
-    return out
+    n = int(epoch or 0)
+    if not epochs:
+        return {"epoch": n, "epoch_text": str(n)}
+    return {"epoch": n, "epochs": int(epochs), "epoch_text": f"{n}/{int(epochs)}",
+            "percent": round(100.0 * min(1.0, n / float(epochs)), 1)}
 
 
-def _loss_fields(last_epoch: dict[str, Any] | None, last_step: dict[str, Any] | None) -> dict[str, Any]:
+def _loss_fields(last_epoch: EpochEnd | None, last_step: TrainStep | None) -> dict[str, object]:
     """Losses of the newer of the last step and the last epoch summary (the other fills gaps)."""
-    step_newer = last_step is not None and (
-        last_epoch is None or float(last_step.get("time", 0)) >= float(last_epoch.get("time", 0)))
-    losses = last_step if step_newer else last_epoch
-    out: dict[str, Any] = {}
-    for field, key in (("loss_g", "lossG"), ("loss_d", "lossD"), ("loss_mel", "lossMel")):
-        v = _first((losses, last_epoch, last_step), field)
+    step_newer = last_step is not None and (last_epoch is None or last_step.time >= last_epoch.time)
+    reports = [r.losses() for r in ((last_step, last_epoch) if step_newer else (last_epoch, last_step))
+               if r is not None]
+    out: dict[str, object] = {}
+    for field in Losses.model_fields:
+        v = next((x for x in (_finite(getattr(r, field)) for r in reports) if x is not None), None)
         if v is not None:
-            out[key] = round(float(v), 6)
+            out[field] = round(v, 6)
     return out
 
 
-def progress_from_events(events: list[dict[str, Any]], total_epochs: int | None = None
-                         ) -> dict[str, Any] | None:
+def progress_from_events(events: Sequence[Event], total_epochs: int | None = None) -> ProgressStatus | None:
     """status.progress from the train events (None if training has not reported yet)."""
-    train = [e for e in events if e.get("step") == "train"]
-    last_epoch, last_step = _last(train, "epoch"), _last(train, "train_step", "step")
-    done = _last(train, "done")
-    start = _last(train, "train_start") or _last(train, "start")
+    train = [e for e in events if e.step == "train"]
+    last_epoch, last_step, done = _last(train, EpochEnd), _last(train, TrainStep), _last(train, StepDone)
+    start: TrainStart | StepStart | None = _last(train, TrainStart) or _last(train, StepStart)
     found = [e for e in (last_epoch, last_step, done, start) if e is not None]
     if not found:
         return None
-    out: dict[str, Any] = {"step": "train", **_epoch_fields(last_epoch, last_step, start, done, total_epochs)}
-    gs = _first((last_epoch, last_step), "global_step")
+    out: dict[str, object] = {"step": "train", **_epoch_fields(last_epoch, start, done, total_epochs)}
+    gs = next((e.global_step for e in (last_epoch, last_step) if e is not None and e.global_step is not None),
+              None)
     if gs is not None:
-        out["globalStep"] = int(gs)
+        out["global_step"] = int(gs)
     out.update(_loss_fields(last_epoch, last_step))
-    sec = _pick(last_epoch, "seconds_per_epoch") if last_epoch is not None else None
+    sec = _finite(last_epoch.seconds) if last_epoch is not None else None
     if sec is not None:
-        out["secondsPerEpoch"] = round(float(sec), 3)
-    newest = max(found, key=lambda e: float(e.get("time", 0) or 0))
-    if newest.get("time"):
-        out["updated"] = datetime.fromtimestamp(float(newest["time"]), timezone.utc).strftime(
-            "%Y-%m-%dT%H:%M:%SZ")
-    return out
+        out["seconds_per_epoch"] = round(sec, 3)
+    newest = max(found, key=lambda e: e.time)
+    if newest.time and math.isfinite(newest.time):
+        out["updated"] = datetime.fromtimestamp(newest.time, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return ProgressStatus.model_validate(out)
+
+
+def _metrics(values: dict[str, float]) -> dict[str, float] | None:
+    out = {k: round(v, 6) for k, v in values.items() if math.isfinite(v)}
+    return out or None
+
+
+def training_from_events(events: Sequence[Event]) -> TrainingStatus | None:
+    """status.training from the train step's `eval` events (checkpoints relative to the experiment folder;
+    the state machine makes them URIs). The best comes from the newest event, which carries it."""
+    evals = [e for e in events if isinstance(e, Evaluated) and e.step == "train"]
+    if not evals:
+        return None
+    last = evals[-1]
+    latest = EvaluationStatus(epoch=last.epoch, global_step=last.global_step, score=_finite(last.score),
+                              checkpoint=last.checkpoint or None, metrics=_metrics(last.metrics))
+    best = None
+    if last.best_epoch is not None:
+        best = EvaluationStatus(epoch=last.best_epoch, global_step=last.best_global_step,
+                                score=_finite(last.best_score), checkpoint=last.best_checkpoint or None,
+                                metrics=_metrics(last.best_metrics))
+    return TrainingStatus(best=best, latest=latest, stopped_early=True if last.stop else None)
 
 
 def read_progress(storage: Storage, experiment: str, total_epochs: int | None = None
-                  ) -> dict[str, Any] | None:
-    data = read_tail(storage, f"logs/{experiment}/{PROGRESS_FILE}")
+                  ) -> ProgressStatus | None:
+    return read_train_view(storage, experiment, total_epochs)[0]
+
+
+def read_train_view(storage: Storage, experiment: str, total_epochs: int | None = None
+                    ) -> tuple[ProgressStatus | None, TrainingStatus | None]:
+    """(status.progress, status.training) from one read of the progress file's tail."""
+    data = read_tail(storage, layout.progress_key(experiment))
     if not data:
-        return None
-    return progress_from_events(parse_events(data), total_epochs)
+        return None, None
+    events = parse_events(data)
+    return progress_from_events(events, total_epochs), training_from_events(events)
 
 
 def read_markers(storage: Storage, experiment: str, steps: tuple[str, ...]) -> set[str]:
     """Steps whose completion marker logs/<exp>/.rvc/<step>.done.json exists (one listing)."""
-    prefix = f"logs/{experiment}/{MARKER_DIR}"
+    prefix = layout.marker_prefix(experiment).rstrip("/")
     return markers_in([o.key for o in storage.list(prefix)], steps)
 
 
 def markers_in(keys: list[str], steps: tuple[str, ...]) -> set[str]:
     """Steps of `steps` whose <step>.done.json is among `keys` (a listing of logs/<exp>/.rvc/)."""
-    found = set()
-    for key in keys:
-        name = PurePosixPath(key).name
-        if name.endswith(".done.json"):
-            step = name[: -len(".done.json")]
-            if step in steps:
-                found.add(step)
-    return found
+    found = (layout.step_of_marker(PurePosixPath(key).name) for key in keys)
+    return {step for step in found if step in steps}
 
 
 def find_index(storage: Storage, experiment: str) -> str | None:
     """Key of the newest-named added_*.index directly in logs/<exp>/ (what RVC users load)."""
-    prefix = f"logs/{experiment}"
+    prefix = layout.exp_key(experiment)
     names = [o.key for o in storage.list(prefix, recursive=False)
-             if PurePosixPath(o.key).name.startswith("added_") and o.key.endswith(".index")]
+             if layout.is_added_index(PurePosixPath(o.key).name)]
     if not names:  # listing is recursive on local storage, filter to the folder itself
         return None
     direct = [k for k in names if PurePosixPath(k).parent.as_posix() == prefix]

@@ -23,7 +23,7 @@ from .access import (
     read_storage_view,
     storage_access,
 )
-from .api import parse_experiment
+from .api import load_status, parse_experiment
 from .cluster import ClusterAPI, Conflict, EventPoster
 from .config import OperatorConfig
 from .jobs import build_job_spec, build_spec_configmap, experiment_selector
@@ -99,9 +99,12 @@ def _decide(api: ClusterAPI, body: dict[str, Any], cfg: OperatorConfig, opener: 
     status = body.get("status") or {}
     jobs = observe_jobs(api, body)
     access = storage_access(api, body, cfg, opener, now(), parsed)  # after the Jobs: markers are as new
-    view = read_storage_view(body, status, access)
+    exp = parsed if isinstance(parsed, Experiment) else None
+    where = f"{body['metadata'].get('namespace')}/{body['metadata'].get('name')}"
+    view = read_storage_view(load_status(status), exp.spec.train.epochs if exp else None, access, where)
     return decide(body, status, jobs, view.markers, now(), policy=make_policy(body, api, cfg),
-                  progress=view.progress, index_file=view.index_file, refusal=access.refusal,
+                  progress=view.progress, training=view.training, index_file=view.index_file,
+                  refusal=access.refusal,
                   experiment=parsed)
 
 

@@ -27,15 +27,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from rvc_pipeline.core import errors
+from rvc_pipeline.core import errors, layout
 from rvc_pipeline.core.spec import STEP_ORDER, Experiment, SpecError, step_hashes
-from rvc_pipeline.stepio import marker_key
 
 from .api import (
     ArtifactsStatus,
     Condition,
     ExperimentStatus,
+    ProgressStatus,
     StepStatus,
+    TrainingStatus,
     all_steps,
     dump_status,
     load_status,
@@ -275,13 +276,15 @@ def decide(
     now: datetime,
     *,
     policy: Policy = Policy(),
-    progress: Mapping[str, Any] | None = None,
+    progress: Mapping[str, Any] | ProgressStatus | None = None,
+    training: TrainingStatus | None = None,
     index_file: str | None = None,
     refusal: Refusal | None = None,
     experiment: Experiment | SpecError | None = None,
 ) -> Decision:
     """One reconcile step. See the module docstring; `markers` = steps whose completion marker exists in
-    storage (None = storage unreadable), `progress` = training progress for status.progress, `index_file` =
+    storage (None = storage unreadable), `progress` = training progress for status.progress, `training` =
+    the checkpoint evaluation for status.training (checkpoints relative to the experiment), `index_file` =
     key of the added_*.index file (relative to spec.storage.uri) found in storage, `refusal` = why the
     operator will not touch the experiment's storage (allow-list, ownership record): phase Failed.
     `experiment`: the manifest as the caller parsed it (or the SpecError it raised); None: parsed here."""
@@ -310,6 +313,7 @@ def decide(
     else:
         _sync_enabled_steps(c, steps)
     st.observed_generation = gen
+    _set_training(st, exp, training)
     if w.phase in FINISHED:
         return _refresh_finished(c, st, steps, progress, index_file)
     _adopt_jobs(c, steps)
@@ -347,6 +351,7 @@ def _forget_storage_view(st: ExperimentStatus) -> None:
     """Drop what the status shows from storage (progress, artifacts, steps skipped because of markers):
     a refused experiment must show nothing of a folder the operator may not read for it."""
     st.progress = None
+    st.training = None
     st.artifacts = None
     for s in STEP_ORDER:
         ss = getattr(st.steps, s) if st.steps is not None else None
@@ -414,7 +419,8 @@ def _sync_enabled_steps(c: _Ctx, steps: dict[str, StepStatus]) -> list[str]:
 
 
 def _refresh_finished(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus],
-                      progress: Mapping[str, Any] | None, index_file: str | None) -> Decision:
+                      progress: Mapping[str, Any] | ProgressStatus | None, index_file: str | None
+                      ) -> Decision:
     """Terminal and nothing changed: keep the status, only refresh what storage says."""
     _finish_artifacts(st, c.exp, index_file)
     if progress is not None:
@@ -478,7 +484,7 @@ def _skip_by_marker(c: _Ctx, s: str, ss: StepStatus) -> bool:
     if ss.force or c.markers is None or s not in c.markers or s in CHECKED_BY_JOB:
         return False
     ss.phase, ss.reason, ss.inputs_hash, ss.end_time = "Skipped", "AlreadyComplete", c.hashes[s], c.now_s
-    ss.message = f"already complete in storage ({marker_key(c.exp.name, s)})"
+    ss.message = f"already complete in storage ({layout.marker_key(c.exp.name, s)})"
     c.d.event("Normal", "StepSkipped", f"{s}: already complete in storage")
     return True
 
@@ -669,12 +675,23 @@ def _produced(st: ExperimentStatus, s: str) -> bool:
                                or (ss.phase == "Skipped" and ss.reason == "AlreadyComplete"))
 
 
+def _set_training(st: ExperimentStatus, exp: Experiment, training: TrainingStatus | None) -> None:
+    """status.training from storage, its checkpoint names made URIs (kept as they were when unread)."""
+    if training is None:
+        return
+    logs = _join(exp.spec.storage.uri, f"{layout.exp_key(exp.name)}/")
+    for ev in (training.best, training.latest):
+        if ev is not None and ev.checkpoint and "://" not in ev.checkpoint:
+            ev.checkpoint = _join(logs, ev.checkpoint)
+    st.training = training
+
+
 def _finish_artifacts(st: ExperimentStatus, exp: Experiment, index_file: str | None) -> None:
     uri, name = exp.spec.storage.uri, exp.name
     art = st.artifacts.model_copy() if st.artifacts is not None else ArtifactsStatus()
-    art.logs = _join(uri, f"logs/{name}/")
+    art.logs = _join(uri, f"{layout.exp_key(name)}/")
     if _produced(st, "train"):
-        art.model = _join(uri, f"logs/{name}/weights/{name}.pth")
+        art.model = _join(uri, f"{layout.exp_key(name)}/{layout.exported_model(name)}")
     if _produced(st, "index") and index_file:
         art.index = index_file if "://" in index_file else _join(uri, index_file)
     st.artifacts = art
@@ -746,7 +763,7 @@ def plan_deletion(manifest: dict[str, Any], jobs: list[JobSummary], delete_artif
     if wanted:
         try:
             exp = parse_experiment(manifest)
-            prefix, uri = f"logs/{exp.name}/", exp.spec.storage.uri
+            prefix, uri = f"{layout.exp_key(exp.name)}/", exp.spec.storage.uri
         except SpecError:
             prefix = uri = None
     return DeletionPlan(jobs=sorted(j.name for j in jobs if not j.deleting),

@@ -7,7 +7,6 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import tempfile
@@ -16,6 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from rvc_pipeline.core.fileio import atomic_write
 
 HP_ORDER = 5
 HP_CUTOFF_HZ = 48.0
@@ -204,14 +205,11 @@ class HighPassStream:
 
 
 def write_wav_f32(path: Path | str, x: np.ndarray, sr: int) -> None:
-    """Write a float32 WAV exactly as scipy.io.wavfile.write does, atomically (tmp file + os.replace)."""
+    """Write a float32 WAV exactly as scipy.io.wavfile.write does, atomically (core.fileio.atomic_write)."""
     from scipy.io import wavfile
 
-    p = Path(path)
-    tmp = p.with_name(p.name + ".partial")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, fsync=False) as f:  # bulk pieces (preprocess), re-created by a rerun
         wavfile.write(f, int(sr), np.asarray(x, dtype=np.float32))
-    os.replace(tmp, p)
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:

@@ -6,7 +6,8 @@ Keys (both files), as RVC writes them: `model` (full state dict, weight-norm ten
 position), `format` and a few facts about the model (`version`, `sr`, `f0`); RVC ignores them.
 
 Differences from RVC, on purpose:
-* writing is atomic: a temporary file in the same folder, fsync, `os.replace`, fsync of the folder.
+* writing is atomic (core.fileio.atomic_write): a temporary file in the same folder, fsync,
+  `os.replace`, fsync of the folder.
   A kill in the middle of a save leaves the previous checkpoint intact.
 * "latest" sorts on the integer in the FILE NAME (RVC used every digit of the full path, so digits
   in the experiment name broke the order); `G_2333333.pth` (save-latest-only) counts as newest.
@@ -21,13 +22,14 @@ Differences from RVC, on purpose:
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from rvc_pipeline.core.fileio import atomic_write
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -63,30 +65,6 @@ def legacy_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return to_legacy_names({k: v.detach().cpu() for k, v in sd.items()})
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to `path` so that readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - some filesystems do not fsync folders
-        pass
-
-
 def save_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, lr: float, epoch: int,
     extra: Mapping[str, Any] | None = None,
@@ -101,8 +79,11 @@ def save_checkpoint(
     }
     if extra:
         ckpt.update(extra)
-    atomic_torch_save(ckpt, Path(path))
-    return Path(path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, sync_dir=True) as f:  # readers never see a half-written checkpoint
+        torch.save(ckpt, f)
+    return path
 
 
 def checkpoint_number(path: Path | str) -> int | None:

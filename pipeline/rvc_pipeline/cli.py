@@ -1,5 +1,8 @@
 """`rvc-pipeline`: one sub-command per step, `run` (every step of the manifest, locally), `infer`, `demo`.
 
+Argument parsing only: steps run through rvc_pipeline.steps.runner (run_steps), inference through
+rvc_pipeline.infer, the demo through rvc_pipeline.demo (which imports the runner, never this module).
+
 Exit codes (rvc_pipeline.core.errors): 0 success, 1 transient or unexpected (may be retried), 2 bad spec or
 bad input (permanent), 3 missing weights (permanent), 130 interrupted. The operator uses them to decide
 whether to retry. A foreseeable failure prints one `error:` line; only an unexpected one a traceback.
@@ -8,16 +11,12 @@ whether to retry. A foreseeable failure prints one `error:` line; only an unexpe
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
-import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any
 
-from rvc_pipeline.core.catalog import PITCH_METHODS
+from rvc_pipeline.core.catalog import PITCH, PITCH_METHODS
 from rvc_pipeline.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
@@ -26,54 +25,13 @@ from rvc_pipeline.core.errors import (
     EXIT_TRANSIENT,
     classify,
 )
-from rvc_pipeline.core.spec import STEP_ORDER, Experiment, SpecError, load_manifest
+from rvc_pipeline.core.spec import STEP_ORDER, SpecError, load_manifest
+from rvc_pipeline.steps.runner import run_steps
 
 log = logging.getLogger("rvc_pipeline")
 
-# step name -> "module:function"; modules are imported lazily so that `--help` stays fast and
-# importing the spec never imports torch.
-STEPS: dict[str, str] = {
-    "preprocess": "rvc_pipeline.steps.preprocess:run",
-    "f0": "rvc_pipeline.steps.f0:run",
-    "features": "rvc_pipeline.steps.features:run",
-    "train": "rvc_pipeline.steps.train:run",
-    "index": "rvc_pipeline.steps.index:run",
-}
-
 EXIT_ERROR = EXIT_TRANSIENT  # the former name
 __all__ = ["EXIT_BAD_INPUT", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_NO_WEIGHTS", "EXIT_OK", "main"]
-
-
-def step_function(step: str) -> Callable[..., dict[str, Any]]:
-    mod, _, fn = STEPS[step].partition(":")
-    return getattr(importlib.import_module(mod), fn)
-
-
-def writer_lease(exp: Experiment) -> AbstractContextManager[object]:
-    """One writer per experiment (rvc_pipeline.lease): every command that writes it (each step, run,
-    demo) holds the lease; a second one fails at once with LeaseHeld naming the holder."""
-    from rvc_pipeline.lease import hold
-    from rvc_pipeline.stepio import open_artifacts
-
-    return hold(open_artifacts(exp), exp.name)
-
-
-def run_steps(exp: Experiment, steps: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
-    """The local runner: every requested step in recipe order, each through the I/O shell."""
-    from rvc_pipeline.stepio import run_step
-
-    todo = [s for s in STEP_ORDER if s in (steps or exp.spec.steps)]
-    summaries = []
-    with writer_lease(exp):
-        for s in todo:
-            t0 = time.time()
-            log.info("== %s: %s", exp.name, s)
-            summary = run_step(exp, s, step_function(s), force=force, check_inputs=True)
-            summaries.append(summary)
-            took = f"done in {time.time() - t0:.1f}s"
-            state = "skipped (already complete)" if summary.get("skipped") else took
-            log.info("== %s: %s %s", exp.name, s, state)
-    return summaries
 
 
 def _print_summary(summaries: list[dict[str, Any]]) -> None:
@@ -98,7 +56,7 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rvc-pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -120,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=".", help="checkout folder; artifacts go to <workdir>/logs/")
     p.add_argument("--name", default="demo")
     p.add_argument("--epochs", type=int, default=2)
-    args = ap.parse_args(argv)
+    p = sub.add_parser("eval", help="score any RVC model on folders of recordings (speaker, DNSMOS, pitch)")
+    _add_eval_args(p)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     _exit_on_sigterm()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -130,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"name": exp.name, "spec": exp.spec.model_dump(by_alias=True)}, indent=2))
             return EXIT_OK
         if args.cmd == "infer":
-            from rvc_pipeline.infer import main_infer
-
-            return main_infer(args)
+            return _infer(args)
+        if args.cmd == "eval":
+            return _eval(args)
         if args.cmd == "demo":
             from rvc_pipeline.demo.run import main_demo
 
@@ -176,6 +140,64 @@ def _add_infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--demo-random-weights", action="store_true",
                    help="DEMO ONLY: random HuBERT if the embedder is missing")
+
+
+def _infer(args: argparse.Namespace) -> int:
+    """`rvc-pipeline infer`: the arguments to `convert_file`; a failure ends through `classify` (2: bad
+    input, named; 3: missing weights)."""
+    from rvc_pipeline.infer import convert_file
+
+    opts: dict[str, Any] = {
+        "pitch": float(args.pitch), "f0_method": args.f0_method, "index_rate": float(args.index_rate),
+        "protect": float(args.protect), "filter_radius": int(args.filter_radius),
+        "rms_mix_rate": float(args.rms_mix_rate), "resample_sr": int(args.resample_sr or 0),
+        "sid": int(args.sid), "device": args.device,
+    }
+    if args.rmvpe:
+        opts["f0_weights"] = dict.fromkeys(PITCH["rmvpe"].weights, args.rmvpe)
+    info = convert_file(args.model, args.input, args.output, index=args.index or None, embedder=args.embedder,
+                        demo_random_weights=bool(args.demo_random_weights), **opts)
+    print(f"converted {args.input} -> {info['output']}: {info['input_seconds']:.2f} s in, "
+          f"{info['output_seconds']:.2f} s out at {info['sr']} Hz, {info['seconds']:.1f} s "
+          f"({info['realtime_factor']}x real time)")
+    if info.get("random_embedder"):
+        print("WARNING: HuBERT was not found and RANDOM weights were used; the voice is NOT meaningful.")
+    return EXIT_OK
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="RVC model .pth (ours, RVC WebUI's or Applio's)")
+    p.add_argument("--target", required=True, help="folder of the target speaker's recordings")
+    p.add_argument("--source", required=True, help="folder of recordings to convert")
+    p.add_argument("--index", help="added_*.index file (optional)")
+    p.add_argument("--index-rate", type=float, default=0.75)
+    p.add_argument("--embedder", default="hubert_base.pt", help="HuBERT checkpoint (path, s3:// or name)")
+    p.add_argument("--pitch", type=float, default=0.0, help="transpose in semitones")
+    p.add_argument("--f0-method", default="pm", choices=PITCH_METHODS)
+    p.add_argument("--metrics", help="comma-separated metric names (default: all that run here)")
+    p.add_argument("--limit", type=int, default=50, help="at most this many files per folder")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """`rvc-pipeline eval`: convert --source with --model and score it (rvc_pipeline.evaluation.folder)."""
+    from pathlib import Path
+
+    from rvc_pipeline.evaluation.folder import EvalOptions, score_folder, table
+
+    opts = EvalOptions(model=Path(args.model), target=Path(args.target), source=Path(args.source),
+                       index=Path(args.index) if args.index else None, transpose=float(args.pitch),
+                       f0_method=args.f0_method, index_rate=float(args.index_rate),
+                       metrics=tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else None,
+                       device=args.device, embedder=args.embedder, limit=max(1, int(args.limit)))
+    res = score_folder(opts)
+    if args.json:
+        print(json.dumps({"files": res.files, "metrics": res.overall.metrics, "per_file": res.per_file,
+                          "skipped": res.overall.skipped}, indent=1))
+    else:
+        print(table(res))
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,6 +39,15 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from rvc_pipeline.core.fileio import atomic_path, atomic_write, save_npy_atomic, write_text_atomic
+from rvc_pipeline.core.layout import (
+    F0_COARSE_DIR,
+    F0_NSF_DIR,
+    FILELIST_FILE,
+    GT_WAVS_DIR,
+    feature_dim,
+    feature_dir,
+)
 from rvc_pipeline.mel import spectrogram
 
 log = logging.getLogger("rvc_pipeline")
@@ -50,12 +59,6 @@ MUTE_SECONDS = 3.0
 MUTE_FEATURE_FRAMES = 149
 MUTE_F0_FRAMES = 301
 MUTE_LINES = 2
-
-
-def feature_dir_name(version: str) -> str:
-    if version not in ("v1", "v2"):
-        raise ValueError(f"version {version!r} is not v1 or v2")
-    return "3_feature256" if version == "v1" else "3_feature768"
 
 
 def _stem(name: str) -> str:
@@ -89,13 +92,13 @@ def make_mute_files(
     features: [frames, C] HuBERT output for 3 s of silence; None -> zeros [149, C]."""
     if sr_key not in SAMPLE_RATES:
         raise ValueError(f"sample rate {sr_key!r} is not one of {sorted(SAMPLE_RATES)}")
-    dim = 256 if version == "v1" else 768
+    dim = feature_dim(version)
     folder = Path(folder)
     paths = {
-        "wav": folder / "0_gt_wavs" / f"mute{sr_key}.wav",
-        "feat": folder / feature_dir_name(version) / "mute.npy",
-        "coarse": folder / "2a_f0" / "mute.wav.npy",
-        "hz": folder / "2b-f0nsf" / "mute.wav.npy",
+        "wav": folder / GT_WAVS_DIR / f"mute{sr_key}.wav",
+        "feat": folder / feature_dir(version) / "mute.npy",
+        "coarse": folder / F0_COARSE_DIR / "mute.wav.npy",
+        "hz": folder / F0_NSF_DIR / "mute.wav.npy",
     }
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -108,15 +111,12 @@ def make_mute_files(
             raise ValueError(f"mute features have shape {feats.shape}; expected [frames, {dim}]")
     # atomic writes: several ranks of one DDP run may generate the same files at once
     if not paths["wav"].exists() or sf.info(str(paths["wav"])).frames != n:
-        tmp = paths["wav"].with_name(f".{os.getpid()}.{paths['wav'].name}")
-        sf.write(str(tmp), np.zeros(n, dtype=np.int16), SAMPLE_RATES[sr_key], subtype="PCM_16", format="WAV")
-        os.replace(tmp, paths["wav"])
+        with atomic_path(paths["wav"]) as tmp:
+            sf.write(str(tmp), np.zeros(n, dtype=np.int16), SAMPLE_RATES[sr_key], subtype="PCM_16",
+                     format="WAV")
     for key, arr in (("feat", feats), ("coarse", np.ones(MUTE_F0_FRAMES, dtype=np.int64)),
                      ("hz", np.zeros(MUTE_F0_FRAMES, dtype=np.float64))):
-        tmp = paths[key].with_name(f".{os.getpid()}.{paths[key].name}")
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, paths[key])
+        save_npy_atomic(paths[key], arr)
     return paths
 
 
@@ -125,27 +125,30 @@ def training_stems(exp_dir: Path, version: str, f0: bool) -> list[str]:
     """Stems present in every input folder (sorted)."""
     exp_dir = Path(exp_dir)
     sets = [
-        set(_stems(exp_dir / "0_gt_wavs", ".wav")),
-        set(_stems(exp_dir / feature_dir_name(version), ".npy")),
+        set(_stems(exp_dir / GT_WAVS_DIR, ".wav")),
+        set(_stems(exp_dir / feature_dir(version), ".npy")),
     ]
     if f0:
-        sets.append(set(_stems(exp_dir / "2a_f0", ".npy")))
-        sets.append(set(_stems(exp_dir / "2b-f0nsf", ".npy")))
+        sets.append(set(_stems(exp_dir / F0_COARSE_DIR, ".npy")))
+        sets.append(set(_stems(exp_dir / F0_NSF_DIR, ".npy")))
     common = set.intersection(*sets)
     return sorted(common)
 
 
 def filelist_lines(
     exp_dir: Path, version: str, f0: bool, speaker_id: int, mute: dict[str, Path] | None,
-    seed: int = 1234,
+    seed: int = 1234, exclude: frozenset[str] = frozenset(),
 ) -> list[str]:
+    """`exclude`: stems kept out of training (the held-out pieces and their guards)."""
     exp_dir = Path(exp_dir).resolve()
-    fd = feature_dir_name(version)
+    fd = feature_dir(version)
     lines = []
     for s in training_stems(exp_dir, version, f0):
-        parts = [exp_dir / "0_gt_wavs" / f"{s}.wav", exp_dir / fd / f"{s}.npy"]
+        if s in exclude:
+            continue
+        parts = [exp_dir / GT_WAVS_DIR / f"{s}.wav", exp_dir / fd / f"{s}.npy"]
         if f0:
-            parts += [exp_dir / "2a_f0" / f"{s}.wav.npy", exp_dir / "2b-f0nsf" / f"{s}.wav.npy"]
+            parts += [exp_dir / F0_COARSE_DIR / f"{s}.wav.npy", exp_dir / F0_NSF_DIR / f"{s}.wav.npy"]
         lines.append("|".join([*(p.as_posix() for p in parts), str(speaker_id)]))
     if mute is not None:
         parts = [mute["wav"], mute["feat"]] + ([mute["coarse"], mute["hz"]] if f0 else [])
@@ -157,17 +160,15 @@ def filelist_lines(
 
 def write_filelist(
     exp_dir: Path, version: str, f0: bool, sr_key: str, speaker_id: int, mute_dir: Path | None,
-    *, seed: int = 1234, mute_features: np.ndarray | None = None,
+    *, seed: int = 1234, mute_features: np.ndarray | None = None, exclude: frozenset[str] = frozenset(),
 ) -> Path:
     """Write logs/<exp>/filelist.txt (RVC's format) and return its path.
 
     mute_dir: where the mute set is generated (None: no mute lines)."""
     mute = make_mute_files(mute_dir, sr_key, version, mute_features) if mute_dir is not None else None
-    lines = filelist_lines(exp_dir, version, f0, speaker_id, mute, seed)
-    out = Path(exp_dir) / "filelist.txt"
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out)
+    lines = filelist_lines(exp_dir, version, f0, speaker_id, mute, seed, exclude)
+    out = Path(exp_dir) / FILELIST_FILE
+    write_text_atomic(out, "\n".join(lines))
     return out
 
 
@@ -240,13 +241,11 @@ class TextAudioDataset(torch.utils.data.Dataset):
                 log.debug("%s: unreadable spectrogram cache, recomputing (%s)", cache, e)
         spec = spectrogram(audio, self.filter_length, self.hop_length, self.win_length).squeeze(0)
         if self.cache_spec:
-            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.partial")
             try:
-                torch.save(spec, tmp, _use_new_zipfile_serialization=False)
-                os.replace(tmp, cache)
+                with atomic_write(cache, fsync=False) as f:  # a cache: recomputed when missing
+                    torch.save(spec, f, _use_new_zipfile_serialization=False)
             except OSError as e:  # read-only data is fine, only slower
                 log.debug("%s: cannot write spectrogram cache (%s)", cache, e)
-                tmp.unlink(missing_ok=True)
         return spec
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:

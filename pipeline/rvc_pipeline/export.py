@@ -13,7 +13,6 @@ An exported model is a `torch.save`d OrderedDict:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from rvc_pipeline.core.fileio import atomic_write
 from rvc_pipeline.nn.compat import check_compatible, describe_state_dict, normalized_shapes
 from rvc_pipeline.nn.config import SAMPLE_RATES, VERSIONS, RVCConfig, normalize_sample_rate
 from rvc_pipeline.nn.synthesizer import SynthesizerTrn, build_generator_from_list, constructor_args
@@ -87,14 +87,8 @@ def export_small_model(net_g_state_dict: Mapping[str, torch.Tensor], cfg: RVCCon
         opt[k] = v
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(opt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path, sync_dir=True) as f:
+        torch.save(opt, f)
     n_params = sum(int(v.numel()) for v in weight.values())
     return {"path": str(path), "tensors": len(weight), "params": n_params, "bytes": path.stat().st_size,
             "sr": sr_name, "f0": int(bool(f0)), "version": version, "info": str(info)}
@@ -137,47 +131,44 @@ def read_small_model(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(ckpt)
 
 
-def load_small_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
-                     ) -> tuple[SynthesizerTrn, dict[str, Any]]:
-    """Load an RVC/Applio exported model: `(net_g in eval mode, fp32, without enc_q; meta)`.
-
-    Follows RVC's loader (config[-3] := emb_g rows; class by version and f0) but: a missing `version`
-    or `f0` is read from the weights (RVC defaults to v1 / f0=1), a contradiction between the fields
-    and the weights is an error, and every non-enc_q tensor must load (missing, unexpected and
-    mismatched keys are named). meta holds version, f0 (bool), sr (int), sr_name, info, config,
-    spk_embed_dim, format ('rvc' or 'applio') and the remaining keys under 'extra'.
-    """
-    p = str(path)
-    ckpt = read_small_model(p)
+def _weights(ckpt: Mapping[str, Any], p: str) -> dict[str, torch.Tensor]:
+    """The 'weight' entry with RVC's key names, every value a tensor, of a generator (emb_g)."""
     weight = to_legacy_names({k: v for k, v in ckpt["weight"].items()})
     bad = [k for k, v in weight.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ModelFileError(f"{p}: non-tensor entries in 'weight': {bad[:5]}")
     if "emb_g.weight" not in weight:
         raise ModelFileError(f"{p}: 'weight' has no emb_g.weight (not an RVC generator)")
-    desc = describe_state_dict(weight)
+    return weight
 
-    vocoder = ckpt.get("vocoder")
-    if vocoder is not None and str(vocoder) not in SUPPORTED_VOCODERS:
-        raise ModelFileError(f"{p}: vocoder {vocoder!r} is not supported (only {list(SUPPORTED_VOCODERS)})")
 
-    if "version" in ckpt:
-        version = str(ckpt["version"])
-        if version not in VERSIONS:
-            raise ModelFileError(f"{p}: field 'version' is {version!r}, expected one of {list(VERSIONS)}")
-        if desc["version"] is not None and desc["version"] != version:
-            raise ModelFileError(f"{p}: field 'version' says {version} but the weights are "
-                                 f"{desc['version']} (emb_phone {desc['phone_dim']}-d)")
-    else:
-        version = desc["version"] or "v1"
-    if "f0" in ckpt:
-        f0 = _as_bool_f0(ckpt["f0"], p)
-        if desc["f0"] is not None and desc["f0"] != f0:
-            raise ModelFileError(f"{p}: field 'f0' says {int(f0)} but the weights are "
-                                 f"{'with' if desc['f0'] else 'without'} pitch")
-    else:
-        f0 = bool(desc["f0"]) if desc["f0"] is not None else True
+def _version(ckpt: Mapping[str, Any], desc: Mapping[str, Any], p: str) -> str:
+    """The 'version' field, checked against the weights; read from the weights when absent (RVC: v1)."""
+    if "version" not in ckpt:
+        return str(desc["version"] or "v1")
+    version = str(ckpt["version"])
+    if version not in VERSIONS:
+        raise ModelFileError(f"{p}: field 'version' is {version!r}, expected one of {list(VERSIONS)}")
+    if desc["version"] is not None and desc["version"] != version:
+        raise ModelFileError(f"{p}: field 'version' says {version} but the weights are "
+                             f"{desc['version']} (emb_phone {desc['phone_dim']}-d)")
+    return version
 
+
+def _f0(ckpt: Mapping[str, Any], desc: Mapping[str, Any], p: str) -> bool:
+    """The 'f0' field, checked against the weights; read from the weights when absent (RVC: 1)."""
+    if "f0" not in ckpt:
+        return bool(desc["f0"]) if desc["f0"] is not None else True
+    f0 = _as_bool_f0(ckpt["f0"], p)
+    if desc["f0"] is not None and desc["f0"] != f0:
+        raise ModelFileError(f"{p}: field 'f0' says {int(f0)} but the weights are "
+                             f"{'with' if desc['f0'] else 'without'} pitch")
+    return f0
+
+
+def _config(ckpt: Mapping[str, Any], weight: Mapping[str, torch.Tensor], p: str) -> tuple[list[Any], int]:
+    """(the 18 constructor arguments with config[-3] := emb_g rows, as RVC does; the sample rate),
+    the rate checked against the 'sr' field."""
     config = list(ckpt["config"])
     if len(config) != 18:
         raise ModelFileError(f"{p}: 'config' must list 18 constructor arguments, got {len(config)}")
@@ -194,45 +185,70 @@ def load_small_model(path: str | os.PathLike[str], device: str | torch.device = 
         if sr_from_field is not None and sr_from_field != tgt_sr:
             raise ModelFileError(f"{p}: field 'sr' is {sr_field!r} but config[-1] is {tgt_sr}")
     config[-3] = int(weight["emb_g.weight"].shape[0])
+    return config, tgt_sr
 
-    try:
-        net_g = build_generator_from_list(config, version, f0)
-    except Exception as exc:
-        raise ModelFileError(f"{p}: cannot build a model from its config {config}: {exc}") from exc
-    net_g.remove_posterior_encoder()
 
+def _check_fit(net_g: SynthesizerTrn, weight: Mapping[str, torch.Tensor], desc: Mapping[str, Any],
+               what: str, p: str) -> None:
+    """ModelFileError naming the missing, unexpected and mismatched tensors (enc_q aside)."""
     expected = {k: tuple(v.shape) for k, v in net_g.state_dict().items()}
-    given = normalized_shapes(weight)
-    given = {k: s for k, s in given.items() if "enc_q" not in k}
+    given = {k: s for k, s in normalized_shapes(weight).items() if "enc_q" not in k}
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     mismatched = [f"{k} {list(given[k])} (expected {list(s)})" for k, s in expected.items()
                   if k in given and given[k] != s]
-    if missing or unexpected or mismatched:
-        parts = [f"{p}: weights do not fit a {version} {'f0' if f0 else 'no-f0'} model with config "
-                 f"{config}"]
-        if desc["kind"] == "generator":
-            parts.append(f"the weights look like a {desc['version']} {desc['sr'] or desc['sr_candidates']} "
-                         f"model {'with' if desc['f0'] else 'without'} f0")
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
-            if items:
-                more = f" and {len(items) - 6} more" if len(items) > 6 else ""
-                parts.append(f"{len(items)} {label}: {', '.join(items[:6])}{more}")
-        raise ModelFileError("; ".join(parts))
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"{p}: weights do not fit {what}"]
+    if desc["kind"] == "generator":
+        parts.append(f"the weights look like a {desc['version']} {desc['sr'] or desc['sr_candidates']} "
+                     f"model {'with' if desc['f0'] else 'without'} f0")
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
+        if items:
+            more = f" and {len(items) - 6} more" if len(items) > 6 else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:6])}{more}")
+    raise ModelFileError("; ".join(parts))
 
-    to_load = {k: v.float() for k, v in weight.items() if "enc_q" not in k}
-    result = net_g.load_state_dict(to_load, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ModelFileError(f"{p}: load left missing {result.missing_keys[:6]} / unexpected "
-                             f"{result.unexpected_keys[:6]}")
-    net_g = net_g.float().eval().to(device)
 
-    applio = isinstance(sr_field, int) or isinstance(ckpt.get("f0"), bool) or any(
+def _meta(ckpt: Mapping[str, Any], version: str, f0: bool, config: list[Any], tgt_sr: int) -> dict[str, Any]:
+    applio = isinstance(ckpt.get("sr"), int) or isinstance(ckpt.get("f0"), bool) or any(
         k in ckpt for k in ("model_hash", "creation_date", "vocoder", "embedder_model"))
-    meta: dict[str, Any] = {
+    return {
         "version": version, "f0": f0, "sr": tgt_sr, "sr_name": f"{tgt_sr // 1000}k" if tgt_sr % 1000 == 0
         else str(tgt_sr), "tgt_sr": tgt_sr, "info": ckpt.get("info"), "config": config,
         "spk_embed_dim": config[-3], "format": "applio" if applio else "rvc",
         "extra": {k: v for k, v in ckpt.items() if k not in RVC_KEYS},
     }
-    return net_g, meta
+
+
+def load_small_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                     ) -> tuple[SynthesizerTrn, dict[str, Any]]:
+    """Load an RVC/Applio exported model: `(net_g in eval mode, fp32, without enc_q; meta)`.
+
+    Follows RVC's loader (config[-3] := emb_g rows; class by version and f0) but: a missing `version`
+    or `f0` is read from the weights (RVC defaults to v1 / f0=1), a contradiction between the fields
+    and the weights is an error, and every non-enc_q tensor must load (missing, unexpected and
+    mismatched keys are named). meta holds version, f0 (bool), sr (int), sr_name, info, config,
+    spk_embed_dim, format ('rvc' or 'applio') and the remaining keys under 'extra'.
+    """
+    p = str(path)
+    ckpt = read_small_model(p)
+    weight = _weights(ckpt, p)
+    desc = describe_state_dict(weight)
+    vocoder = ckpt.get("vocoder")
+    if vocoder is not None and str(vocoder) not in SUPPORTED_VOCODERS:
+        raise ModelFileError(f"{p}: vocoder {vocoder!r} is not supported (only {list(SUPPORTED_VOCODERS)})")
+    version, f0 = _version(ckpt, desc, p), _f0(ckpt, desc, p)
+    config, tgt_sr = _config(ckpt, weight, p)
+    try:
+        net_g = build_generator_from_list(config, version, f0)
+    except Exception as exc:
+        raise ModelFileError(f"{p}: cannot build a model from its config {config}: {exc}") from exc
+    net_g.remove_posterior_encoder()
+    _check_fit(net_g, weight, desc, f"a {version} {'f0' if f0 else 'no-f0'} model with config {config}", p)
+    to_load = {k: v.float() for k, v in weight.items() if "enc_q" not in k}
+    result = net_g.load_state_dict(to_load, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelFileError(f"{p}: load left missing {result.missing_keys[:6]} / unexpected "
+                             f"{result.unexpected_keys[:6]}")
+    return net_g.float().eval().to(device), _meta(ckpt, version, f0, config, tgt_sr)

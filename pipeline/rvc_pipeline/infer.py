@@ -7,7 +7,7 @@ RVC's inference (`VC.vc_single` + `Pipeline.pipeline`/`Pipeline.vc`), step by st
    (3, 10, 60, 65) on a GPU in half precision. Inputs longer than x_max seconds are cut at the quietest
    point (160-sample moving abs-sum, argmin) within +-x_query s of every x_center-second mark.
 3. The audio is reflect-padded by t_pad on both sides; f0 is computed once on the padded audio
-   (pm / harvest (+ medfilt 3 when filter_radius > 2) / dio / crepe / rmvpe / fcpe ...), transposed by
+   (any method of components/pitch, through its `infer_f0`: RVC's post-processing included), transposed by
    2^(semitones/12), and mapped to coarse bins after the transposition.
 4. Each segment: HuBERT features (v1: final_proj(layer 9), 256-d; v2: layer 12, 768-d); optional index
    mixing (k = 8, weights 1/score^2 normalised per row, blended by index_rate); x2 nearest upsampling; the
@@ -25,16 +25,13 @@ Deliberate differences from RVC, none of which changes a result RVC would produc
 * A G_*.pth training checkpoint is accepted when the experiment's config.json lies beside it.
 
 `convert` is the pure pipeline (arrays in, int16 array out); `convert_file` adds file I/O and loading;
-`main_infer` is the CLI entry (`rvc-pipeline infer`).
+the CLI (`rvc-pipeline infer`, rvc_pipeline.cli) parses its arguments into `convert_file`'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rvc_pipeline.core.catalog import PITCH_METHODS, pitch_needs_gpu
+from rvc_pipeline.core.catalog import PITCH, PITCH_METHODS, pitch_needs_gpu
+from rvc_pipeline.core.fileio import atomic_write, pick_device, read_16k
+from rvc_pipeline.core.layout import CONFIG_FILE, exported_model, version_of_dim
+from rvc_pipeline.core.layout import FEATURE_DIMS as PHONE_DIMS
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,6 @@ INPUT_PEAK = 0.95
 OUTPUT_PEAK = 0.99
 INDEX_K = 8
 F0_METHODS: tuple[str, ...] = PITCH_METHODS  # every file of components/pitch, through the catalog
-PHONE_DIMS = {"v1": 256, "v2": 768}
 
 
 class InferError(ValueError):
@@ -179,29 +178,30 @@ def transpose_f0(f0: np.ndarray, semitones: float) -> np.ndarray:
     return np.asarray(f0, dtype=np.float64) * pow(2.0, float(semitones) / 12.0)
 
 
+WeightFiles = Mapping[str, str | Path]
+"""A pitch method's weights: the name its CATALOG gives a file -> that file's local path."""
+
+
 def extract_f0(audio_pad: np.ndarray, p_len: int, method: str, filter_radius: int = 3, *,
-               device: str = "cpu", rmvpe: str | Path | None = None, crepe_model: str = "full") -> np.ndarray:
-    """f0 in Hz of the padded 16 kHz audio, p_len frames, as RVC's `get_f0` computes it before transposing."""
-    from rvc_pipeline.steps.f0 import compute_f0
+               device: str = "cpu", weights: WeightFiles | None = None,
+               options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """f0 in Hz of the padded 16 kHz audio, p_len frames, as RVC's `get_f0` computes it before transposing.
+
+    Any method of the pitch registry: `weights` hands it the files its catalog entry needs, `options` its
+    own extract options (e.g. {"model": "tiny"}); a method that runs a network gets `device`."""
+    from rvc_pipeline.components.pitch import base as pitch
 
     if method not in F0_METHODS:
         raise InferError(f"f0 method {method!r}: expected one of {', '.join(F0_METHODS)}")
-    x = np.asarray(audio_pad, dtype=np.float64)
-    if method == "harvest":
-        # RVC keeps harvest's own len//160 + 1 frames for the median filter, then cuts to p_len
-        from scipy.signal import medfilt
-
-        f0 = compute_f0(x, "harvest", p_len + 1)
-        if filter_radius > 2:
-            f0 = medfilt(f0, 3)
-        return np.asarray(f0[:p_len], dtype=np.float64)
-    if method == "rmvpe":
-        if not rmvpe:
-            raise InferError("f0 method rmvpe needs rmvpe.pt (--rmvpe PATH)")
-        return compute_f0(x, "rmvpe", p_len, checkpoint=str(rmvpe), device=device)
-    if method == "crepe":
-        return compute_f0(x, "crepe", p_len, model=crepe_model, device=device)
-    return compute_f0(x, method, p_len, **({"device": device} if pitch_needs_gpu(method) else {}))
+    tracker = pitch.get(method)
+    given = {name: str(path) for name, path in (weights or {}).items() if path}
+    missing = [name for name in tracker.required_weights() if name not in given]
+    if missing:
+        raise InferError(f"f0 method {method} needs {', '.join(missing)} (give its path)")
+    opts = {**tracker.weight_options(given), **(options or {})}
+    if pitch_needs_gpu(method):
+        opts["device"] = device
+    return tracker.infer_f0(np.asarray(audio_pad, dtype=np.float64), p_len, filter_radius, **opts)
 
 
 def pitch_features(f0: np.ndarray, semitones: float) -> tuple[np.ndarray, np.ndarray]:
@@ -334,41 +334,15 @@ def _check_index(index: Any, version: str, where: str = "index") -> None:
     dim = int(index.d)
     want = PHONE_DIMS[version]
     if dim != want:
-        other = "v1" if dim == 256 else "v2" if dim == 768 else "no RVC model"
+        other = version_of_dim(dim) or "no RVC model"
         raise InferError(f"{where}: {dim}-d vectors ({other}), but the model is {version} ({want}-d "
                          "features); use the index built for this model")
     if int(index.ntotal) == 0:
         raise InferError(f"{where}: holds no vectors (a trained_* index? use the added_* file)")
 
 
-def _device_of(net_g: Any) -> torch.device:
-    import torch
-
-    for p in net_g.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def convert(audio16k: np.ndarray, net_g: SynthesizerTrn, meta: Mapping[str, Any] | None, embedder: Embedder,
-            index: Any = None, big_npy: np.ndarray | None = None, *, pitch: float = 0.0,
-            f0_method: str = "pm", index_rate: float = 0.75, protect: float = 0.33, filter_radius: int = 3,
-            rms_mix_rate: float = 0.25, resample_sr: int = 0, sid: int = 0, device: str = "cpu",
-            half: bool | None = None, window: Window | None = None, seed: int | None = None,
-            rmvpe: str | Path | None = None, crepe_model: str = "full",
-            info: dict[str, Any] | None = None) -> tuple[np.ndarray, int]:
-    """Convert 16 kHz mono audio with a loaded generator; returns (int16 samples, sample rate).
-
-    `meta` gives version ('v1'/'v2'), f0 (bool) and sr (the model's int rate; `load_small_model`'s meta);
-    missing entries are read from `net_g`. `index` is a faiss index (used when index_rate != 0) and
-    `big_npy` its vectors (default: `index.reconstruct_n(0, ntotal)`). `half` (default: on CUDA) runs
-    in fp16 with the fp16 window constants; `window` overrides the constants. `seed` makes the
-    generator's noise reproducible. `info`, when given, receives segment counts and timings.
-    """
-    import torch
-
-    version, has_f0, tgt_sr = _model_meta(net_g, meta)
-    check_options(f0_method=f0_method, index_rate=index_rate, protect=protect, rms_mix_rate=rms_mix_rate,
-                  resample_sr=resample_sr)
+def _check_input(audio16k: np.ndarray, net_g: Any, sid: int) -> np.ndarray:
+    """The audio as a 1-D array, and the speaker id, checked; InferError names what is wrong."""
     n_spk = int(getattr(net_g, "spk_embed_dim", 0) or 0)
     if n_spk and not 0 <= int(sid) < n_spk:
         raise InferError(f"sid {sid} out of range: the model has {n_spk} speaker ids (0..{n_spk - 1})")
@@ -379,24 +353,146 @@ def convert(audio16k: np.ndarray, net_g: SynthesizerTrn, meta: Mapping[str, Any]
         raise InferError(f"audio: {len(x)} samples ({len(x) / SR:.3f} s) is too short; need at least 0.1 s")
     if not np.isfinite(x).all():
         raise InferError("audio: contains NaN or infinite samples")
+    return x
 
-    half = bool(device.startswith("cuda")) if half is None else bool(half)
-    win = window or window_for(half)
+
+def _place(net_g: SynthesizerTrn, device: str, half: bool
+           ) -> tuple[SynthesizerTrn, torch.device, torch.dtype]:
+    """The generator on `device` in fp16 or fp32 (moved only when it is elsewhere)."""
+    import torch
+
     dtype = torch.float16 if half else torch.float32
     tdev = torch.device(device)
-    net_dev = _device_of(net_g)
-    if net_dev != tdev:
+    params = list(net_g.parameters())
+    if (params[0].device if params else torch.device("cpu")) != tdev:
         net_g = net_g.to(tdev)
     if next(net_g.parameters()).dtype != dtype:
         net_g = net_g.to(dtype)
+    return net_g, tdev, dtype
 
+
+def _index_vectors(index: Any, big_npy: np.ndarray | None, version: str) -> np.ndarray:
+    """The index's stored vectors (given, or reconstructed), after checking it fits the model."""
+    _check_index(index, version)
+    if big_npy is None:
+        big_npy = index.reconstruct_n(0, index.ntotal)
+    return np.asarray(big_npy, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class _Segments:
+    """What every segment of one conversion shares: the models, index mixing, pitch and placement."""
+
+    net_g: Any
+    embedder: Embedder
+    version: str
+    index: Any  # None: no retrieval
+    big_npy: np.ndarray | None
+    index_rate: float
+    protect: float
+    coarse: np.ndarray | None  # None: a model without pitch guidance
+    pitchf: np.ndarray | None
+    sid: int
+    device: torch.device
+    dtype: torch.dtype
+    seed: int | None
+
+    def features(self, chunk: np.ndarray, seg: Segment
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(phone features at 10 ms, coarse, pitchf) of one segment, all of one length."""
+        feats = self.embedder.extract(chunk.astype(np.float32), self.version)[0]  # type: ignore[arg-type]
+        feats0 = feats
+        if self.index is not None:
+            retrieved = retrieve_features(feats, self.index, self.big_npy)  # type: ignore[arg-type]
+            feats = (retrieved * self.index_rate + (1 - self.index_rate) * feats).astype(np.float32)
+        feats = upsample2(feats)
+        feats = feats[: min(len(chunk) // WINDOW, feats.shape[0])]
+        if self.coarse is None or self.pitchf is None:
+            return feats, None, None
+        coarse = self.coarse[seg.f0_start : seg.f0_stop][: len(feats)]
+        pitchf = self.pitchf[seg.f0_start : seg.f0_stop][: len(feats)]
+        n = len(pitchf)  # never shorter with RVC's arithmetic; keep shapes consistent anyway
+        feats = feats[:n]
+        if self.protect < 0.5:
+            mask = protect_mask(pitchf, self.protect)[:, None]
+            feats = feats * mask + upsample2(feats0)[:n] * (1 - mask)
+        return feats, coarse, pitchf
+
+    def synthesize(self, feats: np.ndarray, coarse: np.ndarray | None, pitchf: np.ndarray | None,
+                   i: int) -> np.ndarray:
+        """net_g.infer of segment `i` (its own seeded noise when a seed is set) -> float32 audio."""
+        import torch
+
+        dev = self.device
+        gen = torch.Generator(device=dev).manual_seed(int(self.seed) + i) if self.seed is not None else None
+        with torch.inference_mode():
+            phone = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))[None].to(dev, self.dtype)
+            lengths = torch.tensor([len(feats)], device=dev, dtype=torch.long)
+            sid_t = torch.tensor([self.sid], device=dev, dtype=torch.long)
+            if coarse is not None and pitchf is not None:
+                pt = torch.from_numpy(np.ascontiguousarray(coarse))[None].to(dev, torch.long)
+                pf = torch.from_numpy(np.ascontiguousarray(pitchf))[None].to(dev, torch.float32)
+                out = self.net_g.infer(phone, lengths, pt, pf, sid_t, generator=gen)[0]
+            else:
+                out = self.net_g.infer(phone, lengths, sid_t, generator=gen)[0]
+            return out[0, 0].float().cpu().numpy()
+
+    def run(self, audio_pad: np.ndarray, segments: Sequence[Segment], trim: int
+            ) -> tuple[np.ndarray, float, float]:
+        """Every segment converted, `trim` samples cut from each end, joined; with the seconds spent on
+        features and on synthesis."""
+        pieces: list[np.ndarray] = []
+        feat_s = synth_s = 0.0
+        for i, seg in enumerate(segments):
+            t1 = time.perf_counter()
+            feats, coarse, pitchf = self.features(audio_pad[seg.start : seg.stop], seg)
+            t2 = time.perf_counter()
+            y = self.synthesize(feats, coarse, pitchf, i)
+            feat_s += t2 - t1
+            synth_s += time.perf_counter() - t2
+            pieces.append(y[trim : len(y) - trim])
+        audio_opt = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        return audio_opt, feat_s, synth_s
+
+
+def _finish(audio: np.ndarray, audio_opt: np.ndarray, tgt_sr: int, rms_mix_rate: float,
+            resample_sr: int) -> tuple[np.ndarray, int]:
+    """RMS envelope mix, optional resampling, int16: (samples, rate)."""
+    if rms_mix_rate != 1:
+        audio_opt = change_rms(audio, SR, audio_opt, tgt_sr, rms_mix_rate)
+    if resample_sr and resample_sr != tgt_sr and resample_sr >= SR:
+        from rvc_pipeline.audio import resample
+
+        audio_opt = resample(np.asarray(audio_opt, dtype=np.float32), tgt_sr, resample_sr)
+        return to_int16(audio_opt), int(resample_sr)
+    return to_int16(audio_opt), tgt_sr
+
+
+def convert(audio16k: np.ndarray, net_g: SynthesizerTrn, meta: Mapping[str, Any] | None, embedder: Embedder,
+            index: Any = None, big_npy: np.ndarray | None = None, *, pitch: float = 0.0,
+            f0_method: str = "pm", index_rate: float = 0.75, protect: float = 0.33, filter_radius: int = 3,
+            rms_mix_rate: float = 0.25, resample_sr: int = 0, sid: int = 0, device: str = "cpu",
+            half: bool | None = None, window: Window | None = None, seed: int | None = None,
+            f0_weights: WeightFiles | None = None, f0_options: Mapping[str, Any] | None = None,
+            info: dict[str, Any] | None = None) -> tuple[np.ndarray, int]:
+    """Convert 16 kHz mono audio with a loaded generator; returns (int16 samples, sample rate).
+
+    `meta` gives version ('v1'/'v2'), f0 (bool) and sr (the model's int rate; `load_small_model`'s meta);
+    missing entries are read from `net_g`. `index` is a faiss index (used when index_rate != 0) and
+    `big_npy` its vectors (default: `index.reconstruct_n(0, ntotal)`). `half` (default: on CUDA) runs
+    in fp16 with the fp16 window constants; `window` overrides the constants. `seed` makes the
+    generator's noise reproducible. `f0_weights` / `f0_options` go to the pitch method (`extract_f0`).
+    `info`, when given, receives segment counts and timings.
+    """
+    version, has_f0, tgt_sr = _model_meta(net_g, meta)
+    check_options(f0_method=f0_method, index_rate=index_rate, protect=protect, rms_mix_rate=rms_mix_rate,
+                  resample_sr=resample_sr)
+    x = _check_input(audio16k, net_g, sid)
+    half = bool(device.startswith("cuda")) if half is None else bool(half)
+    win = window or window_for(half)
+    net_g, tdev, dtype = _place(net_g, device, half)
     use_index = index is not None and index_rate != 0
-    if use_index:
-        _check_index(index, version)
-        if big_npy is None:
-            big_npy = index.reconstruct_n(0, index.ntotal)
-        big_npy = np.asarray(big_npy, dtype=np.float32)
-
+    vectors = _index_vectors(index, big_npy, version) if use_index else None
     from rvc_pipeline.audio import high_pass
 
     t0 = time.perf_counter()
@@ -405,66 +501,17 @@ def convert(audio16k: np.ndarray, net_g: SynthesizerTrn, meta: Mapping[str, Any]
     audio_pad = np.pad(audio, (win.t_pad, win.t_pad), mode="reflect")
     p_len = len(audio_pad) // WINDOW
     coarse = pitchf = None
-    f0_s = 0.0
+    t_f0 = time.perf_counter()
     if has_f0:
-        t_f0 = time.perf_counter()
-        f0 = extract_f0(audio_pad, p_len, f0_method, filter_radius, device=device, rmvpe=rmvpe,
-                        crepe_model=crepe_model)
+        f0 = extract_f0(audio_pad, p_len, f0_method, filter_radius, device=device, weights=f0_weights,
+                        options=f0_options)
         coarse, pitchf = pitch_features(f0[:p_len], pitch)
-        f0_s = time.perf_counter() - t_f0
-
-    sid_t = torch.tensor([int(sid)], device=tdev, dtype=torch.long)
-    t_pad_tgt = win.t_pad_tgt(tgt_sr)
-    pieces: list[np.ndarray] = []
-    feat_s = synth_s = 0.0
+    f0_s = time.perf_counter() - t_f0 if has_f0 else 0.0
     segments = plan_segments(len(audio_pad), cuts, win)
-    for i, seg in enumerate(segments):
-        chunk = audio_pad[seg.start : seg.stop]
-        t1 = time.perf_counter()
-        feats = embedder.extract(chunk.astype(np.float32), version)[0]  # type: ignore[arg-type]
-        feats0 = feats
-        if use_index:
-            retrieved = retrieve_features(feats, index, big_npy)  # type: ignore[arg-type]
-            feats = (retrieved * index_rate + (1 - index_rate) * feats).astype(np.float32)
-        feats = upsample2(feats)
-        n = min(len(chunk) // WINDOW, feats.shape[0])
-        feats = feats[:n]
-        seg_coarse = seg_pitchf = None
-        if has_f0:
-            assert coarse is not None and pitchf is not None
-            seg_coarse = coarse[seg.f0_start : seg.f0_stop][:n]
-            seg_pitchf = pitchf[seg.f0_start : seg.f0_stop][:n]
-            if len(seg_pitchf) < n:  # cannot happen with RVC's arithmetic; keep shapes consistent anyway
-                n = len(seg_pitchf)
-                feats = feats[:n]
-            if protect < 0.5:
-                mask = protect_mask(seg_pitchf, protect)[:, None]
-                feats = feats * mask + upsample2(feats0)[:n] * (1 - mask)
-        feat_s += time.perf_counter() - t1
-        t2 = time.perf_counter()
-        gen = torch.Generator(device=tdev).manual_seed(int(seed) + i) if seed is not None else None
-        with torch.inference_mode():
-            phone = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))[None].to(tdev, dtype)
-            lengths = torch.tensor([n], device=tdev, dtype=torch.long)
-            if has_f0:
-                pt = torch.from_numpy(np.ascontiguousarray(seg_coarse))[None].to(tdev, torch.long)
-                pf = torch.from_numpy(np.ascontiguousarray(seg_pitchf))[None].to(tdev, torch.float32)
-                out = net_g.infer(phone, lengths, pt, pf, sid_t, generator=gen)[0]
-            else:
-                out = net_g.infer(phone, lengths, sid_t, generator=gen)[0]
-            y = out[0, 0].float().cpu().numpy()
-        synth_s += time.perf_counter() - t2
-        pieces.append(y[t_pad_tgt : len(y) - t_pad_tgt])
-    audio_opt = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-    if rms_mix_rate != 1:
-        audio_opt = change_rms(audio, SR, audio_opt, tgt_sr, rms_mix_rate)
-    out_sr = tgt_sr
-    if resample_sr and resample_sr != tgt_sr and resample_sr >= SR:
-        from rvc_pipeline.audio import resample
-
-        audio_opt = resample(np.asarray(audio_opt, dtype=np.float32), tgt_sr, resample_sr)
-        out_sr = int(resample_sr)
-    result = to_int16(audio_opt)
+    job = _Segments(net_g, embedder, version, index if use_index else None, vectors, index_rate, protect,
+                    coarse, pitchf, int(sid), tdev, dtype, seed)
+    audio_opt, feat_s, synth_s = job.run(audio_pad, segments, win.t_pad_tgt(tgt_sr))
+    result, out_sr = _finish(audio, audio_opt, tgt_sr, rms_mix_rate, resample_sr)
     if info is not None:
         info.update({"segments": len(segments), "cuts": [int(c) for c in cuts], "window": win.__dict__.copy(),
                      "half": half, "f0_seconds": round(f0_s, 3), "features_seconds": round(feat_s, 3),
@@ -488,7 +535,8 @@ def resolve_embedder(embedder: Any, spec: ExperimentSpec | None, device: str, ha
     """An Embedder from an Embedder, a path (file or HF folder) or a weight name (resolve_weight).
     Returns (embedder, random_weights)."""
     from rvc_pipeline.components.embedders.base import Embedder, load_embedder
-    from rvc_pipeline.weights import DEMO_WARNING, WeightsNotFound, resolve_weight
+    from rvc_pipeline.core.errors import WeightsNotFound
+    from rvc_pipeline.weights import DEMO_WARNING, resolve_weight
 
     if isinstance(embedder, Embedder):
         return embedder, False
@@ -515,9 +563,9 @@ def _load_training_checkpoint(path: Path, device: str) -> tuple[SynthesizerTrn, 
     from rvc_pipeline.nn.config import RVCConfig
     from rvc_pipeline.nn.synthesizer import build_generator
 
-    cfg_path = path.parent / "config.json"
+    cfg_path = path.parent / CONFIG_FILE
     hint = (f"{path}: this is a training checkpoint (G_*.pth), not an exported voice model; use the exported "
-            f"model (logs/<experiment>/weights/<experiment>.pth, written by the train step)")
+            f"model (logs/<experiment>/{exported_model('<experiment>')}, written by the train step)")
     if not cfg_path.is_file():
         raise InferError(hint + f", or keep the experiment's config.json beside it (not found: {cfg_path})")
     from rvc_pipeline import safeload
@@ -607,27 +655,25 @@ def load_index(path: str | Path, version: str) -> tuple[Any, np.ndarray, Path]:
 
 def write_wav_int16(path: str | Path, x: np.ndarray, sr: int) -> None:
     """16-bit PCM WAV, written atomically."""
-    from scipy.io import wavfile
+    from scipy.io import wavfile  # type: ignore[import-untyped]
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".partial")
-    with open(tmp, "wb") as f:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
         wavfile.write(f, int(sr), np.asarray(x, dtype=np.int16))
-    os.replace(tmp, p)
 
 
-def pick_device(device: str = "auto") -> str:
-    if device in ("", "auto", None):
-        import torch
+def pitch_weights(method: str, given: WeightFiles | None, spec: ExperimentSpec | None) -> dict[str, str]:
+    """The local files of the weights pitch `method` needs (its catalog entry): those `given`, the rest
+    found like every weight (the spec's reference, its weights cache, $RVC_WEIGHTS_DIR, ...)."""
+    from rvc_pipeline.components.pitch import base as pitch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InferError(f"device {device!r}: no CUDA device is visible")
-    return device
+    have = {name: str(path) for name, path in (given or {}).items() if path}
+    if all(name in have for name in PITCH[method].weights):  # the catalog answers without importing it
+        return have
+    tracker = pitch.get(method)
+    spec = spec or _minimal_spec()
+    refs = {name: ref for name, ref in tracker.weight_refs(spec).items() if name not in have}
+    return {**have, **tracker.resolve_weights(refs, spec)}
 
 
 def convert_file(model: str | Path, input_path: str | Path, output: str | Path,
@@ -639,13 +685,14 @@ def convert_file(model: str | Path, input_path: str | Path, output: str | Path,
     `embedder`: an Embedder, a path, or a weight name resolved with `resolve_weight` (the spec's weights
     cache, $RVC_WEIGHTS_DIR, ...); with `demo_random_weights` a missing HuBERT becomes a random one (DEMO
     ONLY, logged). `opts` are `convert`'s keyword options (pitch, f0_method, index_rate, protect,
-    filter_radius, rms_mix_rate, resample_sr, sid, device, half, window, seed, rmvpe, crepe_model).
+    filter_radius, rms_mix_rate, resample_sr, sid, device, half, window, seed, f0_weights, f0_options);
+    weights the pitch method needs and `f0_weights` does not give are found with `pitch_weights`.
     Returns input/output seconds, the output rate, the wall time and the real-time factor.
     """
     from rvc_pipeline.audio import load_audio
 
     t0 = time.perf_counter()
-    device = pick_device(str(opts.pop("device", "auto") or "auto"))
+    device = pick_device(str(opts.pop("device", "auto") or "auto"), what="infer")
     half = opts.pop("half", None)
     half = device.startswith("cuda") if half is None else bool(half)
     check_options(**opts)
@@ -658,16 +705,14 @@ def convert_file(model: str | Path, input_path: str | Path, output: str | Path,
     faiss_index = big_npy = None
     used_index: Path | None = None
     if index not in (None, "") and index_rate != 0:
-        faiss_index, big_npy, used_index = load_index(index, meta["version"])  # type: ignore[arg-type]
-    if opts.get("f0_method") == "rmvpe" and not opts.get("rmvpe") and meta["f0"]:
-        from rvc_pipeline.weights import resolve_weight
-
-        opts["rmvpe"] = str(resolve_weight("rmvpe.pt", spec or _minimal_spec(), what="RMVPE checkpoint"))
+        faiss_index, big_npy, used_index = load_index(index, meta["version"])
+    if meta["f0"]:
+        opts["f0_weights"] = pitch_weights(str(opts.get("f0_method", "pm")), opts.get("f0_weights"), spec)
     emb, random_weights = resolve_embedder(embedder, spec, device, half, demo_random_weights)
     from rvc_pipeline.audio import AudioError
 
     try:
-        audio = load_audio(inp, SR)
+        audio = read_16k(inp, decode=load_audio)
     except AudioError as e:
         raise InferError(str(e)) from e
     t_load = time.perf_counter() - t0
@@ -688,38 +733,3 @@ def convert_file(model: str | Path, input_path: str | Path, output: str | Path,
     log.info("infer: %s -> %s (%.2f s in, %.2f s out at %d Hz, %.1f s, %.2fx real time)", inp, output, in_s,
              len(out) / out_sr, out_sr, wall, result["realtime_factor"] or 0)
     return result
-
-
-# ------------------------------------------------------------------------------------------------
-# CLI
-
-
-def main_infer(args: argparse.Namespace) -> int:
-    """`rvc-pipeline infer`: 0 on success, 2 for bad input (named), 3 for missing weights."""
-    from rvc_pipeline.export import ModelFileError
-    from rvc_pipeline.weights import WeightsNotFound
-
-    opts = {
-        "pitch": float(args.pitch), "f0_method": args.f0_method, "index_rate": float(args.index_rate),
-        "protect": float(args.protect), "filter_radius": int(args.filter_radius),
-        "rms_mix_rate": float(args.rms_mix_rate), "resample_sr": int(args.resample_sr or 0),
-        "sid": int(args.sid), "device": args.device,
-    }
-    if getattr(args, "rmvpe", None):
-        opts["rmvpe"] = args.rmvpe
-    try:
-        info = convert_file(args.model, args.input, args.output, index=args.index or None,
-                            embedder=args.embedder, demo_random_weights=bool(args.demo_random_weights),
-                            **opts)
-    except WeightsNotFound as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (InferError, ModelFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"converted {args.input} -> {info['output']}: {info['input_seconds']:.2f} s in, "
-          f"{info['output_seconds']:.2f} s out at {info['sr']} Hz, {info['seconds']:.1f} s "
-          f"({info['realtime_factor']}x real time)")
-    if info.get("random_embedder"):
-        print("WARNING: HuBERT was not found and RANDOM weights were used; the voice is NOT meaningful.")
-    return 0

@@ -31,20 +31,19 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rvc_pipeline.core.storage import Storage, StorageError, env_seconds, read_regular_file
-from rvc_pipeline.steps.runner import is_primary
+from rvc_pipeline.core import layout
+from rvc_pipeline.core.errors import LeaseHeld, StorageError
+from rvc_pipeline.core.fileio import write_bytes_atomic
+from rvc_pipeline.core.storage import Storage, env_seconds, read_regular_file
+from rvc_pipeline.steps.processes import is_primary  # (leaf module: runner imports lease)
 
 log = logging.getLogger("rvc_pipeline")
 
-LEASE_FILE = "lease.json"
-LOCK_FILE = "lease.lock"
+LEASE_FILE = layout.LEASE_FILE
+LOCK_FILE = layout.LEASE_LOCK_FILE
 DEFAULT_TTL, MIN_TTL, MAX_TTL = 120.0, 1.0, 3600.0
 CLOCK_GRACE_S = 2.0  # Date and Last-Modified have 1 s resolution
 MAX_RECORD_BYTES = 64 * 1024
-
-
-class LeaseHeld(RuntimeError):
-    """Another process is writing this experiment. Transient (exit 1): it may finish or expire."""
 
 
 class LeaseLost(LeaseHeld):
@@ -52,7 +51,7 @@ class LeaseLost(LeaseHeld):
 
 
 def lease_key(experiment: str) -> str:
-    return f"logs/{experiment}/.rvc/{LEASE_FILE}"
+    return layout.bookkeeping_key(experiment, LEASE_FILE)
 
 
 def default_owner() -> str:
@@ -143,7 +142,7 @@ def _holder_text(experiment: str, rec: LeaseRecord | None, tail: str) -> str:
 class LocalLease:
     def __init__(self, root: Path, experiment: str, owner: str):
         self.experiment = experiment
-        self.folder = root / "logs" / experiment / ".rvc"
+        self.folder = root / layout.exp_key(experiment) / layout.MARKER_DIR
         self._fd = _open_lock(self.folder / LOCK_FILE)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -155,10 +154,8 @@ class LocalLease:
 
     def _note(self, data: bytes) -> None:
         """Name the holder in lease.json (for the message only: the lock is what excludes)."""
-        from rvc_pipeline.core.storage import _replace_atomically
-
         try:
-            _replace_atomically(self.folder / LEASE_FILE, data)
+            write_bytes_atomic(self.folder / LEASE_FILE, data)
         except OSError as e:
             log.warning("lease: cannot write %s (%s); the lock still holds", self.folder / LEASE_FILE, e)
 

@@ -1,8 +1,8 @@
 """Progress reporting: a JSON-lines log in the experiment folder, tqdm bars, and the Pushgateway.
 
-Every event is one JSON object per line in logs/<exp>/progress.jsonl with at least `time`, `step`
-and `event`. The operator and dashboards read training progress from it (and from the Pushgateway
-when one is configured). Nothing here imports torch.
+Every event is one typed event of rvc_pipeline.core.events, one JSON object per line in
+logs/<exp>/progress.jsonl (`time`, `experiment`, `step`, `event` first). The operator and dashboards read
+training progress from it (and from the Pushgateway when one is configured). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from rvc_pipeline.core.events import make_event, records, to_record
+from rvc_pipeline.core.layout import PROGRESS_FILE
+
 T = TypeVar("T")
 log = logging.getLogger("rvc_pipeline")
-
-PROGRESS_FILE = "progress.jsonl"
 
 
 class Reporter:
@@ -33,8 +34,10 @@ class Reporter:
         self._push_failed = False
 
     def event(self, event: str, **fields: Any) -> dict[str, Any]:
-        rec = {"time": round(time.time(), 3), "experiment": self.experiment, "step": self.step,
-               "event": event, **fields}
+        """Append one event of kind `event` (a core.events kind; ValueError when the fields do not fit it)."""
+        ev = make_event(event, time=round(time.time(), 3), experiment=self.experiment, step=self.step,
+                        **fields)
+        rec = to_record(ev)
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         with open(self.exp_dir / PROGRESS_FILE, "a") as f:
             f.write(json.dumps(rec, default=_jsonable) + "\n")
@@ -88,15 +91,8 @@ def _jsonable(o: Any) -> Any:
 
 
 def read_events(path: Path, step: str | None = None) -> list[dict[str, Any]]:
-    """Read progress.jsonl, skipping a torn last line."""
-    out = []
-    if not Path(path).exists():
-        return out
-    for line in Path(path).read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if step is None or rec.get("step") == step:
-            out.append(rec)
-    return out
+    """The records of progress.jsonl as written (of one step, or all), skipping torn lines."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [rec for rec in records(p.read_bytes()) if step is None or rec.get("step") == step]

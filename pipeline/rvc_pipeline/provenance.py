@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rvc_pipeline.core.fileio import write_text_atomic
+
 RANDOM = "random"
 """The identity recorded for randomly initialised (demo) weights."""
 
@@ -63,9 +65,7 @@ def read_record(path: Path) -> dict[str, Any] | None:
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True))
 
 
 def record_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from rvc_pipeline.stepio import StepFailed
+from rvc_pipeline.core.errors import StepFailed
 
 __all__ = ["ALLOWED", "InertObject", "UnreadableFile", "UnsafeFile", "load"]
 

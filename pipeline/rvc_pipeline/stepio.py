@@ -1,53 +1,42 @@
-"""The thin I/O shell around every step.
+"""What a step finds and leaves in storage: completion markers, the files each step owns, input checks.
 
-A step is `run(ctx: StepContext) -> dict` (a JSON-able summary). The shell:
-1. checks the step's inputs (`INPUT_CHECKS`: the dataset for preprocess, the prerequisites' markers and
-   outputs for the others) when asked to (`check_inputs=True`, as the CLI and the operator's Jobs do);
-   nothing is invalidated or deleted before this check has passed;
-2. deletes the step's completion marker (and those of later steps), so half-written output is never
-   taken as complete, then the stale per-file outputs of later steps: only files the steps own, by name,
-   inside logs/<experiment>/, never through a symlink (`OWNED_OUTPUTS`);
-3. pulls the inputs the step needs from storage into local scratch (`ctx.pull`);
-4. runs the step on local files under `ctx.exp_dir` (= <scratch>/logs/<experiment>/);
-5. pushes the outputs (`ctx.push`), then writes the completion marker last.
-A rerun skips a step whose marker exists (unless forced, or the spec fields it depends on or the
-inputs its check fingerprints, such as the dataset manifest, changed since).
-
-With local storage the experiment folder in storage *is* the working folder: nothing is copied.
+The step runner (rvc_pipeline.steps.runner: run_step, StepContext) uses these; so does the operator
+(markers) and preprocess (its dataset check). Nothing here runs a step:
+* markers: `is_complete`, `read_marker`, `invalidate_from` (a step's marker and those of later steps);
+* ownership: `OWNED_OUTPUTS` (folder -> name patterns per step), `remove_owned` (only owned files, by
+  name, inside logs/<experiment>/, never through a symlink), `clear_stale_outputs` (the per-file
+  outputs that a run of a step makes stale);
+* input checks: `INPUT_CHECKS` (the dataset for preprocess, the prerequisites' markers and outputs for
+  the others), run by `run_step(check_inputs=True)` before anything is invalidated or deleted.
 """
-
 from __future__ import annotations
 
 import fnmatch
 import json
 import logging
 import os
-import shutil
 import stat
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rvc_pipeline.core.errors import StepFailed, StorageError
+from rvc_pipeline.core.layout import (
+    F0_COARSE_DIR,
+    F0_NSF_DIR,
+    FEATURE_DIRS,
+    GT_WAVS_DIR,
+    WAVS_16K_DIR,
+    feature_dir,
+    marker_key,
+)
 from rvc_pipeline.core.spec import STEP_ORDER, Experiment, step_hashes
-from rvc_pipeline.core.storage import Storage, StorageError, open_storage, same_content, scratch_dir
+from rvc_pipeline.core.storage import Storage, open_storage
 from rvc_pipeline.lease import check_current
-from rvc_pipeline.progress import PROGRESS_FILE, Reporter
-from rvc_pipeline.steps.runner import is_primary
 
 log = logging.getLogger("rvc_pipeline")
-
-MARKER_DIR = ".rvc"
-
-
-class StepFailed(RuntimeError):
-    """A step that cannot produce its outputs (bad data, no output). Permanent: retrying will not help."""
-
-
-def marker_key(experiment: str, step: str) -> str:
-    return f"logs/{experiment}/{MARKER_DIR}/{step}.done.json"
 
 
 def under(key: str, base: str) -> bool:
@@ -65,109 +54,12 @@ class CheckedInputs:
     data: Any = None
 
 
-@dataclass
-class StepContext:
-    experiment: Experiment
-    step: str
-    storage: Storage
-    workdir: Path  # contains logs/<experiment>/
-    reporter: Reporter
-    workers: int
-    checked: CheckedInputs = field(default_factory=CheckedInputs)
-    _pulled: set[str] = field(default_factory=set)
-
-    @property
-    def spec(self):  # noqa: ANN201 - ExperimentSpec
-        return self.experiment.spec
-
-    @property
-    def name(self) -> str:
-        return self.experiment.name
-
-    @property
-    def exp_key(self) -> str:
-        return f"logs/{self.name}"
-
-    @property
-    def exp_dir(self) -> Path:
-        return self.workdir / "logs" / self.name
-
-    @property
-    def remote(self) -> bool:
-        return self.storage.local_path() is None
-
-    def pull(self, *subpaths: str) -> None:
-        """Download logs/<exp>/<sub> (files or folders) into exp_dir, skipping identical local files.
-
-        "Identical" is same size and, on S3, same ETag (a rerun's features have the same size but new
-        values, so size alone would keep stale files in a reused work folder).
-        """
-        if not self.remote:
-            return
-        for sub in subpaths:
-            base = f"{self.exp_key}/{sub}"
-            objs = [o for o in self.storage.list(base) if under(o.key, base)]
-            todo = []
-            for o in objs:
-                dest = self.workdir / o.key
-                if not same_content(dest, o):
-                    todo.append((o.key, dest))
-            _parallel(lambda kd: self.storage.download(kd[0], kd[1]), todo)
-            self._pulled.add(sub)
-
-    def push(self, *subpaths: str, mirror: bool = False) -> None:
-        """Upload exp_dir/<sub> (files or folders) to storage; identical stored objects are skipped.
-
-        With `mirror=True`, stored objects under a pushed *folder* that no longer exist locally are
-        deleted, so a rerun that makes fewer files (preprocess with other settings) leaves no stale ones
-        for the next step to pick up. Use it only for folders the step owns and writes completely.
-        """
-        check_current()
-        if not self.remote:
-            return
-        for sub in subpaths:
-            local = self.exp_dir / sub
-            if local.is_file():
-                files = [local]
-            elif local.is_dir():
-                files = [p for p in sorted(local.rglob("*"))
-                         if p.is_file() and not p.name.endswith(".partial")]
-            else:
-                continue
-            base = f"{self.exp_key}/{sub}"
-            have = {o.key: o for o in self.storage.list(base) if under(o.key, base)}
-            todo = []
-            for p in files:
-                key = p.relative_to(self.workdir).as_posix()
-                o = have.get(key)
-                if o is None or not same_content(p, o):
-                    todo.append((p, key))
-            _parallel(lambda pk: self.storage.upload(pk[0], pk[1]), todo)
-            if mirror and local.is_dir():
-                keep = {p.relative_to(self.workdir).as_posix() for p in files}
-                _parallel(self.storage.delete, [k for k in have if k not in keep])
-
-    def push_file(self, path: Path) -> None:
-        check_current()
-        if self.remote:
-            self.storage.upload(path, Path(path).relative_to(self.workdir).as_posix())
-
-
-def _parallel(fn: Callable[[Any], None], items: list[Any], threads: int = 8) -> None:
+def parallel_threads(fn: Callable[[Any], None], items: list[Any], threads: int = 8) -> None:
     if not items:
         return
     with ThreadPoolExecutor(max_workers=min(threads, len(items))) as ex:
         for _ in ex.map(fn, items):
             pass
-
-
-def default_workers(requested: int = 0) -> int:
-    if requested > 0:
-        return requested
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover
-        return max(1, os.cpu_count() or 1)
 
 
 def is_complete(storage: Storage, experiment: str, step: str) -> bool:
@@ -197,9 +89,9 @@ def invalidate_from(storage: Storage, experiment: str, step: str) -> None:
 
 # The files each step owns: folder (in logs/<exp>/) -> name patterns. A step deletes nothing else.
 OWNED_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "preprocess": {"0_gt_wavs": ("*.wav", "*.wav.partial"), "1_16k_wavs": ("*.wav", "*.wav.partial")},
-    "f0": {"2a_f0": ("*.npy", "*.npy.partial"), "2b-f0nsf": ("*.npy", "*.npy.partial")},
-    "features": {"3_feature256": ("*.npy", "*.npy.partial"), "3_feature768": ("*.npy", "*.npy.partial")},
+    "preprocess": {d: ("*.wav", "*.wav.partial") for d in (GT_WAVS_DIR, WAVS_16K_DIR)},
+    "f0": {d: ("*.npy", "*.npy.partial") for d in (F0_COARSE_DIR, F0_NSF_DIR)},
+    "features": {d: ("*.npy", "*.npy.partial") for d in FEATURE_DIRS},
 }
 
 # Per-file outputs that f0 and features resume from (they skip files whose outputs exist).
@@ -263,7 +155,7 @@ def remove_owned(storage: Storage, experiment: str, folder: str, keep: set[str] 
         rest = o.key[len(base) + 1:] if o.key.startswith(base + "/") else ""
         if rest and "/" not in rest and _is_owned(rest, patterns) and (keep is None or rest not in keep):
             doomed.append(o.key)
-    _parallel(storage.delete, doomed)
+    parallel_threads(storage.delete, doomed)
     return len(doomed)
 
 
@@ -307,9 +199,9 @@ InputCheck = Callable[[Experiment, Storage], CheckedInputs]
 
 # What each step makes that later steps read (folders in logs/<exp>/), as a function of the spec.
 PRODUCES: dict[str, Callable[[Any], tuple[str, ...]]] = {
-    "preprocess": lambda spec: ("0_gt_wavs", "1_16k_wavs"),
-    "f0": lambda spec: ("2a_f0", "2b-f0nsf") if spec.model.pitch_guidance else (),
-    "features": lambda spec: ("3_feature256" if spec.model.version == "v1" else "3_feature768",),
+    "preprocess": lambda spec: (GT_WAVS_DIR, WAVS_16K_DIR),
+    "f0": lambda spec: (F0_COARSE_DIR, F0_NSF_DIR) if spec.model.pitch_guidance else (),
+    "features": lambda spec: (feature_dir(spec.model.version),),
     "train": lambda spec: (),
     "index": lambda spec: (),
 }
@@ -352,8 +244,9 @@ def _with_weights(step: str, key: str, ref_of: Callable[[Any], str | None], what
     is stale. Only a file found now (offline) is compared: a missing one never makes work look stale."""
 
     def check(exp: Experiment, storage: Storage) -> CheckedInputs:
+        from rvc_pipeline.core.errors import WeightsNotFound
         from rvc_pipeline.provenance import weight_identity
-        from rvc_pipeline.weights import WeightsNotFound, resolve_weight
+        from rvc_pipeline.weights import resolve_weight
 
         checked = check_prerequisites(exp, storage, step)
         ref = ref_of(exp.spec)
@@ -368,10 +261,13 @@ def _with_weights(step: str, key: str, ref_of: Callable[[Any], str | None], what
     return check
 
 
-def _rmvpe_ref(spec: Any) -> str | None:
-    if spec.model.pitch_guidance and spec.f0.method == "rmvpe":
-        return spec.f0.rmvpe_checkpoint or "rmvpe.pt"
-    return None
+def _check_f0(exp: Experiment, storage: Storage) -> CheckedInputs:
+    """f0's check: the weights its pitch method needs (catalog; the method reads the spec's reference)."""
+    from rvc_pipeline.components.pitch.base import needed_weights, weights_key
+
+    spec = exp.spec
+    ref = next(iter(needed_weights(spec).values()), None) if spec.model.pitch_guidance else None
+    return _with_weights("f0", weights_key(spec.f0.method), lambda _: ref, "pitch weights")(exp, storage)
 
 
 def _check_dataset(exp: Experiment, storage: Storage) -> CheckedInputs:
@@ -382,7 +278,7 @@ def _check_dataset(exp: Experiment, storage: Storage) -> CheckedInputs:
 
 INPUT_CHECKS: dict[str, InputCheck] = {
     "preprocess": _check_dataset,
-    "f0": _with_weights("f0", "rmvpe_weights", _rmvpe_ref, "RMVPE checkpoint"),
+    "f0": _check_f0,
     "features": _with_weights("features", "embedder_weights", lambda spec: spec.features.embedder,
                               "HuBERT embedder"),
     "train": lambda exp, st: check_prerequisites(exp, st, "train"),
@@ -393,109 +289,3 @@ INPUT_CHECKS: dict[str, InputCheck] = {
 def open_artifacts(exp: Experiment) -> Storage:
     st = exp.spec.storage
     return open_storage(st.uri, endpoint=st.endpoint, region=st.region)
-
-
-def _fresh_marker(storage: Storage, name: str, step: str, inputs_hash: str,
-                  checked: CheckedInputs) -> tuple[dict[str, Any] | None, str | None]:
-    """(stored summary, None) when the step completed for these inputs; (None, why) when it completed
-    for other ones (rerun it from scratch); (None, None) when it has not completed."""
-    if not is_complete(storage, name, step):
-        return None, None
-    summary = read_marker(storage, name, step)
-    if summary is None:
-        return None, f"its marker {marker_key(name, step)} is unreadable"
-    done_hash = summary.get("inputs_hash")
-    if done_hash not in (None, inputs_hash):
-        return None, f"the spec changed since this step ran (inputs {done_hash} -> {inputs_hash})"
-    for key, value in checked.fingerprint.items():
-        old = summary.get(key)
-        if old is None:
-            log.warning("%s: the marker has no %s (made by an older version); not compared", step, key)
-        elif old != value:
-            return None, f"its inputs changed since it ran ({key} {old} -> {value})"
-    return summary, None
-
-
-def run_step(
-    exp: Experiment,
-    step: str,
-    fn: Callable[[StepContext], dict[str, Any]],
-    *,
-    force: bool = False,
-    workdir: Path | None = None,
-    keep_scratch: bool = False,
-    check_inputs: bool = False,
-) -> dict[str, Any]:
-    """Run one step through the I/O shell. Returns its summary (or the stored one if skipped).
-
-    With `check_inputs` the step's input check (INPUT_CHECKS) runs first: a step whose inputs are
-    missing, empty or unfinished fails (StepFailed) before any marker or output is touched."""
-    storage = open_artifacts(exp)
-    name = exp.name
-    # Under torchrun (and on every node of multi-node training) each process runs this shell; the primary
-    # one alone owns markers, events and uploads.
-    primary = is_primary()
-    inputs_hash = step_hashes(exp)[step]
-    checked = INPUT_CHECKS[step](exp, storage) if check_inputs else CheckedInputs()
-    if not force:
-        summary, why = _fresh_marker(storage, name, step, inputs_hash, checked)
-        if summary is not None:
-            summary["skipped"] = True
-            log.info("%s: already complete (marker %s), skipping", step, marker_key(name, step))
-            return summary
-        if why:  # recompute everything it makes
-            log.info("%s: %s; running it again", step, why)
-            force = True
-    if primary:
-        own = list(OWNED_OUTPUTS.get(step, ()))
-        check_owned_folders(storage, name, stale_folders(step, force) + own)
-        invalidate_from(storage, name, step)
-        clear_stale_outputs(storage, name, step, force)
-    local = storage.local_path()
-    own_scratch = False
-    if local is not None:
-        wd = local
-    elif workdir is not None:
-        wd = Path(workdir)
-    else:
-        wd = scratch_dir(f"rvc-{name}-{step}-")
-        own_scratch = True
-    try:
-        ctx_args = (storage, wd, default_workers(exp.spec.resources.parallelism))
-        return _execute(exp, step, fn, ctx_args, checked, primary, inputs_hash)
-    finally:
-        if own_scratch and not keep_scratch:
-            shutil.rmtree(wd, ignore_errors=True)
-
-
-def _execute(exp: Experiment, step: str, fn: Callable[[StepContext], dict[str, Any]],
-             ctx_args: tuple[Storage, Path, int], checked: CheckedInputs, primary: bool,
-             inputs_hash: str) -> dict[str, Any]:
-    storage, wd, workers = ctx_args
-    name = exp.name
-    exp_dir = wd / "logs" / name
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    reporter = Reporter(exp_dir, name, step, exp.spec.metrics.pushgateway)
-    ctx = StepContext(exp, step, storage, wd, reporter, workers, checked)
-    # the progress log of earlier steps, so that pushing it back appends rather than replaces
-    ctx.pull(PROGRESS_FILE)
-    t0 = time.time()
-    if not primary:
-        return fn(ctx) or {}
-    reporter.event("start")
-    try:
-        summary = fn(ctx) or {}
-    except Exception as e:
-        reporter.event("failed", error=str(e)[:2000])
-        try:
-            ctx.push(PROGRESS_FILE)
-        except Exception as pe:  # noqa: BLE001 - never hide the step's own error
-            log.warning("%s: could not upload %s after the failure: %s", step, PROGRESS_FILE, pe)
-        raise
-    summary = {"step": step, "experiment": name, "seconds": round(time.time() - t0, 3),
-               "inputs_hash": inputs_hash, **summary}
-    reporter.event("done", seconds=summary["seconds"])
-    ctx.push(PROGRESS_FILE)
-    check_current()  # a writer that lost its lease must not mark the step complete
-    storage.write_bytes(marker_key(name, step), json.dumps(summary, indent=1, default=str).encode())
-    return summary

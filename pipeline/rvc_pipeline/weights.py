@@ -17,8 +17,10 @@ import os
 import urllib.request
 from pathlib import Path
 
+from rvc_pipeline.core.errors import StorageError, WeightsNotFound
+from rvc_pipeline.core.fileio import atomic_write
 from rvc_pipeline.core.spec import ExperimentSpec
-from rvc_pipeline.core.storage import StorageError, fetch_uri, open_storage
+from rvc_pipeline.core.storage import fetch_uri, open_storage
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -27,10 +29,6 @@ DEMO_WARNING = (
     "DEMO: {what} not found; using RANDOMLY INITIALISED weights. The pipeline runs end to end but the "
     "resulting voice is NOT meaningful. Supply real weights for real training."
 )
-
-
-class WeightsNotFound(FileNotFoundError):
-    pass
 
 
 def local_cache_dir() -> Path:
@@ -46,13 +44,13 @@ def _candidates(ref: str) -> list[str]:
     return names
 
 
-def resolve_weight(ref: str, spec: ExperimentSpec, *, what: str, allow_online: bool = True) -> Path:
-    """Return a local path for the weight `ref`; raise WeightsNotFound with instructions."""
-    endpoint, region = spec.storage.endpoint, spec.storage.region
-    cache = local_cache_dir()
+def _given(ref: str, spec: ExperimentSpec, cache: Path, what: str) -> Path | None:
+    """An s3:// URI or an explicit or existing local path: that file (WeightsNotFound when it is not
+    there); None for a name to look up in the caches."""
     if ref.startswith("s3://"):
         try:
-            return fetch_uri(ref, cache / "s3" / ref[5:].rsplit("/", 1)[0], endpoint, region)
+            return fetch_uri(ref, cache / "s3" / ref[5:].rsplit("/", 1)[0], spec.storage.endpoint,
+                             spec.storage.region)
         except StorageError as e:
             if not e.permanent:
                 raise  # the storage may come back: transient (exit 1), not "missing weights"
@@ -62,47 +60,76 @@ def resolve_weight(ref: str, spec: ExperimentSpec, *, what: str, allow_online: b
         if p.exists():
             return p
         raise WeightsNotFound(f"{what}: {ref} does not exist")
-    if p.exists() and p.is_file():
-        return p
-    tried: list[str] = []
-    roots: list[str] = []
-    if spec.weights_cache:
-        roots.append(spec.weights_cache)
-    roots.append(str(cache))
-    for root in roots:
-        for name in _candidates(ref):
-            if root.startswith("s3://"):
-                try:
-                    st = open_storage(root, endpoint=endpoint, region=region)
-                    if st.exists(name):
-                        dest = cache / "s3" / root[5:] / name
-                        if not dest.exists():
-                            st.download(name, dest)
-                        return dest
-                except StorageError as e:
-                    if not e.permanent:
-                        raise  # an unreachable cache is not a missing file: transient (exit 1)
-                    tried.append(f"{root}/{name} ({e})")
-                    continue
-            else:
-                cand = Path(root).expanduser() / name
-                if cand.exists():
-                    return cand
-            tried.append(f"{root.rstrip('/')}/{name}")
-    if allow_online and os.environ.get("RVC_OFFLINE") != "1" and "/" not in ref.strip("/").split("/", 1)[-1]:
-        url = PUBLIC_BASE + ref.strip("/")
-        dest = cache / ref.strip("/")
+    return p if p.exists() and p.is_file() else None
+
+
+def _from_s3_cache(root: str, name: str, spec: ExperimentSpec, cache: Path) -> Path | None:
+    """`name` under the s3:// cache `root`, downloaded into the local cache once; None when absent."""
+    st = open_storage(root, endpoint=spec.storage.endpoint, region=spec.storage.region)
+    if not st.exists(name):
+        return None
+    dest = cache / "s3" / root[5:] / name
+    if not dest.exists():
+        st.download(name, dest)
+    return dest
+
+
+def _in_cache(root: str, name: str, spec: ExperimentSpec, cache: Path, tried: list[str]) -> Path | None:
+    """`name` in one cache folder (path or s3://); None (and a note in `tried`) when it is not there."""
+    if root.startswith("s3://"):
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".partial")
-            log.info("%s: downloading %s", what, url)
-            with urllib.request.urlopen(url, timeout=20) as r, open(tmp, "wb") as f:  # noqa: S310
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-            os.replace(tmp, dest)
-            return dest
-        except Exception as e:  # noqa: BLE001 - any network failure means "not online"
-            tried.append(f"{url} ({type(e).__name__})")
+            found = _from_s3_cache(root, name, spec, cache)
+        except StorageError as e:
+            if not e.permanent:
+                raise  # an unreachable cache is not a missing file: transient (exit 1)
+            tried.append(f"{root}/{name} ({e})")
+            return None
+    else:
+        cand = Path(root).expanduser() / name
+        found = cand if cand.exists() else None
+    if found is None:
+        tried.append(f"{root.rstrip('/')}/{name}")
+    return found
+
+
+def _search_caches(ref: str, spec: ExperimentSpec, cache: Path, tried: list[str]) -> Path | None:
+    """`ref` (or its bare file name) in spec.weightsCache, then the local cache; None when in neither."""
+    for root in ([spec.weights_cache] if spec.weights_cache else []) + [str(cache)]:
+        for name in _candidates(ref):
+            found = _in_cache(root, name, spec, cache, tried)
+            if found is not None:
+                return found
+    return None
+
+
+def _download(ref: str, cache: Path, what: str, tried: list[str]) -> Path | None:
+    """RVC's public copy of `ref`, saved into the local cache; None (and a note in `tried`) on failure."""
+    url = PUBLIC_BASE + ref.strip("/")
+    dest = cache / ref.strip("/")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        log.info("%s: downloading %s", what, url)
+        with urllib.request.urlopen(url, timeout=20) as r, atomic_write(dest) as f:  # noqa: S310
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        return dest
+    except Exception as e:  # noqa: BLE001 - any network failure means "not online"
+        tried.append(f"{url} ({type(e).__name__})")
+        return None
+
+
+def resolve_weight(ref: str, spec: ExperimentSpec, *, what: str, allow_online: bool = True) -> Path:
+    """Return a local path for the weight `ref`; raise WeightsNotFound with instructions."""
+    cache = local_cache_dir()
+    found = _given(ref, spec, cache, what)
+    tried: list[str] = []
+    if found is None:
+        found = _search_caches(ref, spec, cache, tried)
+    public = "/" not in ref.strip("/").split("/", 1)[-1]  # a bare name or one folder deep
+    if found is None and allow_online and os.environ.get("RVC_OFFLINE") != "1" and public:
+        found = _download(ref, cache, what, tried)
+    if found is not None:
+        return found
     raise WeightsNotFound(
         f"{what}: cannot find {ref!r}. Tried: {', '.join(tried)}. Put the file in {cache}/ (or set "
         f"spec.weightsCache / $RVC_WEIGHTS_DIR), or give an s3:// URI or path in the spec."

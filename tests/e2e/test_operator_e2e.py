@@ -102,7 +102,8 @@ def one_click_run(e2e_env: E2EEnv, tmp_path_factory: pytest.TempPathFactory) -> 
     name = f"one-click-{env.run_id}"
     run = OneClickRun(name=name, exp_prefix=f"models/logs/{name}")
     t_data = time.monotonic()
-    env.upload_voice_set(tmp, f"datasets/{name}")
+    # 4 files of about 12 s: enough pieces (>= 10) that training holds some out and evaluates each save
+    env.upload_voice_set(tmp, f"datasets/{name}", n_files=4, seconds_each=12.0)
     env.timed("one-click: voice set made and uploaded", time.monotonic() - t_data)
 
     env.apply(env.experiment(name, f"datasets/{name}", epochs=EPOCHS))
@@ -217,6 +218,16 @@ def test_one_click_succeeds(e2e_env: E2EEnv, one_click_run: OneClickRun, tmp_pat
     assert header.split()[:4] == ["NAME", "PHASE", "STEP", "EPOCH"]
     assert row.split()[:2] == [run.name, "Succeeded"] and f"{EPOCHS}/{EPOCHS}" in row.split()
     assert "all steps complete" in run.wide_output
+
+    # checkpoint evaluation: the best epoch in the status, kubectl get -o wide, and the files in S3
+    best = st["training"]["best"]
+    assert best["epoch"] in range(1, EPOCHS + 1) and best["checkpoint"].startswith(f"{prefix}G_")
+    assert {"mel_l1", "speaker_sim", "dnsmos_ovrl", "f0_rmse_cents"} <= set(best["metrics"])
+    wide_header, wide_row = run.wide_output.rstrip().splitlines()[:2]
+    at, score_at = wide_header.index("BEST"), wide_header.index("SCORE")  # kubectl aligns the columns
+    assert wide_row[at:score_at].strip() == str(best["epoch"])
+    assert {f"{run.exp_prefix}/{f}" for f in ("eval.jsonl", "report.html", ".rvc/heldout.json")} <= set(keys)
+    assert any("/previews/e" in k for k in keys)
 
     # one Job per step, deterministic names, owned by the experiment
     names = sorted(j["metadata"]["name"] for j in run.jobs)

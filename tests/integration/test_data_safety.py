@@ -18,12 +18,15 @@ import pytest
 import soundfile as sf
 from rvc_pipeline import cli, provenance, stepio
 from rvc_pipeline.components.embedders.base import load_embedder
+from rvc_pipeline.core.errors import StepFailed
+from rvc_pipeline.core.layout import marker_key
 from rvc_pipeline.core.spec import STEP_ORDER, Experiment, parse_manifest
 from rvc_pipeline.core.storage import S3Storage, open_storage
-from rvc_pipeline.stepio import StepContext, StepFailed, is_complete, marker_key, run_step
+from rvc_pipeline.stepio import is_complete
 from rvc_pipeline.steps import f0 as f0step
 from rvc_pipeline.steps import features as feat
 from rvc_pipeline.steps import preprocess as pp
+from rvc_pipeline.steps.runner import StepContext, run_step
 
 from tests.s3server import S3Endpoint
 from tests.support.fairseq_hubert import HubertConfig, HubertModel, save_fairseq_checkpoint

@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+from rvc_pipeline.core.errors import StepFailed, WeightsNotFound
 from rvc_pipeline.core.spec import Experiment, SpecError, parse_manifest
 from rvc_pipeline.demo import voices
 from rvc_pipeline.progress import read_events
-from rvc_pipeline.stepio import StepFailed, run_step
 from rvc_pipeline.steps import f0 as f0step
-from rvc_pipeline.weights import WeightsNotFound
+from rvc_pipeline.steps.runner import run_step
 
 pytestmark = [
     pytest.mark.skipif(

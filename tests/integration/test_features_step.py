@@ -14,12 +14,12 @@ import pytest
 import soundfile as sf
 import torch
 from rvc_pipeline.components.embedders.base import load_embedder
+from rvc_pipeline.core.errors import StepFailed, WeightsNotFound
 from rvc_pipeline.core.spec import Experiment, parse_spec
 from rvc_pipeline.demo import voices
 from rvc_pipeline.progress import read_events
-from rvc_pipeline.stepio import StepFailed, run_step
 from rvc_pipeline.steps import features
-from rvc_pipeline.weights import WeightsNotFound
+from rvc_pipeline.steps.runner import run_step
 
 from tests.s3server import S3Endpoint
 from tests.support.fairseq_hubert import HubertConfig, HubertModel, save_fairseq_checkpoint

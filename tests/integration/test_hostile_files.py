@@ -28,13 +28,14 @@ from rvc_pipeline import cli, infer, safeload
 from rvc_pipeline.components.embedders.base import load_embedder
 from rvc_pipeline.components.pitch import crepe, fcpe
 from rvc_pipeline.components.pitch.rmvpe import get_rmvpe
+from rvc_pipeline.core.errors import StepFailed
 from rvc_pipeline.core.spec import Experiment, parse_spec
 from rvc_pipeline.core.storage import open_storage
 from rvc_pipeline.data import TextAudioDataset, spec_cache_path
 from rvc_pipeline.export import load_small_model
 from rvc_pipeline.progress import Reporter
-from rvc_pipeline.stepio import StepContext, StepFailed
 from rvc_pipeline.steps import features
+from rvc_pipeline.steps.runner import StepContext
 from rvc_pipeline.steps.train import prepare, state
 from rvc_pipeline.weights import resolve_weight
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rvc_pipeline.core.storage import Storage, StorageError, open_storage
+from rvc_pipeline.core.errors import LeaseHeld, StorageError
+from rvc_pipeline.core.storage import Storage, open_storage
 from rvc_pipeline.lease import (
     MAX_TTL,
-    LeaseHeld,
     LeaseLost,
     LeaseRecord,
     acquire,
@@ -39,7 +39,7 @@ KEY = lease_key(EXP)
 
 HOLDER = """
 import sys
-from rvc_pipeline.cli import run_steps, writer_lease
+from rvc_pipeline.steps.runner import run_steps, writer_lease
 from rvc_pipeline.core.spec import load_manifest
 
 exp = load_manifest(sys.argv[1])
@@ -257,7 +257,8 @@ def test_local_lock_paths_careless_and_hostile(tmp_path: Path) -> None:
 
 
 def _other_process_acquires(root: Path) -> None:
-    code = ("import sys; from rvc_pipeline.lease import acquire, LeaseHeld; "
+    code = ("import sys; from rvc_pipeline.lease import acquire\n"
+            "from rvc_pipeline.core.errors import LeaseHeld\n"
             "from rvc_pipeline.core.storage import open_storage\n"
             "try:\n acquire(open_storage(sys.argv[1]), sys.argv[2])\n"
             "except LeaseHeld as e:\n print(e); sys.exit(7)\n")

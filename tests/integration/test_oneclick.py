@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from rvc_pipeline.cli import run_steps
 from rvc_pipeline.core.spec import STEP_ORDER, parse_manifest
 from rvc_pipeline.export import RVC_KEYS, load_small_model
 from rvc_pipeline.infer import convert_file
+from rvc_pipeline.steps.runner import run_steps
 
 from tests.s3server import S3Endpoint
 

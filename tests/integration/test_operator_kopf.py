@@ -27,9 +27,9 @@ from rvc_operator.observe import observe_jobs
 from rvc_operator.reconcile import cleanup, reconcile
 from rvc_operator.status import Event
 from rvc_operator.sweeper import Sweeper, due_for_sweep
+from rvc_pipeline.core.layout import marker_key
 from rvc_pipeline.core.spec import STEP_ORDER
 from rvc_pipeline.core.storage import open_storage
-from rvc_pipeline.stepio import marker_key
 
 from tests.s3server import S3Endpoint
 
@@ -469,7 +469,7 @@ def test_progress_reader_tail_of_a_large_file(h: Harness) -> None:
     assert len(big) > progress_reader.TAIL_BYTES
     h.storage.write_bytes("logs/alice/progress.jsonl", big + b'{"torn": ')
     p = progress_reader.read_progress(h.storage, "alice")
-    assert p["epochText"] == "400/500" and p["percent"] == 80.0 and p["epochs"] == 500
+    assert p is not None and p.epoch_text == "400/500" and p.percent == 80.0 and p.epochs == 500
     assert progress_reader.read_progress(h.storage, "nobody") is None
     assert progress_reader.read_markers(h.storage, "alice", STEP_ORDER) == set()
     h.marker("f0")

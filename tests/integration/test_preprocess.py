@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 from rvc_pipeline.audio import load_audio, resample
+from rvc_pipeline.core.errors import StepFailed
 from rvc_pipeline.core.spec import Experiment, parse_manifest
 from rvc_pipeline.progress import read_events
-from rvc_pipeline.stepio import StepFailed, run_step
 from rvc_pipeline.steps import preprocess as pp
+from rvc_pipeline.steps.runner import run_step
 from scipy.io import wavfile
 
 from tests.support import rvc_port
@@ -344,7 +345,7 @@ _RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     from rvc_pipeline.steps import preprocess as pp
     from rvc_pipeline.core.spec import parse_manifest
-    from rvc_pipeline.stepio import run_step
+    from rvc_pipeline.steps.runner import run_step
     import numpy, scipy.signal, soxr  # noqa: F401 - counted in the baseline
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     exp = parse_manifest({"metadata": {"name": "huge"}, "spec": {

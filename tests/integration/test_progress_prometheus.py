@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from rvc_pipeline.progress import PROGRESS_FILE, Reporter, read_events
+from rvc_pipeline.core.layout import PROGRESS_FILE
+from rvc_pipeline.progress import Reporter, read_events
 
 from tests.promstack import available, start_prom_stack
 

@@ -11,11 +11,13 @@ import faiss
 import numpy as np
 import pytest
 from rvc_pipeline import stepio
+from rvc_pipeline.core.layout import PROGRESS_FILE, marker_key
 from rvc_pipeline.core.spec import STEP_ORDER, Experiment, parse_manifest
 from rvc_pipeline.core.storage import S3Storage, Storage
-from rvc_pipeline.progress import PROGRESS_FILE, read_events
-from rvc_pipeline.stepio import StepContext, invalidate_from, is_complete, marker_key, run_step
+from rvc_pipeline.progress import read_events
+from rvc_pipeline.stepio import invalidate_from, is_complete
 from rvc_pipeline.steps import index as index_step
+from rvc_pipeline.steps.runner import StepContext, run_step
 
 from tests.s3server import S3Endpoint
 

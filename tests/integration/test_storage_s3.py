@@ -14,13 +14,13 @@ from pathlib import Path
 
 import boto3
 import pytest
+from rvc_pipeline.core.errors import StorageError
 from rvc_pipeline.core.storage import (
     MULTIPART_THRESHOLD,
     LocalStorage,
     ObjectInfo,
     S3Storage,
     Storage,
-    StorageError,
     fetch_uri,
     open_storage,
     s3_etag,

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rvc_pipeline.core.storage import S3Limits, S3Storage, StorageError
+from rvc_pipeline.core.errors import StorageError
+from rvc_pipeline.core.storage import S3Limits, S3Storage
 from rvc_pipeline.lease import LeaseLost, acquire
 
 from tests.s3server import free_port, set_test_credentials, start_moto

@@ -27,15 +27,15 @@ import soundfile as sf
 import torch
 import yaml
 from rvc_pipeline import checkpoints as ck
+from rvc_pipeline.core.errors import StepFailed, WeightsNotFound
 from rvc_pipeline.core.spec import parse_manifest
 from rvc_pipeline.nn import build_generator, get_config
 from rvc_pipeline.nn.config import RVCConfig
 from rvc_pipeline.nn.weightnorm import weight_norm
 from rvc_pipeline.progress import read_events
-from rvc_pipeline.stepio import StepFailed, run_step
 from rvc_pipeline.steps import train
+from rvc_pipeline.steps.runner import run_step
 from rvc_pipeline.steps.train import TrainHooks
-from rvc_pipeline.weights import WeightsNotFound
 from scipy.signal import resample_poly
 
 SENTENCES = [
@@ -89,10 +89,10 @@ def train_step(hooks: TrainHooks = HOOKS) -> Any:
 
 def install_hooks() -> None:
     """In a process driven through the CLI: its train step runs with HOOKS."""
-    from rvc_pipeline import cli
+    from rvc_pipeline.steps import runner
 
-    real = cli.step_function
-    cli.step_function = lambda step: train_step() if step == "train" else real(step)
+    real = runner.step_function
+    runner.step_function = lambda step: train_step() if step == "train" else real(step)
 
 
 @pytest.fixture(autouse=True)
@@ -293,6 +293,7 @@ def test_kill_mid_run_then_rerun_resumes(tmp_path: Path, speech: list[np.ndarray
     assert summary["global_step"] == done + 1 and summary["last_epoch"] == done + 1
     assert (exp / "weights" / "killed.pth").exists() and (exp / ".rvc" / "train.done.json").exists()
     assert not list(exp.glob(".G_*.tmp"))
+    assert not list(exp.glob("*.partial"))  # nor a temporary file of core.fileio
 
 
 @pytest.mark.slow
@@ -486,3 +487,47 @@ def test_full_size_v2_40k_one_step(tmp_path: Path, speech: list[np.ndarray]) -> 
     m = torch.load(exp / "weights" / "full.pth", weights_only=True)
     assert len(m["weight"]) == 457 and m["info"] == "1epoch"
     assert json.loads((exp / "config.json").read_text())["data"]["hop_length"] == 400
+
+
+# ------------------------------------------------------------------------------- checkpoint evaluation
+def _eval_run(tmp_path: Path, speech: list[np.ndarray], epochs: int, **eval_opts: Any) -> dict[str, Any]:
+    m = manifest(tmp_path, "ev", epochs=epochs)
+    m["spec"]["eval"] = {"metrics": ["mel_l1", "mrstft", "f0"], "previews": 1, **eval_opts}
+    m["spec"]["demoRandomWeights"] = True  # the previews' embedder: no HuBERT file offline
+    return run_step(parse_manifest(m), "train", train_step(), force=True)
+
+
+def test_training_evaluates_each_save_keeps_the_best_and_resumes_the_history(
+        tmp_path: Path, speech: list[np.ndarray]) -> None:
+    """A tiny CPU run with 15 pieces of one file: 2 held out (the tail) + 1 guard; evaluated at every save."""
+    from rvc_pipeline.evaluation import history
+
+    exp = make_experiment(tmp_path, "ev", speech * 3)
+    summary = _eval_run(tmp_path, speech, epochs=2)
+    held = json.loads((exp / ".rvc" / "heldout.json").read_text())
+    assert held["mode"] == "pieces" and held["eval"] == ["0_13", "0_14"] and held["guard"] == ["0_12"]
+    filelist = (exp / "filelist.txt").read_text()
+    assert all(f"/{s}.wav" not in filelist for s in held["eval"] + held["guard"])
+    recs = history.read_history(exp / "eval.jsonl")
+    assert [r.epoch for r in recs] == [1, 2]
+    assert {"mel_l1", "mrstft", "f0_rmse_cents", "voicing_error"} <= set(recs[0].metrics)
+    assert all(r.score is None for r in recs)  # the default score needs speaker_sim/dnsmos: not asked for
+    assert all(len(r.previews) == 1 and (exp / r.previews[0]).is_file() for r in recs)
+    page = (exp / "report.html").read_text()
+    assert page.count("<audio") == 2 and "mel_l1" in page
+    assert "best" not in summary  # nothing scored: weights/<exp>.pth is the last epoch, as before
+    # a score that only reads mel_l1: the best epoch is the lower mel_l1; resume keeps the history
+    summary = _eval_run(tmp_path, speech, epochs=3, score={"mel_l1": -1.0})
+    recs = history.latest_per_epoch(history.read_history(exp / "eval.jsonl"))
+    assert [r.epoch for r in recs] == [1, 2, 3] and recs[-1].score == -recs[-1].metrics["mel_l1"]
+    assert history.best(recs) == recs[-1] and summary["best"]["epoch"] == 3  # the only one scored
+    from rvc_pipeline import safeload
+
+    model = safeload.load(exp / "weights" / "ev.pth", what="model")
+    assert model["epoch"] == 3 and "report.html" in str(list(exp.iterdir()))
+
+
+def test_early_stop_after_patience_evaluations(tmp_path: Path, speech: list[np.ndarray]) -> None:
+    make_experiment(tmp_path, "ev", speech * 3)
+    summary = _eval_run(tmp_path, speech, epochs=5, score={"mel_l1": 0.0}, patience=1)
+    assert summary["last_epoch"] == 2 and summary["best"]["epoch"] == 1  # equal scores: never better

@@ -123,7 +123,9 @@ def test_monitoring_objects_are_optional(helm):
     cm = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")][0]
     dash = json.loads(cm["data"]["rvc-operator.json"])
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
-    for metric in ("rvc_experiments", "rvc_loss_g", "rvc_loss_d", "rvc_step_duration_seconds_bucket"):
+    for metric in ("rvc_experiments", "rvc_loss_g", "rvc_loss_d", "rvc_step_duration_seconds_bucket",
+                   "rvc_score", "rvc_best_epoch", "rvc_eval_speaker_sim", "rvc_eval_dnsmos_ovrl",
+                   "rvc_eval_mel_l1"):
         assert metric in exprs
 
 

@@ -8,9 +8,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from rvc_pipeline.core import layout
+from rvc_pipeline.core.errors import StepFailed
+from rvc_pipeline.core.layout import marker_key
 from rvc_pipeline.core.spec import Experiment, parse_manifest
-from rvc_pipeline.stepio import StepFailed, marker_key, run_step
 from rvc_pipeline.steps import index as ix
+from rvc_pipeline.steps.runner import run_step
 
 
 def _exp(root: Path, name: str = "voice1", version: str = "v2", **index: int) -> Experiment:
@@ -64,8 +67,8 @@ def test_n_ivf_of_zero_vectors_is_an_error() -> None:
 def test_file_names_follow_rvc() -> None:
     assert ix.index_file_names(458, "voice1", "v2") == (
         "trained_IVF458_Flat_nprobe_1_voice1_v2.index", "added_IVF458_Flat_nprobe_1_voice1_v2.index")
-    assert ix.feature_folder("v1") == "3_feature256"
-    assert ix.feature_folder("v2") == "3_feature768"
+    assert layout.feature_dir("v1") == "3_feature256"
+    assert layout.feature_dir("v2") == "3_feature768"
 
 
 # ---------------------------------------------------------------- load_features

@@ -19,7 +19,7 @@ from rvc_pipeline import checkpoints as ck
 from rvc_pipeline import safeload
 from rvc_pipeline.components.embedders.fairseq_convert import load_fairseq_checkpoint, plain
 from rvc_pipeline.core import errors
-from rvc_pipeline.stepio import StepFailed
+from rvc_pipeline.core.errors import StepFailed
 
 from tests.support import hostile
 from tests.support.fairseq_hubert import HubertConfig, HubertModel, save_fairseq_checkpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -448,6 +449,38 @@ def test_progress_is_copied_into_status() -> None:
             "lossD": 4.1, "lossMel": 21.0, "secondsPerEpoch": 12.5}
     d = run(m, st, jobs + [job("train", 1, "Running")], progress=prog)
     assert d.status["progress"] == prog and d.status["phase"] == "Running"
+
+
+def test_checkpoint_evaluation_becomes_status_training_with_uris() -> None:
+    from rvc_operator.progress_reader import parse_events, training_from_events
+
+    lines = [
+        {"time": 1.8e9, "experiment": "alice", "step": "train", "event": "eval", "epoch": 5,
+         "global_step": 50, "checkpoint": "G_50.pth", "score": 0.7,
+         "metrics": {"speaker_sim": 0.7, "mel_l1": float("nan")},
+         "best_epoch": 5, "best_score": 0.7, "best_global_step": 50, "best_checkpoint": "G_50.pth",
+         "best_metrics": {"speaker_sim": 0.7}},
+        {"time": 1.8e9 + 60, "experiment": "alice", "step": "train", "event": "eval", "epoch": 10,
+         "global_step": 100, "checkpoint": "G_100.pth", "score": 0.6, "metrics": {"speaker_sim": 0.6},
+         "best_epoch": 5, "best_score": 0.7, "best_global_step": 50, "best_checkpoint": "G_50.pth",
+         "best_metrics": {"speaker_sim": 0.7}, "stop": True},
+    ]
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    training = training_from_events(parse_events(data))
+    assert training is not None and training.latest is not None and training.latest.epoch == 10
+    assert training_from_events(parse_events(data[: len(data) // 2])) is not None  # first line only
+    assert training_from_events([]) is None
+    m = manifest()
+    st, jobs = complete(m, "features")
+    d = run(m, st, jobs + [job("train", 1, "Running")], training=training)
+    tr = d.status["training"]
+    assert tr["best"] == {"epoch": 5, "globalStep": 50, "score": 0.7, "checkpoint":
+                          "s3://models/rvc/logs/alice/G_50.pth", "metrics": {"speaker_sim": 0.7}}
+    assert tr["latest"]["epoch"] == 10 and tr["stoppedEarly"] is True
+    again = run(m, d.status, jobs + [job("train", 1, "Running")])  # storage not read this time: kept
+    assert again.status["training"] == tr
+    first = training_from_events(parse_events(data.split(b"\n")[0] + b"\n"))
+    assert first is not None and first.latest is not None and first.latest.metrics == {"speaker_sim": 0.7}
 
 
 # --- summaries of API objects ------------------------------------------------------------------------

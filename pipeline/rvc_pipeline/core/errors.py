@@ -8,7 +8,8 @@
 
 The operator stops retrying a step on 2 and 3 (`PERMANENT_EXIT_CODES`). Every foreseeable failure gets
 one line naming the file, field or URI; only an unexpected exception is shown with its traceback.
-Importing this module never imports torch (the operator image has none).
+The error types this table names are defined here (SpecError beside the spec it validates, re-exported);
+this module imports nothing outside `rvc_pipeline.core`, and never torch (the operator image has none).
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ import re
 from dataclasses import dataclass
 
 from rvc_pipeline.core.spec import SpecError
-from rvc_pipeline.core.storage import StorageError
-from rvc_pipeline.lease import LeaseHeld
-from rvc_pipeline.stepio import StepFailed
-from rvc_pipeline.weights import WeightsNotFound
 
 __all__ = [
     "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NO_WEIGHTS", "EXIT_OK", "EXIT_TRANSIENT",
@@ -28,6 +25,35 @@ __all__ = [
     "WeightsNotFound",
     "classify", "one_line", "s3_code_is_permanent",
 ]
+
+
+
+class StepFailed(RuntimeError):
+    """A step that cannot produce its outputs (bad data, no output). Permanent: retrying will not help."""
+
+
+class WeightsNotFound(FileNotFoundError):
+    """A weights file (HuBERT, RMVPE, pretrained G/D) found nowhere; the message says where to put it."""
+
+
+class LeaseHeld(RuntimeError):
+    """Another process is writing this experiment. Transient (exit 1): it may finish or expire."""
+
+
+class StorageError(RuntimeError):
+    """Storage that cannot be reached or used; the message names the URI.
+
+    permanent: a retry cannot help (wrong credentials, no permission, no such bucket or object, a URI
+    that is not usable); False means the storage may come back (timeouts, refused connections, 5xx).
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+    def __reduce__(self) -> tuple[object, ...]:  # keeps `permanent` across process pools
+        return (type(self), self.args, {"permanent": self.permanent})
+
 
 EXIT_OK = 0
 EXIT_TRANSIENT = 1
@@ -113,7 +139,7 @@ def _classify(e: BaseException) -> Failure:
     if isinstance(e, (SpecError, StepFailed)):
         return Failure(EXIT_BAD_INPUT, str(e))
     if isinstance(e, StorageError):
-        return Failure(EXIT_BAD_INPUT if getattr(e, "permanent", False) else EXIT_TRANSIENT, str(e))
+        return Failure(EXIT_BAD_INPUT if e.permanent else EXIT_TRANSIENT, str(e))
     if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError: retrying will not help
         first = (str(e).splitlines() or [""])[0]
         return Failure(EXIT_BAD_INPUT, f"GPU out of memory ({first}); lower spec.train.batchSize or use a "

@@ -13,7 +13,7 @@ import unicodedata
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -30,6 +30,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from rvc_pipeline.core.catalog import PITCH_METHODS
+from rvc_pipeline.core.layout import feature_dim
 
 API_GROUP = "rvc-operator.dev"
 API_VERSION = "v1alpha1"
@@ -203,19 +204,34 @@ def _no_space(v: str) -> str:
     return v
 
 
-Folder = _text(MAX_URI, _location(need_key=False))  # local folder or s3://bucket/prefix
-FileRef = _text(MAX_URI, _location(need_key=True))  # a file: s3:// object, path or bare weights name
-HttpUrl = _text(MAX_URI, _check_http)
-K8sName = _text(MAX_NAME, _matches(_K8S_NAME_RE, "a Kubernetes name (lower-case letters, digits, '-', '.')"))
-Quantity = _text(64, _matches(_QUANTITY_RE, "a Kubernetes quantity such as 4, 500m, 16Gi or 1.5G"))
 _check_label_key = _matches(_LABEL_KEY_RE, "a Kubernetes label key")
 _check_label_value = _matches(_LABEL_VALUE_RE, "a Kubernetes label value")
-LabelKey = _text(317, _check_label_key)
-LabelValue = _text(63, _check_label_value)
-Region = _text(64, _matches(_REGION_RE, "an S3 region name such as us-east-1"))
-ExperimentName = _text(MAX_NAME, check_name, pattern=NAME_PATTERN)
-ResumeRef = _text(MAX_URI, _check_resume)
-ImageRef = _text(512, _no_space)
+
+if TYPE_CHECKING:  # to a type checker each is a str; at run time an Annotated str with its checks
+    Folder = str
+    FileRef = str
+    HttpUrl = str
+    K8sName = str
+    Quantity = str
+    LabelKey = str
+    LabelValue = str
+    Region = str
+    ExperimentName = str
+    ResumeRef = str
+    ImageRef = str
+else:
+    Folder = _text(MAX_URI, _location(need_key=False))  # local folder or s3://bucket/prefix
+    FileRef = _text(MAX_URI, _location(need_key=True))  # a file: s3:// object, path or bare weights name
+    HttpUrl = _text(MAX_URI, _check_http)
+    K8sName = _text(MAX_NAME,
+                    _matches(_K8S_NAME_RE, "a Kubernetes name (lower-case letters, digits, '-', '.')"))
+    Quantity = _text(64, _matches(_QUANTITY_RE, "a Kubernetes quantity such as 4, 500m, 16Gi or 1.5G"))
+    LabelKey = _text(317, _check_label_key)
+    LabelValue = _text(63, _check_label_value)
+    Region = _text(64, _matches(_REGION_RE, "an S3 region name such as us-east-1"))
+    ExperimentName = _text(MAX_NAME, check_name, pattern=NAME_PATTERN)
+    ResumeRef = _text(MAX_URI, _check_resume)
+    ImageRef = _text(512, _no_space)
 
 
 class _Model(BaseModel):
@@ -287,7 +303,7 @@ class ModelSpec(_Model):
 
     @property
     def feature_dim(self) -> int:
-        return 256 if self.version == "v1" else 768
+        return feature_dim(self.version)
 
 
 class SlicerSpec(_Model):
@@ -470,6 +486,56 @@ class MetricsSpec(_Model):
     )
 
 
+class EvalSpec(_Model):
+    """Checkpoint evaluation: held-out pieces, voice metrics after each save, the best checkpoint."""
+
+    enabled: bool = Field(default=True, description="Evaluate each saved checkpoint (needs held-out pieces).")
+    held_out_share: float = Field(
+        default=0.1, ge=0.0, le=0.5, description="Share of the pieces held out of training for evaluation."
+    )
+    min_files: int = Field(
+        default=5, ge=2, le=10_000,
+        description="Hold out whole source files when there are at least this many; else the last pieces "
+        "of the longest file.",
+    )
+    max_pieces: int = Field(default=24, ge=1, le=1000, description="At most this many held-out pieces.")
+    reference: Folder | None = Field(
+        default=None,
+        description="Folder or s3:// prefix of source-speaker clips converted for the previews "
+        "(default: the first held-out pieces).",
+    )
+    previews: int = Field(default=2, ge=0, le=16, description="Preview clips converted per evaluation.")
+    transpose: int = Field(default=0, ge=-24, le=24,
+                           description="Semitones applied to the references when converting them.")
+    metrics: list[Annotated[str, Field(max_length=40, pattern=r"^[a-z][a-z0-9_]*$")]] | None = Field(
+        default=None, max_length=16, description="Metric names to compute (default: all that can run here)."
+    )
+    score: dict[str, Annotated[float, Field(ge=-1000, le=1000)]] | None = Field(
+        default=None,
+        description="Weights of the score that picks the best checkpoint (higher is better); default "
+        "speaker_sim 1.0, dnsmos_ovrl 0.1, mel_l1 -0.1.",
+    )
+    patience: int | None = Field(
+        default=None, ge=1, le=10_000,
+        description="Stop training after this many evaluations in a row without a better score.",
+    )
+    min_delta: float = Field(default=0.0, ge=0.0, le=100.0, description="Improvement that counts (score).")
+    save_every_evaluated: bool = Field(
+        default=False, description="Also export weights/<exp>_e<epoch>.pth for every evaluated epoch."
+    )
+
+    @field_validator("score")
+    @classmethod
+    def _score_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        # checked here rather than by the dict's types, which the CRD could not express (patternProperties)
+        for key in v or {}:
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,39}", key):
+                raise ValueError(f"score: {key!r} is not a metric key (lower-case letters, digits, _)")
+        if v is not None and (not v or len(v) > 32):
+            raise ValueError("score: give 1 to 32 weighted metric keys")
+        return v
+
+
 class ExperimentSpec(_Model):
     """spec of an RVCExperiment."""
 
@@ -485,8 +551,9 @@ class ExperimentSpec(_Model):
     features: FeaturesSpec = Field(default_factory=FeaturesSpec, description="Step 2b HuBERT options.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Step 3 training options.")
     index: IndexSpec = Field(default_factory=IndexSpec, description="Step 4 faiss index options.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Checkpoint evaluation and selection.")
     steps: list[Literal["preprocess", "f0", "features", "train", "index"]] = Field(
-        default_factory=lambda: list(STEP_ORDER),
+        default_factory=lambda: list(STEP_ORDER),  # type: ignore[arg-type]  # (the same names)
         description="Steps to run, in recipe order. Default: all (one-click training).",
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Where step pods run.")
@@ -646,14 +713,17 @@ STEP_INPUTS: dict[str, tuple[str, ...]] = {
     "preprocess": ("dataset", "storage.uri", "@name", "model.sampleRate", "preprocess"),
     "f0": ("f0", "model.pitchGuidance"),
     "features": ("features", "model.version", "demoRandomWeights"),
-    "train": ("train", "model"),
+    "train": ("train", "model", "eval"),
     "index": ("index",),
 }
 
 
 # Fields added after manifests were first hashed: left out of the hash while at this default, so the
 # step hashes (markers, operator status) of manifests that do not set them stay what they were.
-HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"preprocess.rvcCompatible": False}
+HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {
+    "preprocess.rvcCompatible": False,
+    "eval": EvalSpec().model_dump(mode="json", by_alias=True),
+}
 
 
 def _drop_neutral_defaults(spec: dict[str, Any]) -> None:
@@ -678,7 +748,8 @@ def step_hashes(exp: Experiment) -> dict[str, str]:
     out: dict[str, str] = {}
     prev = ""
     for s in STEP_ORDER:
-        values = {k: (exp.name if k == "@name" else _get(spec, k)) for k in STEP_INPUTS[s]}
+        values = {k: (exp.name if k == "@name" else _get(spec, k)) for k in STEP_INPUTS[s]
+                  if k not in HASH_NEUTRAL_DEFAULTS or k in spec}  # (a dropped neutral top-level field)
         blob = prev + json.dumps(values, sort_keys=True, default=str)
         prev = hashlib.sha256(blob.encode()).hexdigest()[:16]
         out[s] = prev

@@ -23,22 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from rvc_pipeline.core.errors import StorageError, s3_code_is_permanent
+from rvc_pipeline.core.fileio import atomic_path, write_bytes_atomic
+
 log = logging.getLogger("rvc_pipeline")
-
-
-class StorageError(RuntimeError):
-    """Storage that cannot be reached or used; the message names the URI.
-
-    permanent: a retry cannot help (wrong credentials, no permission, no such bucket or object, a URI
-    that is not usable); False means the storage may come back (timeouts, refused connections, 5xx).
-    """
-
-    def __init__(self, message: str, *, permanent: bool = False):
-        super().__init__(message)
-        self.permanent = permanent
-
-    def __reduce__(self) -> tuple[object, ...]:  # keeps `permanent` across process pools
-        return (type(self), self.args, {"permanent": self.permanent})
 
 
 @dataclass(frozen=True)
@@ -189,16 +177,16 @@ class LocalStorage:
         if src.resolve() == Path(dest).resolve():
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
+        with atomic_path(dest, fsync=False) as tmp:  # a working copy: fetched again when missing
+            shutil.copyfile(src, tmp)
 
     def upload(self, src: Path, key: str) -> None:
         dst = self._p(key)
         if Path(src).resolve() == dst.resolve():
             return
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".partial")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
 
     def read_bytes(self, key: str) -> bytes:
         p = self._p(key)
@@ -209,9 +197,7 @@ class LocalStorage:
     def write_bytes(self, key: str, data: bytes) -> None:
         dst = self._p(key)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".partial")
-        tmp.write_bytes(data)
-        os.replace(tmp, dst)
+        write_bytes_atomic(dst, data)
 
     def delete(self, key: str) -> None:
         p = self._p(key)
@@ -236,12 +222,12 @@ class LocalStorage:
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
             if token is None:
-                return _md5(data) if _link_new(dst, data) else None
+                return _md5(data) if write_bytes_atomic(dst, data, exclusive=True) else None
             with _flocked(dst.with_name(dst.name + ".lock.partial")):
                 cur = self.read_versioned(key)
                 if cur is None or cur.token != token:
                     return None
-                _replace_atomically(dst, data)
+                write_bytes_atomic(dst, data)
         except OSError as e:
             raise StorageError(f"{self.uri}/{key}: cannot write ({e.strerror})") from None
         return _md5(data)
@@ -329,8 +315,6 @@ class S3Storage:
         return StorageError(f"{where}: {err}")
 
     def _wrap_client(self, err: Exception, where: str) -> StorageError:
-        from rvc_pipeline.core.errors import s3_code_is_permanent
-
         code = _code(err)
         if code == "NoSuchBucket":
             return StorageError(f"s3://{self.bucket}: bucket does not exist", permanent=True)
@@ -388,13 +372,11 @@ class S3Storage:
     def download(self, key: str, dest: Path) -> None:
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".partial")
-        try:
-            self.client.download_file(self.bucket, self._k(key), str(tmp), Config=self.transfer)
-        except Exception as e:  # noqa: BLE001
-            tmp.unlink(missing_ok=True)
-            raise self._wrap(e, key) from None
-        os.replace(tmp, dest)
+        with atomic_path(dest, fsync=False) as tmp:  # a working copy: fetched again when missing
+            try:
+                self.client.download_file(self.bucket, self._k(key), str(tmp), Config=self.transfer)
+            except Exception as e:  # noqa: BLE001
+                raise self._wrap(e, key) from None
 
     def upload(self, src: Path, key: str) -> None:
         try:
@@ -540,41 +522,6 @@ def read_regular_file(path: Path, limit: int | None = None) -> tuple[bytes, floa
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
-def _complete_temp(dst: Path, data: bytes) -> str:
-    """A complete, readable temporary file with `data` beside `dst` (hidden from listings by .partial)."""
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _replace_atomically(dst: Path, data: bytes) -> None:
-    tmp = _complete_temp(dst, data)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _link_new(dst: Path, data: bytes) -> bool:
-    """Create `dst` with `data` unless it exists: a complete temporary file hard-linked to the name (atomic,
-    and safe on NFS, unlike O_EXCL on some versions), so nobody ever sees a partial file."""
-    tmp = _complete_temp(dst, data)
-    try:
-        os.link(tmp, dst)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from rvc_pipeline.core.layout import exported_model
 from rvc_pipeline.core.spec import API_GROUP, API_VERSION, KIND, parse_manifest
+from rvc_pipeline.steps.runner import run_steps
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -40,8 +42,22 @@ def demo_manifest(name: str, dataset: Path, storage: Path, epochs: int) -> dict:
     }
 
 
+def _print_evaluation(summaries: list[dict], exp_dir: Path) -> None:
+    """The best evaluated epoch, its metrics and where the report is (evaluation/judge.py)."""
+    from rvc_pipeline.core.layout import EVAL_FILE, REPORT_FILE
+
+    train = next((s for s in summaries if s.get("step") == "train"), {})
+    best = train.get("best")
+    if not best:
+        print("  evaluation: none (see the log: too few pieces held out, or spec.eval.enabled false)")
+        return
+    metrics = ", ".join(f"{k} {v:.3g}" for k, v in best["metrics"].items())
+    print(f"  best     : epoch {best['epoch']} of {train.get('evaluations', '?')} evaluated (score "
+          f"{best['score']:.3f}: {metrics})")
+    print(f"  report   : {exp_dir / REPORT_FILE}  (history: {exp_dir / EVAL_FILE})")
+
+
 def main_demo(args: argparse.Namespace) -> int:
-    from rvc_pipeline.cli import run_steps
     from rvc_pipeline.demo.voices import make_voice_set
 
     t0 = time.time()
@@ -56,7 +72,7 @@ def main_demo(args: argparse.Namespace) -> int:
     exp = parse_manifest(manifest)
     summaries = run_steps(exp)
     exp_dir = work / "logs" / exp.name
-    model = exp_dir / "weights" / f"{exp.name}.pth"
+    model = exp_dir / exported_model(exp.name)
     index = sorted(exp_dir.glob("added_*.index"))
     sample = sorted(data.glob("*.wav"))[0]
     out = exp_dir / "demo-converted.wav"
@@ -72,6 +88,7 @@ def main_demo(args: argparse.Namespace) -> int:
     print(f"  model    : {model}")
     print(f"  index    : {index[0] if index else '(none)'}")
     print(f"  converted: {out} ({info.get('output_seconds', 0):.1f} s at {info.get('sr')} Hz)")
+    _print_evaluation(summaries, exp_dir)
     if any(s.get("random_weights") for s in summaries):
         print("\n  WARNING: no HuBERT / pretrained weights were found, so RANDOM weights were used.")
         print("  The pipeline ran end to end, but the voice is NOT meaningful. See docs/weights.md.")

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rvc_pipeline.core.fileio import atomic_path, write_bytes_atomic
+
 log = logging.getLogger("rvc_pipeline")
 
 CACHE_ROOT = Path(os.environ.get("RVC_CACHE", Path.home() / ".cache" / "rvc-operator"))
@@ -250,9 +252,8 @@ def _write_pcm16(path: Path, x: np.ndarray, sr: int) -> None:
     import soundfile as sf
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    sf.write(str(tmp), np.clip(x, -1.0, 1.0), sr, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), np.clip(x, -1.0, 1.0), sr, subtype="PCM_16", format="WAV")
 
 
 def make_voice_set(
@@ -354,9 +355,7 @@ def arctic_sample(cache: Path | None = None) -> Path | None:
     except (tarfile.TarError, OSError) as e:
         log.warning("cannot read %s: %s", tars[-1], e)
         return None
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    write_bytes_atomic(out, data)
     return out
 
 

@@ -17,10 +17,10 @@ def init_normal(module: nn.Module, std: float = 0.01) -> None:
 
     with torch.no_grad():
         if is_weight_normed(module):
-            module.weight_v.normal_(0.0, std)
+            module.get_parameter("weight_v").normal_(0.0, std)
             reset_weight_norm(module)
         else:
-            module.weight.normal_(0.0, std)
+            module.get_parameter("weight").normal_(0.0, std)
 
 
 def sequence_mask(lengths: torch.Tensor, max_length: int | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from rvc_pipeline.core.layout import version_of_dim
 from rvc_pipeline.nn.config import SAMPLE_RATES, VERSIONS, get_config, normalize_sample_rate
 from rvc_pipeline.nn.discriminator import build_discriminator
 from rvc_pipeline.nn.synthesizer import build_generator
@@ -116,6 +117,58 @@ def _matches(given: Mapping[str, Shape], expected: Mapping[str, Shape], allow_mi
     return True
 
 
+def _describe_discriminator(shapes: Mapping[str, Shape], info: dict[str, Any]) -> None:
+    idx = {int(k.split(".")[1]) for k in shapes if k.split(".")[1].isdigit()}
+    info["n_discriminators"] = len(idx)
+    for v in VERSIONS:
+        if _matches(shapes, discriminator_shapes(v), False, False):
+            info["version"], info["exact"] = v, True
+    if info["version"] is None:
+        info["version"] = {7: "v1", 9: "v2"}.get(len(idx))
+
+
+def _describe_generator(shapes: Mapping[str, Shape], info: dict[str, Any]) -> None:
+    phone = shapes.get("enc_p.emb_phone.weight")
+    if phone is not None and len(phone) == 2:
+        info["phone_dim"] = phone[1]
+        info["version"] = version_of_dim(phone[1])
+    info["f0"] = "enc_p.emb_pitch.weight" in shapes or any(k.startswith("dec.m_source.") for k in shapes)
+    emb = shapes.get("emb_g.weight")
+    if emb is not None:
+        info["spk_embed_dim"] = emb[0]
+    ups = sorted({int(k.split(".")[2]) for k in shapes
+                  if k.startswith("dec.ups.") and k.split(".")[2].isdigit()})
+    info["n_upsamples"] = len(ups) or None
+    kernels = [shapes.get(f"dec.ups.{i}.weight_v") for i in ups]
+    if kernels and all(s is not None for s in kernels):
+        info["upsample_kernels"] = [s[-1] for s in kernels if s is not None]
+    exact = [(v, sr, f0) for v in VERSIONS for sr in SAMPLE_RATES for f0 in (True, False)
+             if _matches(shapes, generator_shapes(v, sr, f0), True, True)]
+    if exact:
+        info["exact"] = True
+        info["version"] = exact[0][0]
+        info["f0"] = exact[0][2]
+        cands = [sr for _, sr, _ in exact]
+    else:
+        cands = _decoder_rates(shapes, bool(info["f0"]), info["has_enc_q"])
+    info["sr_candidates"] = sorted(set(cands), key=lambda s: SAMPLE_RATES[s])
+    if len(info["sr_candidates"]) == 1:
+        info["sr"] = info["sr_candidates"][0]
+
+
+def _decoder_rates(shapes: Mapping[str, Shape], f0: bool, has_enc_q: bool) -> list[str]:
+    """Closest structural guess: the rates whose decoder layout (kernels, noise convs, spec bins) fits."""
+    cands = []
+    for v in VERSIONS:
+        for sr in SAMPLE_RATES:
+            exp = generator_shapes(v, sr, f0)
+            dec_keys = [k for k in exp if k.startswith(("dec.ups.", "dec.noise_convs.", "enc_q.pre."))]
+            if dec_keys and all(shapes.get(k) == exp[k] for k in dec_keys if k in shapes) and all(
+                    k in shapes for k in dec_keys if not k.startswith("enc_q.") or has_enc_q):
+                cands.append(sr)
+    return cands
+
+
 def describe_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """What a state dict is: kind, version, sr, f0 and a few structural facts.
 
@@ -133,50 +186,9 @@ def describe_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         "n_tensors": len(shapes), "n_params": sum(math.prod(s) for s in shapes.values()),
     }
     if info["kind"] == "discriminator":
-        idx = {int(k.split(".")[1]) for k in shapes if k.split(".")[1].isdigit()}
-        info["n_discriminators"] = len(idx)
-        for v in VERSIONS:
-            if _matches(shapes, discriminator_shapes(v), False, False):
-                info["version"], info["exact"] = v, True
-        if info["version"] is None:
-            info["version"] = {7: "v1", 9: "v2"}.get(len(idx))
-        return info
-    if info["kind"] != "generator":
-        return info
-    phone = shapes.get("enc_p.emb_phone.weight")
-    if phone is not None and len(phone) == 2:
-        info["phone_dim"] = phone[1]
-        info["version"] = {256: "v1", 768: "v2"}.get(phone[1])
-    info["f0"] = "enc_p.emb_pitch.weight" in shapes or any(k.startswith("dec.m_source.") for k in shapes)
-    emb = shapes.get("emb_g.weight")
-    if emb is not None:
-        info["spk_embed_dim"] = emb[0]
-    ups = sorted({int(k.split(".")[2]) for k in shapes
-                  if k.startswith("dec.ups.") and k.split(".")[2].isdigit()})
-    info["n_upsamples"] = len(ups) or None
-    kernels = [shapes.get(f"dec.ups.{i}.weight_v") for i in ups]
-    if kernels and all(s is not None for s in kernels):
-        info["upsample_kernels"] = [s[-1] for s in kernels if s is not None]
-    exact = [(v, sr, f0) for v in VERSIONS for sr in SAMPLE_RATES for f0 in (True, False)
-             if _matches(shapes, generator_shapes(v, sr, f0), True, True)]
-    if exact:
-        info["exact"] = True
-        info["version"] = exact[0][0]
-        info["f0"] = exact[0][2]
-        info["sr_candidates"] = sorted({sr for _, sr, _ in exact}, key=lambda s: SAMPLE_RATES[s])
-    else:
-        # closest structural guess: same decoder layout (kernels, noise convs, spec bins)
-        cands = []
-        for v in VERSIONS:
-            for sr in SAMPLE_RATES:
-                exp = generator_shapes(v, sr, bool(info["f0"]))
-                dec_keys = [k for k in exp if k.startswith(("dec.ups.", "dec.noise_convs.", "enc_q.pre."))]
-                if dec_keys and all(shapes.get(k) == exp[k] for k in dec_keys if k in shapes) and all(
-                        k in shapes for k in dec_keys if not k.startswith("enc_q.") or info["has_enc_q"]):
-                    cands.append(sr)
-        info["sr_candidates"] = sorted(set(cands), key=lambda s: SAMPLE_RATES[s])
-    if len(info["sr_candidates"]) == 1:
-        info["sr"] = info["sr_candidates"][0]
+        _describe_discriminator(shapes, info)
+    elif info["kind"] == "generator":
+        _describe_generator(shapes, info)
     return info
 
 
@@ -220,40 +232,53 @@ def check_compatible(state_dict: Mapping[str, Any], version: str, sr: str | int,
         raise ValueError(f"{what}: holds no tensors, expected a {spec_label}")
     if info["kind"] != want:
         raise ValueError(f"{what}: is {_label(info)}; expected a {spec_label}")
-    if want == "discriminator":
-        expected = dict(discriminator_shapes(version))
-    elif want == "generator":
-        expected = dict(generator_shapes(version, srn, bool(f0)))
-        if allow_missing_enc_q and not info["has_enc_q"]:
-            expected = {k: s for k, s in expected.items() if not k.startswith("enc_q.")}
-    else:
+    if want not in ("discriminator", "generator"):
         raise ValueError(f"{what}: is {_label(info)}; expected a {spec_label}")
+    expected = _expected(want, version, srn, f0, allow_missing_enc_q and not info["has_enc_q"])
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
-    mismatched = []
+    mismatched = _mismatched(shapes, expected, spk_embed_dim)
+    if missing or unexpected or mismatched:
+        parts = [f"{what}: looks like {_label(info)} but the spec says {spec_label}"]
+        if mismatched:
+            shown = "; ".join(f"{k} {list(g)} (expected {list(s)})" for k, g, s in mismatched[:8])
+            parts.append(f"{len(mismatched)} shape mismatch(es): {shown}{_more(mismatched, 8)}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:8])}{_more(missing, 8)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:8])}"
+                         f"{_more(unexpected, 8)}")
+        raise ValueError("; ".join(parts))
+    return info
+
+
+def _expected(want: str, version: str, srn: str, f0: bool, without_enc_q: bool) -> dict[str, Shape]:
+    """Key -> shape of the architecture `want` ('generator' / 'discriminator') of the spec."""
+    if want == "discriminator":
+        return dict(discriminator_shapes(version))
+    expected = dict(generator_shapes(version, srn, bool(f0)))
+    return {k: s for k, s in expected.items() if not k.startswith("enc_q.")} if without_enc_q else expected
+
+
+def _mismatched(shapes: Mapping[str, Shape], expected: Mapping[str, Shape], spk_embed_dim: int | None
+                ) -> list[tuple[str, Shape, tuple[int | None, ...]]]:
+    """(key, given shape, expected shape) of each key present in both with another shape; emb_g may have
+    any number of rows unless `spk_embed_dim` is given."""
+    out: list[tuple[str, Shape, tuple[int | None, ...]]] = []
     for k, s in expected.items():
         g = shapes.get(k)
         if g is None:
             continue
         if k == "emb_g.weight" and spk_embed_dim is None:
             if g[1:] != s[1:]:
-                mismatched.append((k, g, s))
+                out.append((k, g, s))
         elif k == "emb_g.weight":
             if g != (spk_embed_dim,) + s[1:]:
-                mismatched.append((k, g, (spk_embed_dim,) + s[1:]))
+                out.append((k, g, (spk_embed_dim,) + s[1:]))
         elif g != s:
-            mismatched.append((k, g, s))
-    if missing or unexpected or mismatched:
-        parts = [f"{what}: looks like {_label(info)} but the spec says {spec_label}"]
-        if mismatched:
-            shown = "; ".join(f"{k} {list(g)} (expected {list(s)})" for k, g, s in mismatched[:8])
-            more = f" and {len(mismatched) - 8} more" if len(mismatched) > 8 else ""
-            parts.append(f"{len(mismatched)} shape mismatch(es): {shown}{more}")
-        if missing:
-            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-            parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:8])}{more}")
-        if unexpected:
-            more = f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
-            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:8])}{more}")
-        raise ValueError("; ".join(parts))
-    return info
+            out.append((k, g, s))
+    return out
+
+
+def _more(items: list[Any], shown: int) -> str:
+    return f" and {len(items) - shown} more" if len(items) > shown else ""

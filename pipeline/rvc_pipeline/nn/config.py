@@ -14,7 +14,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-VERSIONS: tuple[str, ...] = ("v1", "v2")
+from rvc_pipeline.core.layout import VERSIONS
+
 SAMPLE_RATES: dict[str, int] = {"32k": 32000, "40k": 40000, "48k": 48000}
 
 

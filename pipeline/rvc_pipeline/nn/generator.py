@@ -170,6 +170,7 @@ class Generator(nn.Module):
         for up in self.ups:
             remove_weight_norm(up)
         for block in self.resblocks:
+            assert isinstance(block, ResBlock1 | ResBlock2)
             block.remove_weight_norm()
 
 

@@ -157,7 +157,7 @@ class ResidualCouplingLayer(nn.Module):
                       p_dropout=p_dropout)
         self.post = nn.Conv1d(hidden_channels, self.half_channels * (2 - int(mean_only)), 1)
         nn.init.zeros_(self.post.weight)
-        nn.init.zeros_(self.post.bias)
+        nn.init.zeros_(self.post.get_parameter("bias"))
 
     def forward(self, x: torch.Tensor, x_mask: torch.Tensor, g: torch.Tensor | None = None,
                 reverse: bool = False) -> torch.Tensor:
@@ -199,5 +199,6 @@ class ResidualCouplingBlock(nn.Module):
         return x
 
     def remove_weight_norm(self) -> None:
-        for i in range(0, len(self.flows), 2):
-            self.flows[i].remove_weight_norm()
+        for flow in self.flows:
+            if isinstance(flow, ResidualCouplingLayer):
+                flow.remove_weight_norm()

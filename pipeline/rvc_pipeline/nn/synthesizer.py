@@ -23,14 +23,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rvc_pipeline.core.layout import FEATURE_DIMS as PHONE_DIMS
 from rvc_pipeline.nn.attentions import Encoder
 from rvc_pipeline.nn.commons import rand_slice_segments, sequence_mask, slice_segments
 from rvc_pipeline.nn.config import SAMPLE_RATES, RVCConfig
 from rvc_pipeline.nn.generator import Generator, GeneratorNSF
 from rvc_pipeline.nn.modules import WN, ResidualCouplingBlock
 from rvc_pipeline.nn.weightnorm import remove_all_weight_norm
-
-PHONE_DIMS: dict[str, int] = {"v1": 256, "v2": 768}
 
 
 class TextEncoder(nn.Module):

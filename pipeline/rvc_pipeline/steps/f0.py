@@ -21,24 +21,24 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rvc_pipeline.audio import load_audio
 from rvc_pipeline.components.pitch import base as pitch
 from rvc_pipeline.components.pitch.base import F0_MAX, F0_MIN, HOP, SR
+from rvc_pipeline.core import layout
 from rvc_pipeline.core.catalog import PITCH, pitch_needs_gpu
-from rvc_pipeline.provenance import read_record, record_changes, write_record
-from rvc_pipeline.steps.runner import process_pool
+from rvc_pipeline.core.fileio import pick_device, read_16k, save_npy_atomic
+from rvc_pipeline.steps.processes import cpu_count, parallel_map
 
 if TYPE_CHECKING:
-    from rvc_pipeline.stepio import StepContext
+    from rvc_pipeline.steps.runner import FileProgress, StepContext
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -48,10 +48,10 @@ F0_BIN = 256
 F0_MEL_MIN = 1127.0 * math.log(1.0 + F0_MIN / 700.0)
 F0_MEL_MAX = 1127.0 * math.log(1.0 + F0_MAX / 700.0)
 
-IN_DIR = "1_16k_wavs"
-COARSE_DIR = "2a_f0"
-NSF_DIR = "2b-f0nsf"
-PARAMS_FILE = ".rvc/f0.params.json"
+IN_DIR = layout.WAVS_16K_DIR
+COARSE_DIR = layout.F0_COARSE_DIR
+NSF_DIR = layout.F0_NSF_DIR
+PARAMS_FILE = layout.params_file("f0")
 PARAMS_VERSION = 1
 
 
@@ -111,30 +111,6 @@ def compute_f0_batch(
     return pitch.get(method).extract(xs, lens, **opts)
 
 
-def read_16k(path: Path) -> np.ndarray:
-    """A 16 kHz mono slice as float32. soundfile reads the float32 WAVs preprocess writes (bit-identical to
-    RVC's ffmpeg load_audio for them); anything else goes through ffmpeg."""
-    import soundfile as sf
-
-    try:
-        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-        if sr == SR and x.shape[1] == 1:
-            return np.ascontiguousarray(x[:, 0])
-    except (sf.LibsndfileError, RuntimeError, ValueError):
-        pass
-    from rvc_pipeline.audio import load_audio
-
-    return load_audio(path, SR)
-
-
-def save_npy(path: Path, arr: np.ndarray) -> None:
-    """np.save `arr` to exactly `path` (no suffix added), atomically."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------------
 # worker side
 
@@ -168,7 +144,7 @@ class _Loaded:
 def _load(item: tuple[str, str, str]) -> _Loaded:
     wav = Path(item[0])
     try:
-        x = read_16k(wav)
+        x = read_16k(wav, decode=load_audio)  # the float32 WAVs of preprocess; anything else via ffmpeg
     except Exception as e:  # noqa: BLE001 - reported as a StepFailed naming the file
         return _Loaded(item, error=f"{wav.name}: cannot load: {e}")
     if frame_count(len(x)) == 0:
@@ -180,8 +156,8 @@ def _load(item: tuple[str, str, str]) -> _Loaded:
 
 def _save(item: tuple[str, str, str], f0: np.ndarray, n_samples: int) -> _Result:
     f0 = np.asarray(f0, dtype=np.float64)
-    save_npy(Path(item[1]), f0)
-    save_npy(Path(item[2]), coarse_f0(f0))
+    save_npy_atomic(item[1], f0, fsync=False)  # bulk per-file outputs (see core.fileio.atomic_path)
+    save_npy_atomic(item[2], coarse_f0(f0), fsync=False)
     return _Result(Path(item[0]).name, len(f0), int((f0 > 0).sum()), n_samples)
 
 
@@ -222,14 +198,7 @@ def _params(ctx: StepContext, method: str, opts: dict[str, Any]) -> dict[str, An
 
 
 def _device(ctx: StepContext, method: str) -> str:
-    if not pitch_needs_gpu(method) or not ctx.spec.gpu:
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    log.warning("f0: resources.device is gpu but no CUDA device is visible; %s runs on the CPU", method)
-    return "cpu"
+    return pick_device("gpu" if pitch_needs_gpu(method) and ctx.spec.gpu else "cpu", what=f"f0 ({method})")
 
 
 def _useful_procs(wavs: list[Path], method: str) -> int:
@@ -256,24 +225,6 @@ def _done(wav: Path, nsf: Path, coarse: Path) -> bool:
         return False
 
 
-def _start_or_resume(ctx: StepContext, old: dict[str, Any] | None, params: dict[str, Any]) -> None:
-    """Remove partial files; and every output when they were made another way (or by an unknown one)."""
-    from rvc_pipeline.stepio import OWNED_OUTPUTS, remove_owned, remove_owned_local
-
-    for d in (NSF_DIR, COARSE_DIR):
-        remove_owned_local(ctx.exp_dir / d, ("*.partial",))
-        (ctx.exp_dir / d).mkdir(parents=True, exist_ok=True)
-    if old == params:
-        return
-    if any(ctx.exp_dir.joinpath(d).glob("*.npy") for d in (NSF_DIR, COARSE_DIR)):
-        log.info("f0: existing outputs were made another way (%s); recomputing all",
-                 "; ".join(record_changes(old, params)))
-    for d in (NSF_DIR, COARSE_DIR):
-        remove_owned_local(ctx.exp_dir / d, OWNED_OUTPUTS["f0"][d])
-        if ctx.remote:
-            remove_owned(ctx.storage, ctx.name, d)
-
-
 def _method_opts(ctx: StepContext, method: str) -> dict[str, Any]:
     return {**pitch.get(method).spec_options(ctx.spec), "device": _device(ctx, method)}
 
@@ -287,137 +238,80 @@ def _plan(todo: list[Path], method: str, gpu: bool, workers: int) -> tuple[int, 
     if pitch_needs_gpu(method):  # a torch process already uses several cores: >= 4 threads each
         procs = min(procs, max(1, workers // 4))
     per = max(1, min(32, math.ceil(n / (procs * 4)))) if n else 1
-    threads = max(1, len(os.sched_getaffinity(0)) // procs) if procs > 1 else 0
+    threads = max(1, cpu_count() // procs) if procs > 1 else 0
     return procs, per, 1, threads
 
 
-def _compute(ctx: StepContext, method: str, jobs: list[_Job], procs: int, n_items: int,
-             n_skip: int, total: int) -> list[_Result]:
-    from rvc_pipeline.stepio import StepFailed
+def _outputs(exp_dir: Path) -> Callable[[Path], tuple[Path, Path]]:
+    """An input's outputs: (Hz in 2b-f0nsf/, coarse in 2a_f0/), both named `<input name>.npy`."""
+    return lambda wav: (exp_dir / NSF_DIR / (wav.name + ".npy"), exp_dir / COARSE_DIR / (wav.name + ".npy"))
 
+
+@dataclass
+class _Computed:
+    processes: int
+    results: list[_Result]
+
+
+def _compute(ctx: StepContext, method: str, opts: dict[str, Any], todo: list[Path],
+             progress: FileProgress) -> _Computed:
+    """f0 of every file in `todo`, in chunks over the planned worker processes."""
+    from rvc_pipeline.core.errors import StepFailed
+
+    outs = _outputs(ctx.exp_dir)
+    items = [(str(w), *map(str, outs(w))) for w in todo]
+    procs, per, batch_files, threads = _plan(todo, method, opts["device"] != "cpu", max(1, ctx.workers))
+    jobs = [_Job(method, opts, ch, threads, batch_files) for ch in _chunks(items, per)]
+    # pm/harvest/dio workers are forked (torch not loaded); those of network methods never are
+    done = parallel_map(process_chunk, jobs, procs if len(jobs) > 1 else 1,
+                        torch_workers=pitch_needs_gpu(method))
     results: list[_Result] = []
-    last_event = 0.0
-    ctx.reporter.event("progress", files_done=n_skip, files_total=total)
-    last_push = time.time()
-    with _Runner(procs, len(jobs), method) as runner:
-        for r in ctx.reporter.bar(runner.results(jobs), total=n_items, desc=f"f0 ({method})", unit="file"):
+    with closing(done):  # an error below shuts the pool down before it propagates
+        per_file = (r for _job, chunk in done for r in chunk)
+        for r in progress.bar(per_file, total=len(items), desc=f"f0 ({method})"):
             if r.error:
-                runner.cancel()
                 raise StepFailed(f"f0: {r.error} (in {IN_DIR}/ of {ctx.exp_key})")
             results.append(r)
-            now = time.time()
-            if now - last_event >= 1.0 or len(results) == n_items:
-                ctx.reporter.event("progress", files_done=n_skip + len(results), files_total=total)
-                last_event = now
-            if ctx.remote and now - last_push > 120:  # keep a spot-node restart from losing everything
-                ctx.push(NSF_DIR, COARSE_DIR)
-                last_push = now
-    return results
+            progress.advance(1)
+    return _Computed(procs, results)
 
 
-def _voicing(wavs: list[Path], outs: dict[Path, tuple[Path, Path]]) -> tuple[int, int]:
-    """(frames, voiced frames) over every output; StepFailed naming the inputs left without one."""
-    from rvc_pipeline.stepio import StepFailed
-
-    missing = [w.name for w in wavs if not all(p.is_file() for p in outs[w])]
-    if missing:
-        raise StepFailed(
-            f"f0: no output for {len(missing)} of {len(wavs)} files: {', '.join(missing[:20])}"
-            + (" ..." if len(missing) > 20 else "")
-        )
+def _voicing(wavs: list[Path], outs: Callable[[Path], tuple[Path, Path]]) -> tuple[int, int]:
+    """(frames, voiced frames) over every output."""
     frames = voiced = 0
     for w in wavs:
-        f0 = np.load(outs[w][0])
+        f0 = np.load(outs(w)[0])
         frames += len(f0)
         voiced += int((f0 > 0).sum())
     return frames, voiced
 
 
 def run(ctx: StepContext) -> dict[str, Any]:
-    from rvc_pipeline.stepio import StepFailed
+    from rvc_pipeline.steps.runner import PerFile, per_file_step  # (not at import: pool workers import f0)
 
-    spec = ctx.spec
-    if not spec.model.pitch_guidance:
+    if not ctx.spec.model.pitch_guidance:
         return {"skipped_reason": "model without pitch"}
-    method = spec.f0.method
+    method = ctx.spec.f0.method
     opts = _method_opts(ctx, method)
-    device = opts["device"]
-
-    ctx.pull(IN_DIR)
-    exp = ctx.exp_dir
-    in_dir, nsf_dir, coarse_dir = exp / IN_DIR, exp / NSF_DIR, exp / COARSE_DIR
-    wavs = sorted(p for p in in_dir.glob("*.wav") if "spec" not in p.name) if in_dir.is_dir() else []
-    if not wavs:
-        raise StepFailed(f"f0: no input files in {IN_DIR}/ of {ctx.exp_key} (run preprocess first)")
-
-    # resume: reuse outputs of an interrupted run made the same way, else start over (never mix)
+    outs = _outputs(ctx.exp_dir)
     params = _params(ctx, method, opts)
-    ctx.pull(PARAMS_FILE, NSF_DIR, COARSE_DIR)
-    pfile = exp / PARAMS_FILE
-    _start_or_resume(ctx, read_record(pfile), params)
-    write_record(pfile, params)
-    ctx.push(PARAMS_FILE)
-
-    outs = {w: (nsf_dir / (w.name + ".npy"), coarse_dir / (w.name + ".npy")) for w in wavs}
-    todo = [w for w in wavs if not _done(w, *outs[w])]
-    n_skip = len(wavs) - len(todo)
-    if n_skip:
-        log.info("f0: %d of %d files already done, resuming", n_skip, len(wavs))
-
-    items = [(str(w), str(outs[w][0]), str(outs[w][1])) for w in todo]
-    procs, per, batch_files, threads = _plan(todo, method, device != "cpu", max(1, ctx.workers))
-    jobs = [_Job(method, opts, ch, threads, batch_files) for ch in _chunks(items, per)]
-    t0 = time.time()
-    results = _compute(ctx, method, jobs, procs, len(items), n_skip, len(wavs))
-    compute_s = time.time() - t0
-    frames, voiced = _voicing(wavs, outs)
-    ctx.push(NSF_DIR, COARSE_DIR)
-    audio_s = sum(r.samples for r in results) / SR
+    pf = PerFile(IN_DIR, (NSF_DIR, COARSE_DIR), PARAMS_FILE, lambda: params, outs,
+                 done=lambda w: _done(w, *outs(w)), select=lambda w: "spec" not in w.name)  # as RVC
+    done = per_file_step(ctx, pf, lambda inputs, todo, progress: _compute(ctx, method, opts, todo, progress))
+    computed = done.result
+    frames, voiced = _voicing(done.inputs, outs)
+    audio_s = sum(r.samples for r in computed.results) / SR
     return {
-        "files": len(wavs),
-        "computed": len(results),
-        "resumed": n_skip,
+        "files": len(done.inputs),
+        "computed": len(computed.results),
+        "resumed": done.resumed,
         "frames": frames,
         "voiced_ratio": round(voiced / frames, 4) if frames else 0.0,
         "method": method,
-        "device": device,
-        "processes": procs,
-        "compute_seconds": round(compute_s, 3),
+        "device": opts["device"],
+        "processes": computed.processes,
+        "compute_seconds": round(done.seconds, 3),
         "audio_seconds": round(audio_s, 3),
-        "realtime_factor": round(audio_s / compute_s, 1) if compute_s > 0 and audio_s else None,
+        "realtime_factor": round(audio_s / done.seconds, 1) if done.seconds > 0 and audio_s else None,
         **{k: v for k, v in params.items() if k.endswith("_weights")},
     }
-
-
-class _Runner:
-    """Runs jobs inline (one process) or on a process pool; yields per-file results.
-
-    The pool starts by the one start-method rule (steps.runner.start_method): pm/harvest/dio workers
-    are forked while torch is not loaded; workers of network methods (crepe, rmvpe, fcpe ...) never are
-    (torch does not survive fork)."""
-
-    def __init__(self, procs: int, n_jobs: int, method: str) -> None:
-        self.pool: ProcessPoolExecutor | None = None
-        self.futures: list[Future[list[_Result]]] = []
-        if procs > 1 and n_jobs > 1:
-            self.pool = process_pool(procs, torch_workers=pitch_needs_gpu(method))
-
-    def __enter__(self) -> _Runner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def cancel(self) -> None:
-        for f in self.futures:
-            f.cancel()
-
-    def results(self, jobs: list[_Job]) -> Iterator[_Result]:
-        if self.pool is None:
-            for job in jobs:
-                yield from process_chunk(job)
-            return
-        self.futures = [self.pool.submit(process_chunk, job) for job in jobs]
-        for fut in as_completed(self.futures):
-            yield from fut.result()

@@ -37,14 +37,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rvc_pipeline.stepio import StepContext, StepFailed
+from rvc_pipeline.core import layout
+from rvc_pipeline.core.errors import StepFailed
+from rvc_pipeline.core.fileio import atomic_path, save_npy_atomic
+from rvc_pipeline.steps.runner import StepContext
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -54,15 +56,10 @@ ADD_BATCH = 8192
 MIN_POINTS_PER_LIST = 39  # faiss' own minimum of training points per centroid, and RVC's N // 39
 
 
-def feature_folder(version: str) -> str:
-    """RVC's feature folder for a model version."""
-    return "3_feature256" if version == "v1" else "3_feature768"
-
-
 def index_file_names(n_ivf: int, experiment: str, version: str) -> tuple[str, str]:
     """(trained, added) index file names, exactly as RVC names them."""
-    tail = f"IVF{n_ivf}_Flat_nprobe_1_{experiment}_{version}.index"
-    return f"trained_{tail}", f"added_{tail}"
+    trained, added = (layout.index_name(kind, n_ivf, experiment, version) for kind in layout.INDEX_KINDS)
+    return trained, added
 
 
 def n_ivf_for(n: int) -> int:
@@ -124,8 +121,8 @@ def reduce_kmeans(
 
     `n_clusters` is capped at the number of rows. Threads are bounded to `n_cpu`.
     """
-    from sklearn.cluster import MiniBatchKMeans
-    from threadpoolctl import threadpool_limits
+    from sklearn.cluster import MiniBatchKMeans  # type: ignore[import-untyped]
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
     n_cpu = n_cpu or _cpu_count()
     k = max(1, min(n_clusters, feats.shape[0]))
@@ -309,70 +306,45 @@ def write_index_atomic(index: Any, path: Path) -> None:
     """faiss.write_index to a temporary name in the same folder, then rename over `path`."""
     import faiss
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+    with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_npy_atomic(arr: np.ndarray, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _stale_index_names(names: list[str], experiment: str, version: str, keep: set[str]) -> list[str]:
-    pat = re.compile(rf"^(trained|added)_IVF\d+_Flat_nprobe_1_{re.escape(experiment)}_{re.escape(version)}"
-                     r"\.index$")
+    pat = layout.index_name_pattern(experiment, version)
     return sorted(n for n in names if pat.match(n) and n not in keep)
 
 
-def run(ctx: StepContext) -> dict[str, Any]:
-    """The index step: pull the features, build the index, write and push RVC's three files."""
-    spec = ctx.spec
-    version = spec.model.version
-    dim = spec.model.feature_dim
-    sub = feature_folder(version)
+def _load(ctx: StepContext) -> tuple[np.ndarray, int]:
+    """Pull and load the features of the spec's model version: (vectors, files); StepFailed when there
+    are none (with a hint when the other version's folder has some) or they do not fit."""
+    version, dim = ctx.spec.model.version, ctx.spec.model.feature_dim
+    sub = layout.feature_dir(version)
     ctx.pull(sub)
     folder = ctx.exp_dir / sub
     if not (folder.is_dir() and any(folder.glob("*.npy"))):
-        other = feature_folder("v1" if version == "v2" else "v2")
+        other_version = "v1" if version == "v2" else "v2"
+        other = layout.feature_dir(other_version)
         hint = ""
         if ctx.storage.list(f"{ctx.exp_key}/{other}"):
-            hint = f" (there are features in {other}: were they extracted for model version " \
-                   f"{'v1' if version == 'v2' else 'v2'}?)"
+            hint = f" (there are features in {other}: were they extracted for model version {other_version}?)"
         raise StepFailed(f"index: no feature files (*.npy) in {ctx.exp_key}/{sub}{hint}; "
                          "run the features step first")
-    t_all = time.perf_counter()
     try:
         feats = load_features(folder, dim=dim)
     except ValueError as e:
         raise StepFailed(f"index: bad features for model version {version} ({dim}-d): {e}") from None
-    n_files = sum(1 for _ in folder.glob("*.npy"))
-    ctx.reporter.event("loaded", vectors=int(feats.shape[0]), files=n_files)
-    threads = max(1, ctx.workers)
+    return feats, sum(1 for _ in folder.glob("*.npy"))
 
-    vectors, info = prepare_vectors(feats, spec.index.kmeans_threshold, n_clusters=KMEANS_CLUSTERS,
-                                    n_cpu=threads)
-    if vectors is not feats:
-        del feats  # the k-means centroids replace the full matrix: free it before training
-    if info["kmeans"]:
-        ctx.reporter.event("kmeans", vectors=info["vectors"], seconds=info["kmeans_seconds"])
-    save_npy_atomic(vectors, ctx.exp_dir / "total_fea.npy")
 
+def _build(ctx: StepContext, vectors: np.ndarray, threads: int) -> tuple[str, str, dict[str, Any]]:
+    """Train the IVF index on `vectors`, add them, write RVC's trained and added files atomically.
+    Returns (trained name, added name, facts for the summary)."""
+    spec = ctx.spec
     n_ivf = n_ivf_for(vectors.shape[0])
-    trained_name, added_name = index_file_names(n_ivf, ctx.name, version)
+    trained_name, added_name = index_file_names(n_ivf, ctx.name, spec.model.version)
     index, tinfo = train_ivf(vectors, n_threads=threads, trained_path=ctx.exp_dir / trained_name)
     ctx.reporter.event("trained", n_ivf=n_ivf, seconds=tinfo["train_seconds"])
-
     n_batches = math.ceil(vectors.shape[0] / spec.index.add_batch_size)
     index, add_s = add_vectors(
         index, vectors, spec.index.add_batch_size, n_threads=threads,
@@ -382,31 +354,53 @@ def run(ctx: StepContext) -> dict[str, Any]:
     if index.ntotal != vectors.shape[0]:
         raise StepFailed(f"index: added {index.ntotal} vectors, expected {vectors.shape[0]}")
     write_index_atomic(index, ctx.exp_dir / added_name)
+    return trained_name, added_name, {"n_ivf": n_ivf, "train_seconds": tinfo["train_seconds"],
+                                      "add_seconds": add_s, "gpu": tinfo["gpu"]}
 
-    # an earlier run with another n_ivf leaves index files RVC's lookup would also find: remove them
+
+def _push_and_prune(ctx: StepContext, files: list[str]) -> list[str]:
+    """Push `files`, then delete the index files of an earlier run with another n_ivf (RVC's lookup would
+    also find them), here and in storage. Returns the names deleted."""
     local_names = [p.name for p in ctx.exp_dir.glob("*.index")]
     remote_names = [o.key.rsplit("/", 1)[-1] for o in ctx.storage.list(ctx.exp_key, recursive=False)] \
         if ctx.remote else []
-    stale = _stale_index_names(sorted(set(local_names + remote_names)), ctx.name, version,
-                               {trained_name, added_name})
-    ctx.push("total_fea.npy", trained_name, added_name)
+    stale = _stale_index_names(sorted(set(local_names + remote_names)), ctx.name, ctx.spec.model.version,
+                               set(files))
+    ctx.push(*files)
     for name in stale:
         (ctx.exp_dir / name).unlink(missing_ok=True)
         if ctx.remote:
             ctx.storage.delete(f"{ctx.exp_key}/{name}")
+    return stale
 
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    """The index step: pull the features, build the index, write and push RVC's three files."""
+    t_all = time.perf_counter()
+    feats, n_files = _load(ctx)
+    ctx.reporter.event("loaded", vectors=int(feats.shape[0]), files=n_files)
+    threads = max(1, ctx.workers)
+    vectors, info = prepare_vectors(feats, ctx.spec.index.kmeans_threshold, n_clusters=KMEANS_CLUSTERS,
+                                    n_cpu=threads)
+    del feats  # with k-means the centroids replace the full matrix: free it before training
+    if info["kmeans"]:
+        ctx.reporter.event("kmeans", vectors=info["vectors"], seconds=info["kmeans_seconds"])
+    save_npy_atomic(ctx.exp_dir / layout.TOTAL_FEA_FILE, vectors)
+    trained_name, added_name, built = _build(ctx, vectors, threads)
+    files = [layout.TOTAL_FEA_FILE, trained_name, added_name]
+    stale = _push_and_prune(ctx, files)
     return {
         "vectors": int(vectors.shape[0]),
         "input_vectors": info["input_vectors"],
-        "dim": dim,
+        "dim": ctx.spec.model.feature_dim,
         "files_in": n_files,
-        "n_ivf": n_ivf,
+        "n_ivf": built["n_ivf"],
         "kmeans": info["kmeans"],
         "kmeans_seconds": info["kmeans_seconds"],
-        "train_seconds": tinfo["train_seconds"],
-        "add_seconds": add_s,
+        "train_seconds": built["train_seconds"],
+        "add_seconds": built["add_seconds"],
         "index_seconds": round(time.perf_counter() - t_all, 3),
-        "gpu": tinfo["gpu"],
-        "files": ["total_fea.npy", trained_name, added_name],
+        "gpu": built["gpu"],
+        "files": files,
         "removed_stale": stale,
     }

@@ -31,8 +31,9 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,20 +49,22 @@ from rvc_pipeline.audio import (
     resample,
     write_wav_f32,
 )
+from rvc_pipeline.core import layout
 from rvc_pipeline.core.storage import open_storage, scratch_dir
 from rvc_pipeline.provenance import sha256_file
 from rvc_pipeline.slicer import Slicer, frame_rms, silent_runs
-from rvc_pipeline.steps.runner import process_pool
+from rvc_pipeline.steps.processes import parallel_map
 
 if TYPE_CHECKING:  # the worker processes import this module: keep pydantic (spec, stepio) out of it
     from rvc_pipeline.core.spec import Experiment
     from rvc_pipeline.core.storage import Storage
-    from rvc_pipeline.stepio import CheckedInputs, StepContext
+    from rvc_pipeline.stepio import CheckedInputs
+    from rvc_pipeline.steps.runner import StepContext
 
 log = logging.getLogger("rvc_pipeline")
 
-GT_DIR = "0_gt_wavs"
-WAV16_DIR = "1_16k_wavs"
+GT_DIR = layout.GT_WAVS_DIR
+WAV16_DIR = layout.WAVS_16K_DIR
 REPORT = "preprocess.json"
 LOGFILE = "preprocess.log"
 SR_16K = 16000
@@ -459,7 +462,7 @@ def list_dataset(source: str, endpoint: str | None = None, region: str | None = 
 # The dataset manifest: what preprocess read (part of its inputs, recorded beside its outputs)
 # ------------------------------------------------------------------------------------------------
 
-MANIFEST_FILE = ".rvc/dataset.manifest.json"  # in logs/<exp>/, beside the step markers
+MANIFEST_FILE = layout.DATASET_MANIFEST_FILE  # in logs/<exp>/, beside the step markers
 
 
 @dataclass(frozen=True)
@@ -505,7 +508,7 @@ def scan_dataset(source: str, endpoint: str | None = None, region: str | None = 
         objs = sorted((o for o in st.list("", recursive=False) if o.key and "/" not in o.key),
                       key=lambda o: o.key)
         return Dataset(source, [DatasetFile(o.key, o.size, f"etag:{o.etag or ''}") for o in objs])
-    from rvc_pipeline.stepio import StepFailed
+    from rvc_pipeline.core.errors import StepFailed
 
     root = Path(source.removeprefix("file://")).expanduser()
     if not root.is_dir():
@@ -546,7 +549,7 @@ def _s3_overlap(source: str, storage_uri: str, exp_prefix: str) -> bool:
 def refuse_overlap(ds: Dataset, storage_uri: str, experiment: str) -> None:
     """StepFailed when the dataset is, lies inside or contains the experiment folder logs/<exp>/ of the
     storage (preprocess would delete or read back its own outputs), or a dataset file is a link into it."""
-    from rvc_pipeline.stepio import StepFailed
+    from rvc_pipeline.core.errors import StepFailed
 
     exp_prefix = f"logs/{experiment}"
     why = (f"dataset {ds.source} overlaps the experiment folder {exp_prefix}/ of storage {storage_uri}; "
@@ -570,7 +573,8 @@ def refuse_overlap(ds: Dataset, storage_uri: str, experiment: str) -> None:
 def check_inputs(exp: Experiment, storage: Storage) -> CheckedInputs:
     """preprocess's input check (stepio.INPUT_CHECKS): the dataset lists, is not empty and does not
     overlap the experiment's folder. Fingerprint: the manifest digest (a changed dataset reruns)."""
-    from rvc_pipeline.stepio import CheckedInputs, StepFailed
+    from rvc_pipeline.core.errors import StepFailed
+    from rvc_pipeline.stepio import CheckedInputs
 
     spec = exp.spec
     source = spec.dataset.source
@@ -581,69 +585,37 @@ def check_inputs(exp: Experiment, storage: Storage) -> CheckedInputs:
     return CheckedInputs({"dataset_digest": ds.digest}, ds)
 
 
-def _noop() -> None:
-    return None
+FETCH_AHEAD = 2
+"""S3 datasets: files downloaded ahead of the workers (at most workers + FETCH_AHEAD on local disk)."""
 
 
-def _jobs_done(
-    inputs: list[_Input],
-    make_job: Callable[[_Input, Path], FileJob],
-    workers: int,
-    fetch: Callable[[_Input], Path] | None,
-) -> Iterator[tuple[_Input, FileReport]]:
-    """Process every input over `workers` processes; S3 inputs are fetched by threads just ahead of
-    the workers (at most workers+2 files on local disk at a time). Yields reports as files finish."""
-    pool: ProcessPoolExecutor | None = None
-    if workers > 1 and len(inputs) > 1:
-        pool = process_pool(workers)  # (the start-method rule: steps.runner)
-        pool.submit(_noop).result()  # start the workers now, before any download thread exists
-    dl = ThreadPoolExecutor(4) if fetch else None
-
-    def submit(inp: _Input, path: Path) -> Future:
-        job = make_job(inp, path)
-        if pool is not None:
-            return pool.submit(process_file, job)
-        f: Future = Future()
-        try:
-            f.set_result(process_file(job))
-        except Exception as e:  # noqa: BLE001 - re-raised by f.result()
-            f.set_exception(e)
-        return f
-
-    pending = list(inputs)
-    fetching: dict[Future, _Input] = {}
-    running: dict[Future, tuple[_Input, Path]] = {}
-    limit = max(2, workers + 2)
+def _jobs(inputs: list[_Input], make_job: Callable[[_Input, Path], FileJob],
+          fetch: Callable[[_Input], Path] | None) -> Generator[FileJob, None, None]:
+    """One job per input, in order. S3 inputs are downloaded by threads, FETCH_AHEAD files ahead of the
+    job being drawn; local ones are read where they are."""
+    if fetch is None:
+        for inp in inputs:
+            assert inp.local is not None
+            yield make_job(inp, inp.local)
+        return
+    dl = ThreadPoolExecutor(4)
+    pending = iter(inputs)
+    ahead: deque[tuple[_Input, Future[Path]]] = deque()
     try:
-        while pending or fetching or running:
-            while pending and len(fetching) + len(running) < limit:
-                inp = pending.pop(0)
-                if dl is not None and fetch is not None:
-                    fetching[dl.submit(fetch, inp)] = inp
-                else:
-                    assert inp.local is not None
-                    running[submit(inp, inp.local)] = (inp, inp.local)
-            done, _ = wait([*fetching, *running], return_when=FIRST_COMPLETED)
-            for f in done:
-                if f in fetching:
-                    inp = fetching.pop(f)
-                    path = f.result()
-                    running[submit(inp, path)] = (inp, path)
-                else:
-                    inp, path = running.pop(f)
-                    rep = f.result()
-                    if fetch is not None:
-                        path.unlink(missing_ok=True)
-                    yield inp, rep
+        for inp in pending:
+            ahead.append((inp, dl.submit(fetch, inp)))
+            while len(ahead) > FETCH_AHEAD:
+                first, fut = ahead.popleft()
+                yield make_job(first, fut.result())
+        while ahead:
+            first, fut = ahead.popleft()
+            yield make_job(first, fut.result())
     finally:
-        if dl is not None:
-            dl.shutdown(wait=True, cancel_futures=True)
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        dl.shutdown(wait=True, cancel_futures=True)
 
 
 def _previous_manifest(ctx: StepContext) -> dict[str, Any] | None:
-    from rvc_pipeline.core.storage import StorageError
+    from rvc_pipeline.core.errors import StorageError
 
     try:
         data = json.loads(ctx.storage.read_bytes(f"{ctx.exp_key}/{MANIFEST_FILE}"))
@@ -683,61 +655,78 @@ def _process_all(ctx: StepContext, inputs: list[_Input], params: Params) -> list
     workers = max(1, min(ctx.workers, len(inputs)))
     reports: list[FileReport] = []
     seconds = 0.0
+    # the pool's workers start before the first job is drawn, so no download thread exists at the fork
+    jobs = _jobs(inputs, make_job, fetch)
+    done = parallel_map(process_file, jobs, workers, in_flight=workers)
     try:
-        results = _jobs_done(inputs, make_job, workers, fetch)
-        for _inp, rep in ctx.reporter.bar(results, total=len(inputs), desc="preprocess", unit="file"):
+        for job, rep in ctx.reporter.bar(done, total=len(inputs), desc="preprocess", unit="file"):
+            if tmp is not None:
+                Path(job.path).unlink(missing_ok=True)
             reports.append(rep)
             seconds += rep.duration_s
             ctx.reporter.event("progress", files_done=len(reports), files_total=len(inputs),
                                audio_seconds=round(seconds, 3))
     finally:
+        done.close()  # the pool and the downloads stop before their folder goes
+        jobs.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return sorted(reports, key=lambda r: r.index)
 
 
-def run(ctx: StepContext) -> dict[str, Any]:
-    from rvc_pipeline.stepio import OWNED_OUTPUTS, StepFailed, remove_owned_local
+def _begin(ctx: StepContext, ds: Dataset, params: Params) -> tuple[dict[str, list[str]] | None, list[str]]:
+    """Compare with the last run's dataset, delete the stale pieces of an earlier (maybe interrupted)
+    run (owned files only). Returns (dataset changes, the first lines of the step's log)."""
+    from rvc_pipeline.stepio import OWNED_OUTPUTS, remove_owned_local
 
-    spec = ctx.spec
-    params = Params.from_spec(spec)
-    source = spec.dataset.source
-    exp_dir = ctx.exp_dir
-    # the inputs first (checked by the step shell, or here when called directly): nothing is deleted
-    # before the dataset is known to list, to be non-empty and to lie outside the experiment folder
-    checked = ctx.checked.data
-    ds = checked if isinstance(checked, Dataset) else check_inputs(ctx.experiment, ctx.storage).data
     changes = dataset_changes(_previous_manifest(ctx), ds)
-    # idempotent: stale pieces of an earlier (maybe interrupted) run go first (owned files only)
     for sub, patterns in OWNED_OUTPUTS["preprocess"].items():
-        remove_owned_local(exp_dir / sub, patterns)
-        (exp_dir / sub).mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    inputs = ds.inputs()
-    log_lines = [f"start preprocess: {len(inputs)} files from {source}, sr {params.sr}, "
+        remove_owned_local(ctx.exp_dir / sub, patterns)
+        (ctx.exp_dir / sub).mkdir(parents=True, exist_ok=True)
+    log_lines = [f"start preprocess: {len(ds.files)} files from {ds.source}, sr {params.sr}, "
                  f"per {params.per}, overlap {params.overlap}, high-pass {params.hp_mode}, "
                  f"deviations from RVC: {', '.join(params.deviations)}"]
     if changes is not None and any(changes.values()):
         what = "; ".join(f"{k}: {', '.join(v)}" for k, v in changes.items() if v)
         log.info("preprocess: the dataset changed since the last run (%s)", what)
         log_lines.append(f"dataset changed since the last run: {what}")
-    reports = _process_all(ctx, inputs, params)
-    report = _dataset_report(source, params, reports, time.time() - t0)
-    report.update(dataset_files=len(ds.files), dataset_digest=ds.digest, dataset_changes=changes)
-    for r in reports:
-        log_lines.extend(r.log)
+    return changes, log_lines
+
+
+def _finish(ctx: StepContext, ds: Dataset, report: dict[str, Any], reports: list[FileReport],
+            log_lines: list[str]) -> None:
+    """Write the log, the report and (when some piece was made) the dataset manifest; push them and the
+    pieces; StepFailed naming every file's reason when no piece was made."""
+    from rvc_pipeline.core.errors import StepFailed
+
+    exp_dir = ctx.exp_dir
+    log_lines += [line for r in reports for line in r.log]
     log_lines.append(f"end preprocess: {report['pieces']} pieces, {report['piece_seconds']} s "
                      f"from {report['files_used']}/{report['files_total']} files")
     (exp_dir / LOGFILE).write_text("\n".join(log_lines) + "\n")
     (exp_dir / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     if report["pieces"] == 0:
         why = "; ".join(f"{r.name}: {r.reason}" for r in reports)
-        raise StepFailed(f"dataset {source}: no training piece produced from any file ({why})")
+        raise StepFailed(f"dataset {ds.source}: no training piece produced from any file ({why})")
     (exp_dir / MANIFEST_FILE).parent.mkdir(parents=True, exist_ok=True)
     (exp_dir / MANIFEST_FILE).write_text(json.dumps(ds.manifest(), indent=1) + "\n")
     ctx.push(GT_DIR, WAV16_DIR, REPORT, LOGFILE, MANIFEST_FILE)
     if ctx.remote:
         _prune_remote(ctx, (GT_DIR, WAV16_DIR))
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    params = Params.from_spec(ctx.spec)
+    # the inputs first (checked by the step shell, or here when called directly): nothing is deleted
+    # before the dataset is known to list, to be non-empty and to lie outside the experiment folder
+    checked = ctx.checked.data
+    ds = checked if isinstance(checked, Dataset) else check_inputs(ctx.experiment, ctx.storage).data
+    changes, log_lines = _begin(ctx, ds, params)
+    t0 = time.time()
+    reports = _process_all(ctx, ds.inputs(), params)
+    report = _dataset_report(ds.source, params, reports, time.time() - t0)
+    report.update(dataset_files=len(ds.files), dataset_digest=ds.digest, dataset_changes=changes)
+    _finish(ctx, ds, report, reports, log_lines)
     return {k: v for k, v in report.items() if k != "files"}
 
 

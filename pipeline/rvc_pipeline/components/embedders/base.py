@@ -19,12 +19,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-Version = Literal["v1", "v2"]
-VERSIONS: tuple[Version, ...] = ("v1", "v2")
+from rvc_pipeline.core.layout import VERSIONS, Version
+
 SR = 16000
 RANDOM_KIND = "random"
 
@@ -103,7 +103,7 @@ def as_clips(wavs: np.ndarray | Sequence[np.ndarray], min_samples: int) -> list[
 
 
 def check_version(version: str) -> None:
-    if version not in VERSIONS:
+    if version not in VERSIONS:  # (the message is part of the embedder interface's contract)
         raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
 
 

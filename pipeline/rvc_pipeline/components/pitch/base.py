@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -34,12 +34,46 @@ class PitchMethod(ABC):
         """f0 per clip, p_lens[i] frames each."""
 
     def spec_options(self, spec: Any) -> dict[str, Any]:
-        """Options the f0 step passes to `extract`, read from an RVCExperiment spec (device is added)."""
-        return {}
+        """Options the f0 step passes to `extract`, read from an RVCExperiment spec (device is added):
+        by default the local files of its weights."""
+        return self.weight_options(self.resolve_weights(self.weight_refs(spec), spec))
 
     def provenance(self, spec: Any, opts: dict[str, Any]) -> dict[str, Any]:
         """What, besides the method's name, makes its outputs (recorded; a change recomputes them)."""
         return {}
+
+    # weights: the files its CATALOG lists under `weights`, each found like every weight (resolve_weight)
+    weights_label: str = ""
+    """How errors name its weights (default "<name> weights")."""
+
+    def required_weights(self) -> tuple[str, ...]:
+        """The catalog weights that are found like every weight and handed to it by path; () for a method
+        that finds its own files."""
+        return PITCH[self.name].weights
+
+    def weight_refs(self, spec: Any) -> dict[str, str]:
+        """Required weight name -> the reference (URI, path or bare name) the spec gives for it."""
+        return {name: name for name in self.required_weights()}
+
+    def resolve_weights(self, refs: Mapping[str, str], spec: Any, *, allow_online: bool = True
+                        ) -> dict[str, str]:
+        """Catalog weight name -> local path of the file `refs` names (WeightsNotFound names it)."""
+        if not refs:
+            return {}
+        from rvc_pipeline.weights import resolve_weight
+
+        what = self.weights_label or f"{self.name} weights"
+        return {name: str(resolve_weight(ref, spec, what=what, allow_online=allow_online))
+                for name, ref in refs.items()}
+
+    def weight_options(self, paths: Mapping[str, str]) -> dict[str, Any]:
+        """The `extract` options that hand it the local files of its weights (catalog name -> path)."""
+        return {}
+
+    def infer_f0(self, x: np.ndarray, p_len: int, filter_radius: int = 3, **opts: Any) -> np.ndarray:
+        """f0 of one padded clip as RVC's inference (`Pipeline.get_f0`) computes it before transposing:
+        the training extraction, unless a method post-processes there (harvest's median filter)."""
+        return self.extract([x], [p_len], **opts)[0]
 
 
 REGISTRY: dict[str, type[PitchMethod]] = {}
@@ -66,6 +100,18 @@ def get(name: str) -> PitchMethod:
     if name not in REGISTRY:
         importlib.import_module(PITCH[name].module)
     return REGISTRY[name]()
+
+
+def needed_weights(spec: Any) -> dict[str, str]:
+    """The weights the spec's pitch method needs (catalog name -> the spec's reference to it); the
+    catalog answers without importing the method when it needs none."""
+    method = spec.f0.method
+    return get(method).weight_refs(spec) if PITCH[method].weights else {}
+
+
+def weights_key(method: str) -> str:
+    """The marker key recording the identity of `method`'s weights (other weights make f0 stale)."""
+    return f"{method}_weights"
 
 
 _MODELS: dict[tuple[str, ...], Any] = {}

@@ -271,6 +271,9 @@ class FcpeMethod(PitchMethod):
         raw = model.f0(clips, float(opts.get("threshold", THRESHOLD)))
         return [to_rvc_range(f, n) for f, n in zip(raw, p_lens)]
 
+    def required_weights(self) -> tuple[str, ...]:
+        return ()  # its CATALOG file ships in the torchfcpe wheel: `asset_path` finds it
+
     def provenance(self, spec: Any, opts: dict[str, Any]) -> dict[str, Any]:
         from rvc_pipeline.provenance import weight_identity
 

@@ -25,7 +25,7 @@ salience-weighted mean of the cents of the +-4 bins around the arg-max; 0 where 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rvc_pipeline.components.pitch.base import PitchMethod, cached, fit_length, register
+from rvc_pipeline.components.pitch.base import PitchMethod, cached, fit_length, register, weights_key
+from rvc_pipeline.core.catalog import PITCH
 
 CATALOG = {"rmvpe": {"needs_gpu": True, "weights": ["rmvpe.pt"], "speed": 1.0, "rank": 4}}
+WEIGHTS = PITCH["rmvpe"].weights[0]  # its one file, as CATALOG names it
 
 SAMPLE_RATE = 16000
 HOP = 160
@@ -354,14 +356,16 @@ class RmvpeMethod(PitchMethod):
         thr = float(opts.get("threshold", THRESHOLD))
         return [fit_length(decode(s, thr), n) for s, n in zip(sal, p_lens)]
 
-    def spec_options(self, spec: Any) -> dict[str, Any]:
-        from rvc_pipeline.weights import resolve_weight
+    weights_label = "RMVPE checkpoint"
 
-        ref = spec.f0.rmvpe_checkpoint or "rmvpe.pt"
-        return {"checkpoint": str(resolve_weight(ref, spec, what="RMVPE checkpoint"))}
+    def weight_refs(self, spec: Any) -> dict[str, str]:
+        return {WEIGHTS: spec.f0.rmvpe_checkpoint or WEIGHTS}
+
+    def weight_options(self, paths: Mapping[str, str]) -> dict[str, Any]:
+        return {"checkpoint": paths[WEIGHTS]}
 
     def provenance(self, spec: Any, opts: dict[str, Any]) -> dict[str, Any]:
         from rvc_pipeline.provenance import weight_identity
 
         return {"rmvpe_checkpoint": spec.f0.rmvpe_checkpoint,
-                "rmvpe_weights": weight_identity(opts["checkpoint"])}
+                weights_key(self.name): weight_identity(opts["checkpoint"])}

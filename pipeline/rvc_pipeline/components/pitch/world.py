@@ -32,7 +32,15 @@ class _World(PitchMethod):
 
 @register("harvest")
 class Harvest(_World):
-    pass
+    def infer_f0(self, x: np.ndarray, p_len: int, filter_radius: int = 3, **opts: Any) -> np.ndarray:
+        """RVC's inference keeps harvest's own p_len + 1 frames for a median filter (kernel 3, only when
+        filter_radius > 2), then cuts to p_len."""
+        from scipy.signal import medfilt  # type: ignore[import-untyped]
+
+        f0 = f0_world(x, p_len + 1, self.name)
+        if filter_radius > 2:
+            f0 = medfilt(f0, 3)
+        return np.asarray(f0[:p_len], dtype=np.float64)
 
 
 @register("dio")

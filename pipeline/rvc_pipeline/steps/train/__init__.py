@@ -20,9 +20,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rvc_pipeline.data import feature_dir_name, read_filelist, write_filelist
-from rvc_pipeline.stepio import StepContext
-from rvc_pipeline.steps.runner import is_primary
+from rvc_pipeline.core import layout
+from rvc_pipeline.core.fileio import temp_glob
+from rvc_pipeline.data import read_filelist, training_stems, write_filelist
+from rvc_pipeline.evaluation import heldout
+from rvc_pipeline.evaluation.heldout import HeldOut
+from rvc_pipeline.evaluation.judge import PULLS, write_heldout
+from rvc_pipeline.steps.runner import StepContext, is_primary
 from rvc_pipeline.steps.train import prepare
 from rvc_pipeline.steps.train.launch import launch, world_size
 from rvc_pipeline.steps.train.state import TrainJob, choose_init
@@ -33,11 +37,25 @@ __all__ = ["TrainHooks", "run"]
 
 def _pull_inputs(ctx: StepContext) -> None:
     spec = ctx.spec
-    pulls = ["0_gt_wavs", feature_dir_name(spec.model.version), "config.json",
-             ".rvc/features.params.json"]  # (the features' provenance)
-    pulls += ["2a_f0", "2b-f0nsf"] if spec.model.pitch_guidance else []
+    pulls = [layout.GT_WAVS_DIR, layout.feature_dir(spec.model.version), layout.CONFIG_FILE,
+             layout.params_file("features")]  # (the features' provenance)
+    pulls += list(layout.F0_DIRS) if spec.model.pitch_guidance else []
     ctx.pull(*pulls)
-    prepare.pull_append(ctx, "train.log")  # (the step shell already pulled progress.jsonl)
+    prepare.pull_append(ctx, layout.TRAIN_LOG_FILE)  # (the step shell already pulled progress.jsonl)
+    if spec.eval.enabled:
+        ctx.pull(*PULLS)  # the evaluation history a resumed run extends
+
+
+def _hold_out(ctx: StepContext) -> HeldOut:
+    """The held-out split (spec.eval), written to .rvc/heldout.json and pushed."""
+    spec, exp_dir = ctx.spec, ctx.exp_dir
+    cfg = spec.eval
+    stems = training_stems(exp_dir, spec.model.version, spec.model.pitch_guidance)
+    split = heldout.split(stems, cfg.held_out_share if cfg.enabled else 0.0, cfg.min_files, cfg.max_pieces,
+                          spec.train.seed)
+    if is_primary():
+        ctx.push_file(write_heldout(exp_dir, split))
+    return split
 
 
 def run(ctx: StepContext, hooks: TrainHooks | None = None) -> dict[str, Any]:
@@ -47,12 +65,13 @@ def run(ctx: StepContext, hooks: TrainHooks | None = None) -> dict[str, Any]:
     _pull_inputs(ctx)
     exp_dir = ctx.exp_dir
     counts = prepare.check_inputs(exp_dir, version, sr_key, f0)
-    for stale in [*exp_dir.glob(".G_*.tmp"), *exp_dir.glob(".D_*.tmp")]:  # a save killed midway
+    for stale in exp_dir.glob(temp_glob("[GD]_*.pth")):  # a checkpoint save killed midway
         stale.unlink(missing_ok=True)
     cfg = prepare.load_config(ctx)
     mute_feats, mute_kind = prepare.mute_features(ctx, version)
+    split = _hold_out(ctx)
     filelist = write_filelist(exp_dir, version, f0, sr_key, spec.model.speaker_id, exp_dir / "mute",
-                              seed=spec.train.seed, mute_features=mute_feats)
+                              seed=spec.train.seed, mute_features=mute_feats, exclude=split.excluded)
     items = read_filelist(filelist, f0)
     n_real, ok, short, long_ = prepare.check_items(items, filelist, cfg.hop_length, counts)
     world, _ = world_size(spec)
@@ -62,7 +81,7 @@ def run(ctx: StepContext, hooks: TrainHooks | None = None) -> dict[str, Any]:
                    ctx.workers, mute_kind)
     if is_primary():
         hp = prepare.hparams(ctx, cfg.to_json(), plan, batch, filelist)
-        with open(exp_dir / "train.log", "a") as f:
+        with open(exp_dir / layout.TRAIN_LOG_FILE, "a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\t{ctx.name}\tINFO\t{hp!r}\n")
     summary = launch(job, ctx, hooks)
     summary.update({"items": n_real, "usable_items": ok, "too_short": short, "too_long": long_,

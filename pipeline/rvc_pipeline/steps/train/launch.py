@@ -20,10 +20,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from rvc_pipeline.core.errors import StepFailed
+from rvc_pipeline.core.fileio import visible_gpus
 from rvc_pipeline.progress import Reporter
-from rvc_pipeline.stepio import StepContext, StepFailed, open_artifacts
+from rvc_pipeline.stepio import open_artifacts
+from rvc_pipeline.steps.runner import StepContext
 from rvc_pipeline.steps.train.state import TrainJob
 from rvc_pipeline.steps.train.trainer import Trainer, TrainHooks
 
@@ -39,7 +40,7 @@ def world_size(spec: Any) -> tuple[int, str]:
     env_world = _env_int("WORLD_SIZE", 1)
     if env_world > 1 and "RANK" in os.environ and "LOCAL_RANK" in os.environ:
         return env_world, "torchrun"
-    n_dev = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n_dev = visible_gpus()
     if spec.gpu and spec.train.gpus > 1 and n_dev > 1:
         nproc = min(spec.train.gpus, n_dev)
         return nproc * _env_int("NNODES", 1), "spawn"

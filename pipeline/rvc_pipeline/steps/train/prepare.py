@@ -12,15 +12,16 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from rvc_pipeline.core import layout
+from rvc_pipeline.core.errors import StepFailed
 from rvc_pipeline.core.spec import SAMPLE_RATES
 from rvc_pipeline.data import (
     BUCKET_BOUNDARIES,
     bucket_index,
-    feature_dir_name,
     is_mute_item,
     mute_features_from_embedder,
 )
-from rvc_pipeline.stepio import StepContext, StepFailed
+from rvc_pipeline.steps.runner import StepContext
 from rvc_pipeline.steps.train.state import InitPlan
 from rvc_pipeline.weights import resolve_weight
 
@@ -29,10 +30,10 @@ log = logging.getLogger("rvc_pipeline")
 
 # ------------------------------------------------------------------------------------ input checks
 def _check_features(exp_dir: Path, version: str) -> int:
-    fd = feature_dir_name(version)
+    fd = layout.feature_dir(version)
     other_version = "v1" if version == "v2" else "v2"
-    other = feature_dir_name(other_version)
-    dim = 256 if version == "v1" else 768
+    other = layout.feature_dir(other_version)
+    dim = layout.feature_dim(version)
     feats = sorted((exp_dir / fd).glob("*.npy"))
     if not feats:
         if any((exp_dir / other).glob("*.npy")):
@@ -56,7 +57,7 @@ def _check_features(exp_dir: Path, version: str) -> int:
 
 
 def _check_wavs(exp_dir: Path, sr_key: str) -> int:
-    wavs = sorted((exp_dir / "0_gt_wavs").glob("*.wav"))
+    wavs = sorted((exp_dir / layout.GT_WAVS_DIR).glob("*.wav"))
     sr = SAMPLE_RATES[sr_key]
     for p in wavs:
         try:
@@ -74,12 +75,12 @@ def _check_wavs(exp_dir: Path, sr_key: str) -> int:
 def check_inputs(exp_dir: Path, version: str, sr_key: str, f0: bool) -> dict[str, int]:
     """Consistency of the inputs with the spec; StepFailed naming the folder/file otherwise."""
     exp_dir = Path(exp_dir)
-    if not any((exp_dir / "0_gt_wavs").glob("*.wav")):
-        raise StepFailed(f"{exp_dir / '0_gt_wavs'}: no WAV files; run the preprocess step first")
+    if not any((exp_dir / layout.GT_WAVS_DIR).glob("*.wav")):
+        raise StepFailed(f"{exp_dir / layout.GT_WAVS_DIR}: no WAV files; run the preprocess step first")
     n_feats = _check_features(exp_dir, version)
-    counts = {"0_gt_wavs": _check_wavs(exp_dir, sr_key), feature_dir_name(version): n_feats}
+    counts = {layout.GT_WAVS_DIR: _check_wavs(exp_dir, sr_key), layout.feature_dir(version): n_feats}
     if f0:
-        for sub in ("2a_f0", "2b-f0nsf"):
+        for sub in layout.F0_DIRS:
             n = len(list((exp_dir / sub).glob("*.npy")))
             if n == 0:
                 raise StepFailed(
@@ -118,9 +119,9 @@ def check_items(items: list[list[str]], filelist: Path, hop: int, counts: dict[s
     ok, short, long_ = usable_items(items, hop)
     if ok == 0:
         raise StepFailed(
-            f"{exp_dir / '0_gt_wavs'}: none of the {n_real} clips can be trained on: {short} are too short "
-            f"(clips must be longer than 0.75 s) and {long_} too long (more than ~6.7 s); check the "
-            "preprocess settings (segmentSeconds, slicer minLengthMs)"
+            f"{exp_dir / layout.GT_WAVS_DIR}: none of the {n_real} clips can be trained on: {short} are "
+            f"too short (clips must be longer than 0.75 s) and {long_} too long (more than ~6.7 s); check "
+            "the preprocess settings (segmentSeconds, slicer minLengthMs)"
         )
     if short or long_:
         log.warning("train: %d clip(s) shorter than 0.75 s and %d longer than ~6.7 s are not used",
@@ -167,7 +168,7 @@ def load_config(ctx: StepContext) -> Any:
 
     spec = ctx.spec
     sr_key = spec.model.sample_rate
-    cfg_path = ctx.exp_dir / "config.json"
+    cfg_path = ctx.exp_dir / layout.CONFIG_FILE
     cfg = get_config(spec.model.version, sr_key)
     if cfg_path.exists():
         try:

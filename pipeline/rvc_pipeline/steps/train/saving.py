@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from rvc_pipeline import checkpoints as ck
-from rvc_pipeline.stepio import StepContext
+from rvc_pipeline.core import layout
+from rvc_pipeline.steps.runner import StepContext
 from rvc_pipeline.steps.train.state import Nets, TrainJob
 
 DEMO_INFO = "DEMO random init - not a real voice; {info}"
@@ -45,8 +46,8 @@ def save(job: TrainJob, ctx: StepContext | None, nets: Nets, epoch: int, global_
     common = {"global_step": global_step, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
               "version": spec.model.version, "sr": spec.model.sample_rate,
               "f0": int(spec.model.pitch_guidance), "random_weights": bool(job.init.random_weights)}
-    d_path = exp_dir / f"D_{num}.pth"
-    g_path = exp_dir / f"G_{num}.pth"
+    g_name, d_name = layout.checkpoint_names(num)
+    d_path, g_path = exp_dir / d_name, exp_dir / g_name
     ck.save_checkpoint(d_path, nets.net_d, nets.optim_d, spec.train.learning_rate, epoch, common)
     ck.save_checkpoint(g_path, nets.net_g, nets.optim_g, spec.train.learning_rate, epoch,
                        {**common, "history": {k: list(v) for k, v in hist.items()}})
@@ -57,12 +58,13 @@ def save(job: TrainJob, ctx: StepContext | None, nets: Nets, epoch: int, global_
     if spec.train.save_every_weights:
         from rvc_pipeline.nn.config import RVCConfig
 
-        w = exp_dir / "weights" / f"{job.experiment.name}_e{epoch}_s{global_step}.pth"
+        w_name = layout.epoch_model(job.experiment.name, epoch, global_step)
+        w = exp_dir / w_name
         cfg = RVCConfig.from_json(job.config)
         export(job, nets.net_g, cfg, w, model_info(job, epoch), epoch, global_step)
         if ctx is not None:
             ctx.push_file(w)
-        out.append(f"weights/{w.name}")
+        out.append(w_name)
     if ctx is not None:
         ctx.reporter.event("checkpoint", epoch=epoch, global_step=global_step, files=out)
     return out
@@ -71,7 +73,7 @@ def save(job: TrainJob, ctx: StepContext | None, nets: Nets, epoch: int, global_
 def export_final(job: TrainJob, ctx: StepContext | None, net_g: torch.nn.Module, cfg: Any, epoch: int,
                  global_step: int) -> tuple[Path, str]:
     """The experiment's model, weights/<exp>.pth; returns (path, info)."""
-    final = job.exp_dir / "weights" / f"{job.experiment.name}.pth"
+    final = job.exp_dir / layout.exported_model(job.experiment.name)
     info = model_info(job, epoch)
     export(job, net_g, cfg, final, info, epoch, global_step)
     if ctx is not None:
@@ -80,9 +82,9 @@ def export_final(job: TrainJob, ctx: StepContext | None, net_g: torch.nn.Module,
 
 
 def write_summary(job: TrainJob, ctx: StepContext | None, summary: dict[str, Any]) -> None:
-    out = job.exp_dir / "train_summary.json"
+    out = job.exp_dir / layout.TRAIN_SUMMARY_FILE
     out.write_text(json.dumps(summary, indent=1, default=str))
     if ctx is not None:
         ctx.push_file(out)
-        for name in ("train.log", "config.json", "filelist.txt"):
+        for name in (layout.TRAIN_LOG_FILE, layout.CONFIG_FILE, layout.FILELIST_FILE):
             ctx.push(name)

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from rvc_pipeline import checkpoints as ck
+from rvc_pipeline.core import layout
+from rvc_pipeline.core.errors import StepFailed, StorageError, WeightsNotFound
 from rvc_pipeline.core.spec import Experiment
-from rvc_pipeline.core.storage import StorageError
-from rvc_pipeline.stepio import StepContext, StepFailed
-from rvc_pipeline.weights import DEMO_WARNING, WeightsNotFound, resolve_weight
+from rvc_pipeline.steps.runner import StepContext
+from rvc_pipeline.weights import DEMO_WARNING, resolve_weight
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -72,7 +73,7 @@ def _pull_checkpoints(ctx: StepContext) -> list[str]:
     names = []
     for o in ctx.storage.list(ctx.exp_key, recursive=False):
         name = o.key.rsplit("/", 1)[-1]
-        if ck.checkpoint_number(name) is not None and name[:2] in ("G_", "D_"):
+        if ck.checkpoint_number(name) is not None and name[:2] in layout.CHECKPOINT_PREFIXES:
             local = ctx.exp_dir / name
             if local.exists() and local.stat().st_size != o.size:
                 local.unlink()  # stale local copy of an object that was rewritten (latest-only)
@@ -91,9 +92,9 @@ def _candidate_pairs(ctx: StepContext, remote_names: list[str]) -> list[tuple[st
     names = set(remote_names)
     for p in ctx.exp_dir.glob("*.pth"):
         names.add(p.name)
-    gs = sorted((n for n in names if n.startswith("G_") and ck.checkpoint_number(n) is not None),
-                key=lambda n: ck._order_key(Path(n)), reverse=True)
-    return [(g, "D_" + g[2:]) for g in gs if "D_" + g[2:] in names]
+    pairs = [(g, d) for g in names if (d := layout.discriminator_of(g)) is not None and d in names
+             and ck.checkpoint_number(g) is not None]
+    return sorted(pairs, key=lambda gd: ck._order_key(Path(gd[0])), reverse=True)
 
 
 def _own_checkpoint_plan(ctx: StepContext) -> InitPlan | None:
@@ -125,9 +126,10 @@ def _resume_from_plan(ctx: StepContext, uri: str) -> InitPlan:
         if not e.permanent:
             raise  # storage unreachable: transient (exit 1), retried
         raise StepFailed(f"spec.train.resumeFrom: {e}") from None
-    d_uri = uri.rsplit("/", 1)[0] + "/" + "D_" + g.name[2:] if "/" in uri else "D_" + g.name[2:]
-    if not g.name.startswith("G_"):
+    d_name = layout.discriminator_of(g.name)
+    if d_name is None:
         raise StepFailed(f"spec.train.resumeFrom: {uri} is not a G_*.pth checkpoint")
+    d_uri = uri.rsplit("/", 1)[0] + "/" + d_name if "/" in uri else d_name
     d: Path | None
     try:
         d = fetch_uri(d_uri, dest, spec.storage.endpoint, spec.storage.region)

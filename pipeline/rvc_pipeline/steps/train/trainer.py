@@ -32,11 +32,14 @@ from typing import Any
 
 import torch
 
+from rvc_pipeline.core import layout
+from rvc_pipeline.core.errors import StepFailed
+from rvc_pipeline.core.fileio import pick_device
 from rvc_pipeline.data import DistributedBucketSampler, TextAudioCollate, TextAudioDataset
 from rvc_pipeline.losses import discriminator_loss, feature_loss, generator_loss, kl_loss, mel_loss
 from rvc_pipeline.mel import mel_spectrogram, spec_to_mel
-from rvc_pipeline.stepio import StepContext, StepFailed
-from rvc_pipeline.steps.train import saving
+from rvc_pipeline.steps.runner import StepContext
+from rvc_pipeline.steps.train import judging, saving
 from rvc_pipeline.steps.train.state import Nets, Start, TrainJob, apply_plan, lr_schedules
 
 log = logging.getLogger("rvc_pipeline")
@@ -244,8 +247,8 @@ class Trainer:
         self.cfg = RVCConfig.from_json(job.config)
         self.is_main = rank == 0
         self.reporter = ctx.reporter if ctx is not None else None
-        self.tlog = TrainLog(job.exp_dir / "train.log" if self.is_main else None)
-        self.use_cuda = bool(self.spec.gpu and torch.cuda.is_available())
+        self.tlog = TrainLog(job.exp_dir / layout.TRAIN_LOG_FILE if self.is_main else None)
+        self.use_cuda = pick_device("gpu" if self.spec.gpu else "cpu", what="train") == "cuda"
         self.device = torch.device(f"cuda:{local_rank}" if self.use_cuda else "cpu")
         self.precision = pick_precision(self.t.precision, self.device)
         self.hist: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
@@ -254,6 +257,8 @@ class Trainer:
         self.last_event = 0.0
         self.last_saved_epoch: int | None = None
         self.gpu_cache: list[tuple[torch.Tensor, ...]] = []
+        self.judge: Any = None  # evaluation.judge.Judge on the primary process when evaluation is on
+        self.stop_early = False
 
     # --- set-up
     def _setup_process(self) -> None:
@@ -315,6 +320,8 @@ class Trainer:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.step_fn = GanStep(net_g, net_d, optim_g, optim_d, scaler, cfg, m.pitch_guidance, amp_dtype,
                                self.world, self.hooks.loss_hook)
+        if self.is_main:
+            self.judge = judging.setup(self.job, self.nets.net_g, self.device)
 
     def _announce(self) -> None:
         if not self.is_main:
@@ -341,6 +348,10 @@ class Trainer:
             t0 = time.time()
             totals = self._train_epoch(epoch)
             self._end_epoch(epoch, totals, time.time() - t0)
+            if self.stop_early:
+                self.tlog("early stop after epoch %d: %d evaluations without a better score (best: epoch %s)",
+                          epoch, self.spec.eval.patience, self.judge.best.epoch if self.judge else "?")
+                break
         summary = self._finish(max(epoch, self.start.epoch - 1)) if self.is_main else {}
         if self.world > 1:
             import torch.distributed as dist
@@ -424,8 +435,11 @@ class Trainer:
             if epoch % self.t.save_every_epoch == 0 or epoch == self.t.epochs:
                 self._save(epoch)
             if self.ctx is not None:
-                self.ctx.push("progress.jsonl")
-                self.ctx.push("train.log")
+                self.ctx.push(layout.PROGRESS_FILE)
+                self.ctx.push(layout.TRAIN_LOG_FILE)
+        saved_now = epoch % self.t.save_every_epoch == 0 or epoch == self.t.epochs
+        if saved_now and self.spec.eval.patience:
+            self.stop_early = judging.agree(self.stop_early, self.world, self.device)
         if self.world > 1:
             import torch.distributed as dist
 
@@ -456,20 +470,30 @@ class Trainer:
                   self.global_step)
         self.saved += files
         self.last_saved_epoch = epoch
+        if self.judge is not None:
+            self.stop_early = judging.after_save(self.judge, self.job, self.ctx, self.nets.net_g, self.cfg,
+                                                 epoch, self.global_step, files[0])
 
     # --- the end
     def _finish(self, last_epoch: int) -> dict[str, Any]:
         job, exp_dir = self.job, self.job.exp_dir
-        final, info = saving.export_final(job, self.ctx, self.nets.net_g, self.cfg, last_epoch,
-                                          self.global_step)
-        self.tlog("exported %s (%s)", final, info)
+        judged = judging.summary(self.judge)
+        if judged:  # weights/<exp>.pth is the best evaluated checkpoint, exported when it was judged
+            final = job.exp_dir / layout.exported_model(job.experiment.name)
+            info = saving.model_info(job, judged["best"]["epoch"])
+            self.tlog("best evaluated checkpoint: epoch %d (%s), exported as %s", judged["best"]["epoch"],
+                      judged["best"]["checkpoint"], final)
+        else:
+            final, info = saving.export_final(job, self.ctx, self.nets.net_g, self.cfg, last_epoch,
+                                              self.global_step)
+            self.tlog("exported %s (%s)", final, info)
         summary = {
             "epochs": self.t.epochs, "start_epoch": self.start.epoch, "last_epoch": last_epoch,
             "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
             "batch_size": job.batch_size, "world_size": self.world, "precision": self.precision,
             "device": str(self.device), "nonfinite_steps": self.nonfinite_total, "checkpoints": self.saved,
             "last_saved_epoch": self.last_saved_epoch, "model": str(final.relative_to(exp_dir)), "info": info,
-            "mute_features": job.mute_features, "random_weights": bool(job.init.random_weights),
+            **judged, "mute_features": job.mute_features, "random_weights": bool(job.init.random_weights),
             **self.start.info, "history": {k: [_r(x) for x in v] for k, v in self.hist.items()},
             "overtraining_note": "history.ema_* are EMA(0.987)-smoothed per-epoch loss averages; a rising "
                                  "ema_loss_mel over many epochs suggests over-training",

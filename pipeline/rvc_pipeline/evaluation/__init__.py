@@ -1,0 +1,1 @@
+"""Checkpoint evaluation: the held-out split, scoring and selection, the HTML report."""
