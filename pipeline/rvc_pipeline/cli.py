@@ -192,9 +192,13 @@ def _eval(args: argparse.Namespace) -> int:
                        metrics=tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else None,
                        device=args.device, embedder=args.embedder, limit=max(1, int(args.limit)))
     res = score_folder(opts)
-    if args.json:
-        print(json.dumps({"files": res.files, "metrics": res.overall.metrics, "per_file": res.per_file,
-                          "skipped": res.overall.skipped}, indent=1))
+    if args.json:  # a metric with nothing to measure (nan) is null: strict JSON
+        def clean(m: dict[str, float]) -> dict[str, float | None]:
+            return {k: (v if v == v and abs(v) != float("inf") else None) for k, v in m.items()}
+
+        print(json.dumps({"files": res.files, "metrics": clean(res.overall.metrics),
+                          "per_file": {f: clean(m) for f, m in res.per_file.items()},
+                          "skipped": res.overall.skipped}, indent=1, allow_nan=False))
     else:
         print(table(res))
     return EXIT_OK

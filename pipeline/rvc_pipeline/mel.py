@@ -25,7 +25,8 @@ def _window(win_length: int, device: torch.device) -> torch.Tensor:
     key = (str(device), win_length)
     w = _WINDOWS.get(key)
     if w is None:
-        w = torch.hann_window(win_length, dtype=torch.float32, device=device)
+        with torch.inference_mode(False):  # cached for training too: never an inference-mode tensor
+            w = torch.hann_window(win_length, dtype=torch.float32, device=device)
         with _LOCK:
             _WINDOWS[key] = w
     return w
@@ -43,7 +44,8 @@ def mel_basis(
         import librosa
 
         m = librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
-        b = torch.from_numpy(m).to(device=device, dtype=torch.float32)
+        with torch.inference_mode(False):  # cached for training too: never an inference-mode tensor
+            b = torch.from_numpy(m).to(device=device, dtype=torch.float32)
         with _LOCK:
             _BASES[key] = b
     return b

@@ -535,3 +535,38 @@ def test_cli_converts_with_fcpe(tmp_path: Path, speech: dict[str, Path], small_m
     xp = np.pad(x.astype(np.float64), (16000, 16000), mode="reflect")
     p_len = len(xp) // 160
     np.testing.assert_array_equal(extract_f0(xp, p_len, "fcpe"), compute_f0(xp, "fcpe", p_len))
+
+
+def test_cli_eval_scores_a_model_on_folders(tmp_path: Path, speech: dict[str, Path], v2_model: Path,
+                                            hubert_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`rvc-pipeline eval`: every source file converted and scored; a same-named target file is the truth."""
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    src.mkdir()
+    tgt.mkdir()
+    for name in ("short", "medium"):
+        (src / f"{name}.wav").write_bytes(speech[name].read_bytes())
+    (tgt / "medium.wav").write_bytes(speech["medium"].read_bytes())  # parallel recording of one source
+    (tgt / "other.wav").write_bytes(speech["other"].read_bytes())
+    (tgt / "notes.txt").write_text("not audio")  # skipped
+    rc = cli.main(["eval", "--model", str(v2_model), "--target", str(tgt), "--source", str(src),
+                   "--embedder", str(hubert_file), "--device", "cpu", "--metrics", "mel_l1,f0", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    res = json.loads(out.out)
+    assert res["files"] == 2 and set(res["per_file"]) == {"short.wav", "medium.wav"}
+    assert "mel_l1" in res["per_file"]["medium.wav"] and "mel_l1" not in res["per_file"]["short.wav"]
+    rmse = res["metrics"]["f0_rmse_cents"]  # null when no frame is voiced in both (a random model)
+    assert (rmse is None or rmse >= 0) and 0 <= res["metrics"]["voicing_error"] <= 1
+    rc = cli.main(["eval", "--model", str(v2_model), "--target", str(tgt), "--source", str(src),
+                   "--embedder", str(hubert_file), "--device", "cpu", "--metrics", "mel_l1"])
+    table = capsys.readouterr().out
+    assert rc == 0 and "all files" in table and "medium.wav" in table
+    # careless input: one clear line, exit 2
+    for bad in (["--source", str(tmp_path / "missing")], ["--target", str(tgt / "other.wav")],
+                ["--metrics", "no_such_metric"]):
+        args = {"--target": str(tgt), "--source": str(src), "--metrics": "mel_l1"}
+        args.update(dict(zip(bad[::2], bad[1::2])))
+        rc = cli.main(["eval", "--model", str(v2_model), "--embedder", str(hubert_file), "--device", "cpu",
+                       *[x for kv in args.items() for x in kv]])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

@@ -110,3 +110,34 @@ def test_report_with_no_scores_yet() -> None:
     page = report.render("demo", [EvalRecord(epoch=1, step=1)], {}, "rule")
     assert "No checkpoint has a score yet" in page
     json.dumps(page)
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("metrics", ["nope"], "eval.metrics"),
+    ("score", {"Bad-Key": 1.0}, "eval.score"),
+    ("score", {}, "eval.score"),
+    ("score", {"mel_l1": float("nan")}, "eval.score"),
+    ("heldOutShare", 0.9, "eval.heldOutShare"),
+    ("patience", 0, "eval.patience"),
+])
+def test_bad_eval_spec_fields_name_the_field(field: str, value: object, match: str) -> None:
+    from rvc_pipeline.core.spec import SpecError, parse_manifest
+
+    m = {"apiVersion": "rvc-operator.dev/v1alpha1", "kind": "RVCExperiment", "metadata": {"name": "a"},
+         "spec": {"dataset": {"source": "/d"}, "storage": {"uri": "/s"}, "eval": {field: value}}}
+    with pytest.raises(SpecError, match=re.escape(match)):
+        parse_manifest(m)
+
+
+def test_mel_caches_filled_in_inference_mode_still_train() -> None:
+    """A metric computes a mel under inference_mode before training does (a resumed run evaluates the
+    restored generator first): the cached window and filter bank must still work under autograd."""
+    import torch
+
+    from rvc_pipeline import mel
+
+    with torch.inference_mode():
+        mel.mel_spectrogram(torch.zeros(1, 4000), 1024, 80, 16000, 256, 1000, 0.0, None)
+    y = torch.randn(1, 4000, requires_grad=True)
+    mel.mel_spectrogram(y, 1024, 80, 16000, 256, 1000, 0.0, None).sum().backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all()

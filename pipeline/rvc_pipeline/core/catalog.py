@@ -94,6 +94,8 @@ def discover(kind: str, root: Path = _COMPONENTS) -> dict[str, Component]:
 # pitch trackers: components/pitch/<module>.py
 PITCH: dict[str, Component] = discover("pitch")
 PITCH_METHODS: tuple[str, ...] = tuple(PITCH)
+METRICS: dict[str, Component] = discover("metrics")
+METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
 # content embedders: components/embedders/<module>.py declare CATALOG the same way (filled by that package)
 EMBEDDERS: dict[str, Component] = discover("embedders")
 

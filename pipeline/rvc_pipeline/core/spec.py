@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from rvc_pipeline.core.catalog import PITCH_METHODS
+from rvc_pipeline.core.catalog import METRIC_NAMES, PITCH_METHODS
 from rvc_pipeline.core.layout import feature_dim
 
 API_GROUP = "rvc-operator.dev"
@@ -49,6 +49,7 @@ SAMPLE_RATES: dict[str, int] = {"32k": 32000, "40k": 40000, "48k": 48000}
 PIECE_SECONDS: tuple[float, float] = (0.76, 6.75)
 MAX_MANIFEST_BYTES = 1 << 20  # the API server stores objects of about 1.5 MB at most
 F0Method = Literal[PITCH_METHODS]  # type: ignore[valid-type]  # one per file of components/pitch
+MetricName = Literal[METRIC_NAMES]  # type: ignore[valid-type]  # declared by components/metrics files
 
 class SpecError(ValueError):
     """A manifest that does not describe a valid experiment. The message names the field."""
@@ -507,8 +508,9 @@ class EvalSpec(_Model):
     previews: int = Field(default=2, ge=0, le=16, description="Preview clips converted per evaluation.")
     transpose: int = Field(default=0, ge=-24, le=24,
                            description="Semitones applied to the references when converting them.")
-    metrics: list[Annotated[str, Field(max_length=40, pattern=r"^[a-z][a-z0-9_]*$")]] | None = Field(
-        default=None, max_length=16, description="Metric names to compute (default: all that can run here)."
+    metrics: list[MetricName] | None = Field(
+        default=None, max_length=16,
+        description=f"Metrics to compute: {', '.join(METRIC_NAMES)} (default: all that can run here).",
     )
     score: dict[str, Annotated[float, Field(ge=-1000, le=1000)]] | None = Field(
         default=None,

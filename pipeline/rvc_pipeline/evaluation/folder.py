@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rvc_pipeline.components.metrics.base import Clip, Metric
+from rvc_pipeline.core.errors import StepFailed
 from rvc_pipeline.evaluation.evaluate import Output, Result, conversions, load_metrics, score
 from rvc_pipeline.evaluation.sources import AUDIO_SUFFIXES
 
@@ -46,11 +47,11 @@ class FolderResult:
 def audio_files(folder: Path, limit: int, what: str) -> list[Path]:
     """Sorted audio files directly in `folder` (symlinks are not followed); ValueError naming the folder."""
     if not folder.is_dir() or folder.is_symlink():
-        raise ValueError(f"--{what} {folder}: not a folder")
+        raise StepFailed(f"--{what} {folder}: not a folder")
     files = sorted(p for p in folder.iterdir()
                    if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file() and not p.is_symlink())
     if not files:
-        raise ValueError(f"--{what} {folder}: no audio files ({', '.join(AUDIO_SUFFIXES)})")
+        raise StepFailed(f"--{what} {folder}: no audio files ({', '.join(AUDIO_SUFFIXES)})")
     return files[:limit]
 
 
@@ -99,7 +100,10 @@ def score_folder(opts: EvalOptions, chosen: Sequence[Metric] | None = None) -> F
     target_files = audio_files(opts.target, opts.limit, "target")
     targets = [_clip16k(p) for p in target_files]
     if chosen is None:
-        chosen, skipped = load_metrics(list(opts.metrics) if opts.metrics else None)
+        try:
+            chosen, skipped = load_metrics(list(opts.metrics) if opts.metrics else None)
+        except ValueError as e:
+            raise StepFailed(f"--metrics: {e}") from None
     else:
         skipped = {}
     outputs = conversions(_converter(opts), sources, opts.transpose)

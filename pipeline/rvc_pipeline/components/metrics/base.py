@@ -26,13 +26,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from rvc_pipeline.core.catalog import Component, discover
+from rvc_pipeline.core.catalog import METRICS as CATALOG_METRICS
+from rvc_pipeline.core.catalog import Component
 
 SR_MIN = 8000
 SR_MAX = 192000
 MAX_LENGTH_MISMATCH = 0.10  # an RVC output may be cut or padded a little; more: not the same utterance
 
-METRICS: dict[str, Component] = discover("metrics")
+METRICS: dict[str, Component] = CATALOG_METRICS
 
 
 class MetricInputError(ValueError):
