@@ -133,7 +133,6 @@ def test_mel_caches_filled_in_inference_mode_still_train() -> None:
     """A metric computes a mel under inference_mode before training does (a resumed run evaluates the
     restored generator first): the cached window and filter bank must still work under autograd."""
     import torch
-
     from rvc_pipeline import mel
 
     with torch.inference_mode():
