@@ -32,6 +32,28 @@ def test_events_go_to_jsonl_and_prometheus(prom, tmp_path):
     assert events[0]["loss_d"] == 3.25 and events[0]["note"].startswith("text")
 
 
+def test_checkpoint_evaluation_reaches_prometheus_and_the_operator_reader(prom, tmp_path):
+    """What training publishes after judging a checkpoint: the dashboard's gauges and status.training."""
+    from rvc_operator.progress_reader import parse_events, training_from_events
+    from rvc_pipeline.evaluation.history import EvalRecord
+    from rvc_pipeline.steps.train.judging import publish
+
+    rep = Reporter(tmp_path, "erin", "train", pushgateway=prom.pushgateway)
+    best = EvalRecord(epoch=5, step=50, checkpoint="G_50.pth", metrics={"speaker_sim": 0.81}, score=0.81)
+    rec = EvalRecord(epoch=10, step=100, checkpoint="G_100.pth", score=0.62,
+                     metrics={"speaker_sim": 0.7, "mel_l1": 1.25, "dnsmos_ovrl": 2.9})
+    publish(rep, rec, best, stop=False)
+    expected = {"rvc_eval_mel_l1": 1.25, "rvc_score": 0.62, "rvc_best_epoch": 5, "rvc_eval_speaker_sim": 0.7}
+    for metric, value in expected.items():
+        query = f'{metric}{{experiment="erin"}}'
+        assert float(prom.wait_for(query)[0]["value"][1]) == pytest.approx(value), metric
+    training = training_from_events(parse_events((tmp_path / PROGRESS_FILE).read_bytes()))
+    assert training is not None and training.best is not None and training.latest is not None
+    assert training.latest.metrics is not None
+    got = (training.best.epoch, training.best.checkpoint, training.latest.metrics["mel_l1"])
+    assert got == (5, "G_50.pth", 1.25)
+
+
 def test_unreachable_pushgateway_never_fails_a_step(tmp_path, caplog):
     rep = Reporter(tmp_path, "bob", "f0", pushgateway="http://127.0.0.1:9")
     rep.event("progress", files_done=1, files_total=2)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from rvc_pipeline.core import layout
+from rvc_pipeline.evaluation.history import EvalRecord
 from rvc_pipeline.evaluation.judge import Judge, make_converter, make_judge
 from rvc_pipeline.steps.train import saving
 from rvc_pipeline.steps.train.state import TrainJob
@@ -46,16 +47,22 @@ def after_save(judge: Judge, job: TrainJob, ctx: Any, net_g: torch.nn.Module, cf
     if ctx is not None:
         for f in [layout.EVAL_FILE, layout.REPORT_FILE, *rec.previews]:
             ctx.push_file(job.exp_dir / f)
-        ctx.reporter.event("eval", epoch=epoch, global_step=step, checkpoint=checkpoint, metrics=rec.metrics,
-                           score=rec.score, seconds=rec.seconds, best_epoch=best.epoch if best else None,
-                           best_score=best.score if best else None, stop=stop,
-                           best_global_step=best.step if best else None,
-                           best_checkpoint=best.checkpoint if best else "",
-                           best_metrics=best.metrics if best else {})
-        ctx.reporter.push({f"eval_{k}": v for k, v in rec.metrics.items()})  # rvc_eval_<metric> gauges
+        publish(ctx.reporter, rec, best, stop)
     log.info("evaluation of epoch %d: score %s (%s); best epoch %s", epoch, rec.score, rec.metrics,
              best.epoch if best else None)
     return stop
+
+
+def publish(reporter: Any, rec: EvalRecord, best: EvalRecord | None, stop: bool) -> None:
+    """The `eval` progress event (the operator's status.training) and the rvc_eval_<metric> gauges (the
+    event's own numbers become rvc_score, rvc_best_epoch, ...)."""
+    reporter.event("eval", epoch=rec.epoch, global_step=rec.step, checkpoint=rec.checkpoint,
+                   metrics=rec.metrics, score=rec.score, seconds=rec.seconds,
+                   best_epoch=best.epoch if best else None, best_score=best.score if best else None,
+                   best_global_step=best.step if best else None,
+                   best_checkpoint=best.checkpoint if best else "", best_metrics=best.metrics if best else {},
+                   stop=stop)
+    reporter.push({f"eval_{k}": v for k, v in rec.metrics.items()})
 
 
 def agree(stop: bool, world: int, device: torch.device) -> bool:
