@@ -35,3 +35,12 @@ def test_demo_runs_every_step_and_converts(tmp_path: Path) -> None:
     assert info.samplerate == 40000 and info.duration > 1.0
     n_voices = len(list((tmp_path / "data" / "demo-voice").glob("*.wav")))
     assert n_voices >= 3
+    # checkpoint evaluation: held-out pieces, the history, previews, the report, the closing summary
+    held = yaml.safe_load((exp / ".rvc" / "heldout.json").read_text())
+    assert held["mode"] == "files" and held["eval"]
+    lines = (exp / "eval.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and '"speaker_sim"' in lines[0] and '"dnsmos_ovrl"' in lines[0]
+    assert len(list((exp / "previews").glob("e00001_*.wav"))) == 2
+    page = (exp / "report.html").read_text()
+    assert page.count("<audio") == 2 and "Best: epoch 1" in page
+    assert "best     : epoch 1 of 1 evaluated" in r.stdout and "report.html" in r.stdout
