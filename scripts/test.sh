@@ -21,6 +21,10 @@ for f in crds/rvcexperiments.yaml charts/rvc-operator/crds/rvcexperiments.yaml; 
   python -m rvc_operator.crd | diff -u "$f" - \
     || { echo "$f is stale: run 'python -m rvc_operator.crd | tee $f'"; exit 1; }
 done
+for f in crds/rvcexperiments-cel.yaml charts/rvc-operator/files/rvcexperiments-cel.yaml; do
+  python -m rvc_operator.crd --cel | diff -u "$f" - \
+    || { echo "$f is stale: run 'python -m rvc_operator.crd --cel | tee $f'"; exit 1; }
+done
 echo "== unit + integration tests"
 rc=0
 pytest -q -p no:cacheprovider tests/unit tests/integration "$@" || rc=$?

@@ -2,6 +2,7 @@
 
     python -m rvc_operator.crd > crds/rvcexperiments.yaml      (or: rvc-operator-crd)
     python -m rvc_operator.crd --check crds/rvcexperiments.yaml (exit 1 when it differs)
+    python -m rvc_operator.crd --cel > crds/rvcexperiments-cel.yaml  (with CEL rules, Kubernetes >= 1.25)
 
 The spec half of the openAPIV3Schema comes from `rvc_pipeline.core.spec.ExperimentSpec` (pydantic JSON schema,
 camelCase aliases) converted into a *structural* schema as apiextensions.k8s.io/v1 requires: every node has
@@ -63,6 +64,11 @@ _FALLBACK_DESCRIPTIONS = {
 }
 
 
+# CEL validation rules (rvc_pipeline.core.spec.cel): kept in the CEL variant only (API servers >= 1.25).
+_CEL = "x-kubernetes-validations"
+CEL_HEADER = HEADER.replace("crd > crds/rvcexperiments.yaml", "crd --cel > crds/rvcexperiments-cel.yaml")
+
+
 class CRDSchemaError(ValueError):
     """The spec uses a JSON-schema construct that has no structural CRD equivalent."""
 
@@ -109,7 +115,7 @@ def _unwrap_nullable(node: dict[str, Any], defs: dict[str, Any], where: str) -> 
 
 def _check_keywords(node: dict[str, Any], where: str) -> None:
     for key in node:
-        if key not in _KEEP and key not in _DROP and key not in ("$ref", "anyOf", "allOf", "const"):
+        if key not in _KEEP and key not in _DROP and key not in ("$ref", "anyOf", "allOf", "const", _CEL):
             raise CRDSchemaError(f"{where}: JSON-schema keyword {key!r} is not supported in a CRD")
 
 
@@ -193,7 +199,20 @@ def structural(node: dict[str, Any], defs: dict[str, Any], path: tuple[str, ...]
     # off there; since Kubernetes 1.20 a null in a non-nullable field is pruned (= left out) instead.
     if nullable and "enum" not in out:
         out["nullable"] = True
+    if _CEL in node:
+        out[_CEL] = [dict(rule) for rule in node[_CEL]]
     return out
+
+
+def _strip_cel(node: Any) -> None:
+    """Remove every x-kubernetes-validations (the plain variant, for API servers without CEL)."""
+    if isinstance(node, dict):
+        node.pop(_CEL, None)
+        for sub in node.values():
+            _strip_cel(sub)
+    elif isinstance(node, list):
+        for sub in node:
+            _strip_cel(sub)
 
 
 def _add_object_defaults(schema: dict[str, Any], model: type[BaseModel], path: tuple[str, ...] = ()) -> None:
@@ -261,7 +280,15 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
 ]
 
 
-def build_crd() -> dict[str, Any]:
+def build_crd(cel: bool = False) -> dict[str, Any]:
+    """The CRD; with cel=True its schema carries the CEL rules of the spec models (Kubernetes >= 1.25)."""
+    crd = _crd_object()
+    if not cel:
+        _strip_cel(crd)
+    return crd
+
+
+def _crd_object() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -310,16 +337,19 @@ def build_crd() -> dict[str, Any]:
     }
 
 
-def render() -> str:
-    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=100, allow_unicode=True)
+def render(cel: bool = False) -> str:
+    return (CEL_HEADER if cel else HEADER) + yaml.safe_dump(
+        build_crd(cel), sort_keys=False, width=100, allow_unicode=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rvc-operator-crd", description="Print the RVCExperiment CRD.")
     ap.add_argument("--check", metavar="FILE",
                     help="compare FILE with the generated CRD; exit 1 if it differs")
+    ap.add_argument("--cel", action="store_true",
+                    help="the variant with CEL rules (x-kubernetes-validations, Kubernetes >= 1.25)")
     args = ap.parse_args(argv)
-    text = render()
+    text = render(args.cel)
     if args.check:
         p = Path(args.check)
         have = p.read_text() if p.exists() else ""

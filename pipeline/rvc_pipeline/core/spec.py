@@ -235,6 +235,20 @@ else:
     ImageRef = _text(512, _no_space)
 
 
+def cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """API-server validation rules (`x-kubernetes-validations`, CEL) for a model or field's JSON schema.
+
+    Each rule is (CEL expression on `self` (and `oldSelf` for transition rules), message). They repeat in
+    the API server what the validators here check, so a bad spec is refused at `kubectl apply`; crd.py
+    emits them only in the CEL variant of the CRD (Kubernetes >= 1.25)."""
+    return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
+
+
+# s3:// everywhere on clusters: step pods share no filesystem (the operator's Policy.require_s3).
+_CEL_S3 = ("self.startsWith('s3://')", "must be an s3:// URI: step pods share no filesystem")
+_CEL_IMMUTABLE = ("self == oldSelf", "is immutable: artifacts of a running experiment live there")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -265,14 +279,16 @@ class Device(str, Enum):
 class DatasetSpec(_Model):
     source: Folder = Field(
         description="Folder of voice recordings: a local path or s3://bucket/prefix/. Only files directly "
-        "inside it are used (not sub-folders); any format ffmpeg reads."
+        "inside it are used (not sub-folders); any format ffmpeg reads.",
+        json_schema_extra=cel(_CEL_S3),
     )
 
 
 class StorageSpec(_Model):
     uri: Folder = Field(
         description="Where artifacts go: a local folder or s3://bucket/prefix. "
-        "An experiment writes to <uri>/logs/<experiment>/."
+        "An experiment writes to <uri>/logs/<experiment>/.",
+        json_schema_extra=cel(_CEL_S3, _CEL_IMMUTABLE),
     )
     endpoint: HttpUrl | None = Field(
         default=None,
@@ -308,6 +324,12 @@ class ModelSpec(_Model):
 
 
 class SlicerSpec(_Model):
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("self.minLengthMs >= self.minIntervalMs && self.minIntervalMs >= self.hopSizeMs",
+         "need minLengthMs >= minIntervalMs >= hopSizeMs"),
+        ("self.maxSilKeptMs >= self.hopSizeMs", "maxSilKeptMs must be >= hopSizeMs"),
+    ))
+
     threshold_db: float = Field(default=-42.0, ge=-120, le=0, description="Silence threshold in dB (RMS).")
     min_length_ms: int = Field(default=1500, ge=1, le=60_000,
                                description="Minimum length of a sliced clip in ms.")
@@ -330,6 +352,12 @@ class SlicerSpec(_Model):
 
 
 class PreprocessSpec(_Model):
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("self.overlapSeconds < self.segmentSeconds", "overlapSeconds must be smaller than segmentSeconds"),
+        (f"self.segmentSeconds >= {PIECE_SECONDS[0]!r} && self.segmentSeconds <= {PIECE_SECONDS[1]!r}",
+         f"segmentSeconds: training uses pieces of {PIECE_SECONDS[0]:g} to {PIECE_SECONDS[1]:g} s"),
+    ))
+
     segment_seconds: float = Field(
         default=3.7, gt=0.5, le=30.0, description="Piece length in seconds before overlap (RVC 'per')."
     )
@@ -541,9 +569,16 @@ class EvalSpec(_Model):
 class ExperimentSpec(_Model):
     """spec of an RVCExperiment."""
 
+    # train.saveEveryEpoch > train.epochs has no rule: _cross clamps it (a short run keeps the default 5)
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("has(self.experimentName) == has(oldSelf.experimentName)",
+         "experimentName cannot be added or removed after creation"),
+    ))
+
     experiment_name: ExperimentName | None = Field(
         default=None,
         description="Name of the experiment folder logs/<name>/. Default: metadata.name.",
+        json_schema_extra=cel(_CEL_IMMUTABLE),
     )
     dataset: DatasetSpec = Field(description="Where the voice recordings are.")
     storage: StorageSpec = Field(description="Where artifacts are written.")
