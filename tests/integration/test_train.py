@@ -531,3 +531,29 @@ def test_early_stop_after_patience_evaluations(tmp_path: Path, speech: list[np.n
     make_experiment(tmp_path, "ev", speech * 3)
     summary = _eval_run(tmp_path, speech, epochs=5, score={"mel_l1": 0.0}, patience=1)
     assert summary["last_epoch"] == 2 and summary["best"]["epoch"] == 1  # equal scores: never better
+
+
+def test_evaluation_on_s3_storage_from_a_fresh_scratch(tmp_path: Path, speech: list[np.ndarray],
+                                                       s3: Any) -> None:
+    """As in a pod: the experiment is in S3 only; the split, the preview sources (held-out 16 kHz pieces)
+    and the evaluation's outputs travel through storage."""
+    from rvc_pipeline.evaluation import history
+
+    src = make_experiment(tmp_path / "src", "evs3", speech * 3)
+    cli = s3.client()
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            cli.upload_file(str(p), s3.bucket, f"store/{p.relative_to(tmp_path / 'src').as_posix()}")
+    m = manifest(tmp_path, "evs3", epochs=1)
+    m["spec"]["storage"] = {"uri": s3.uri("store"), "endpoint": s3.url}
+    m["spec"]["eval"] = {"metrics": ["mel_l1", "f0"], "previews": 2}
+    m["spec"]["demoRandomWeights"] = True
+    run_step(parse_manifest(m), "train", train_step(), force=True)
+    pre = "store/logs/evs3/"
+    keys = {o["Key"] for o in cli.list_objects_v2(Bucket=s3.bucket, Prefix=pre)["Contents"]}
+    assert {pre + k for k in ("eval.jsonl", "report.html", ".rvc/heldout.json", "previews/e00001_00.wav",
+                              "previews/e00001_01.wav")} <= keys
+    local = tmp_path / "eval.jsonl"
+    local.write_bytes(cli.get_object(Bucket=s3.bucket, Key=pre + "eval.jsonl")["Body"].read())
+    (rec,) = history.read_history(local)
+    assert rec.epoch == 1 and not rec.skipped and "mel_l1" in rec.metrics and len(rec.previews) == 2

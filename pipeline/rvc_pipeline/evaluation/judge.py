@@ -16,6 +16,7 @@ import numpy as np
 
 from rvc_pipeline.components.metrics.base import Clip, Metric
 from rvc_pipeline.core import layout
+from rvc_pipeline.core.errors import StepFailed
 from rvc_pipeline.core.spec import EvalSpec, ExperimentSpec
 from rvc_pipeline.evaluation import history, report
 from rvc_pipeline.evaluation.evaluate import Converter, Piece, Result, evaluate, load_metrics
@@ -155,7 +156,12 @@ def make_judge(spec: ExperimentSpec, experiment: str, exp_dir: Path, convert: Co
     version, f0 = spec.model.version, spec.model.pitch_guidance
     pieces = [Piece.of(exp_dir, s, version, f0) for s in stems]
     chosen, skipped = load_metrics(spec.eval.metrics)
-    sources = load_sources(spec, pieces) if convert is not None else []
+    sources: list[Clip] = []
+    if convert is not None:
+        try:
+            sources = load_sources(spec, pieces)
+        except (StepFailed, OSError, ValueError) as e:  # advisory: no previews, training goes on
+            skipped["previews"] = f"cannot read the preview sources: {str(e).splitlines()[0]}"
     return Judge(spec, experiment, exp_dir, pieces, convert, sources, chosen, skipped)
 
 

@@ -55,6 +55,8 @@ def _hold_out(ctx: StepContext) -> HeldOut:
                           spec.train.seed)
     if is_primary():
         ctx.push_file(write_heldout(exp_dir, split))
+        # the evaluation's preview sources: the held-out pieces at 16 kHz (a few small files)
+        ctx.pull(*[f"{layout.WAVS_16K_DIR}/{s}.wav" for s in split.eval[: cfg.previews]])
     return split
 
 
