@@ -222,7 +222,8 @@ def test_one_click_succeeds(e2e_env: E2EEnv, one_click_run: OneClickRun, tmp_pat
     # checkpoint evaluation: the best epoch in the status, kubectl get -o wide, and the files in S3
     best = st["training"]["best"]
     assert best["epoch"] in range(1, EPOCHS + 1) and best["checkpoint"].startswith(f"{prefix}G_")
-    assert {"mel_l1", "speaker_sim", "dnsmos_ovrl", "f0_rmse_cents"} <= set(best["metrics"])
+    # (f0_rmse_cents is left out of the status when no frame is voiced in both: possible for 2 steps' model)
+    assert {"mel_l1", "speaker_sim", "dnsmos_ovrl", "voicing_error"} <= set(best["metrics"])
     wide_header, wide_row = run.wide_output.rstrip().splitlines()[:2]
     at, score_at = wide_header.index("BEST"), wide_header.index("SCORE")  # kubectl aligns the columns
     assert wide_row[at:score_at].strip() == str(best["epoch"])
