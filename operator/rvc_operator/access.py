@@ -19,7 +19,7 @@ from rvc_pipeline.core.spec import STEP_ORDER, Experiment, SpecError
 from rvc_pipeline.core.storage import Storage, open_storage
 
 from . import ownership, progress_reader
-from .api import ExperimentStatus, ProgressStatus, TrainingStatus
+from .api import DatasetStatus, ExperimentStatus, ProgressStatus, TrainingStatus
 from .cluster import ClusterAPI
 from .config import OperatorConfig
 from .ownership import Owner, Refusal, folder_key, owner_key
@@ -145,6 +145,8 @@ class StorageView:
     progress: ProgressStatus | None = None
     training: TrainingStatus | None = None
     index_file: str | None = None
+    step_etas: dict[str, float] | None = None  # running per-file steps -> seconds left
+    dataset: DatasetStatus | None = None
 
 
 def read_storage_view(status: ExperimentStatus, total_epochs: int | None, access: StorageAccess,
@@ -164,9 +166,24 @@ def read_storage_view(status: ExperimentStatus, total_epochs: int | None, access
             view.progress, view.training = progress_reader.read_train_view(storage, name, total_epochs)
         if index == "Running" or "index" in view.markers:
             view.index_file = progress_reader.find_index(storage, name)
+        _read_data_view(view, status, access)
     except Exception as e:  # noqa: BLE001 - storage trouble must not stop the state machine
         log.warning("%s: cannot read storage (%s); continuing from the cluster state only", where or name, e)
     return view
+
+
+def _read_data_view(view: StorageView, status: ExperimentStatus, access: StorageAccess) -> None:
+    """The ETAs of the running per-file steps, and status.dataset once preprocess's marker exists (read
+    until the status shows it)."""
+    storage, name = access.storage, access.name
+    if storage is None or view.markers is None:
+        return
+    running = [s for s in progress_reader.FILE_STEPS
+               if status.steps is not None and getattr(getattr(status.steps, s), "phase", None) == "Running"]
+    if running:
+        view.step_etas = progress_reader.read_file_step_etas(storage, name, running)
+    if "preprocess" in view.markers and status.dataset is None:
+        view.dataset = progress_reader.read_dataset(storage, name)
 
 
 def delete_owned_artifacts(api: ClusterAPI, body: dict[str, Any], cfg: OperatorConfig,

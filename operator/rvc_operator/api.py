@@ -45,6 +45,10 @@ class StepStatus(_StatusModel):
     inputs_hash: str | None = Field(
         default=None, description="Hash of the spec fields this step depends on, as of its last run."
     )
+    eta_seconds: float | None = Field(
+        default=None, ge=0, description="Estimated seconds left while a per-file step (preprocess, f0, "
+        "features) runs: its file rate from the first to the latest progress event."
+    )
 
 
 class StepsStatus(_StatusModel):
@@ -56,7 +60,9 @@ class StepsStatus(_StatusModel):
 
 
 class Condition(_StatusModel):
-    type: Literal["Ready", "Progressing", "Failed"] = Field(description="Ready, Progressing or Failed.")
+    type: Literal["Ready", "Progressing", "Failed", "Reconciling", "Stalled"] = Field(
+        description="Ready, Progressing, Failed, and kstatus' Reconciling (steps left to run) and Stalled "
+        "(failed, or cannot make progress).")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason of the last transition.")
     message: str | None = Field(default=None, description="Human-readable detail.")
@@ -95,6 +101,23 @@ class TrainingStatus(_StatusModel):
     latest: EvaluationStatus | None = Field(default=None, description="The latest evaluated checkpoint.")
     stopped_early: bool | None = Field(default=None,
                                        description="Training stopped early (spec.eval.patience).")
+    eta_seconds: float | None = Field(
+        default=None, ge=0, description="Estimated seconds of training left as of progress.updated: "
+        "seconds per epoch times the epochs left (0 once training finished)."
+    )
+
+
+class DatasetStatus(_StatusModel):
+    """What preprocess made of the dataset (from its completion marker)."""
+
+    minutes: float | None = Field(default=None, ge=0, description="Minutes of audio in the dataset files.")
+    piece_minutes: float | None = Field(default=None, ge=0, description="Minutes of the pieces kept.")
+    files_used: int | None = Field(default=None, ge=0, description="Files that gave at least one piece.")
+    files_skipped: int | None = Field(default=None, ge=0, description="Files skipped (unreadable, silent, "
+                                      "too short).")
+    pieces: int | None = Field(default=None, ge=0, description="Training pieces kept.")
+    pieces_skipped: int | None = Field(default=None, ge=0, description="Pieces dropped (too loud, silent, "
+                                       "too short).")
 
 
 class ArtifactsStatus(_StatusModel):
@@ -117,7 +140,8 @@ class ExperimentStatus(_StatusModel):
     start_time: str | None = Field(default=None, description="When the first Job was created.")
     completion_time: str | None = Field(default=None, description="When the experiment finished.")
     steps: StepsStatus | None = Field(default=None, description="State of each step of the recipe.")
-    conditions: list[Condition] | None = Field(default=None, description="Ready, Progressing, Failed.")
+    conditions: list[Condition] | None = Field(
+        default=None, description="Ready, Progressing, Failed, Reconciling, Stalled.")
     progress: ProgressStatus | None = Field(
         default=None, description="Training progress read from logs/<name>/progress.jsonl."
     )
@@ -125,6 +149,7 @@ class ExperimentStatus(_StatusModel):
         default=None, description="Checkpoint evaluation: the best and the latest evaluated checkpoint."
     )
     artifacts: ArtifactsStatus | None = Field(default=None, description="Where the results are.")
+    dataset: DatasetStatus | None = Field(default=None, description="What preprocess made of the dataset.")
 
 
 assert set(StepsStatus.model_fields) == set(STEP_ORDER)

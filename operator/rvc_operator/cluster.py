@@ -34,6 +34,7 @@ class ClusterAPI(Protocol):
     def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str | None: ...
     def create_job(self, job: dict[str, Any]) -> bool: ...  # False: it already existed
     def delete_job(self, namespace: str, name: str) -> None: ...
+    def delete_experiment(self, namespace: str, name: str) -> None: ...  # its Jobs go by owner references
     def ensure_configmap(self, cm: dict[str, Any]) -> None: ...
     def delete_configmap(self, namespace: str, name: str) -> None: ...
     def patch_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None
@@ -116,6 +117,14 @@ class KubeCluster:
     def delete_job(self, namespace: str, name: str) -> None:
         try:
             self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        except self._client.ApiException as e:
+            if e.status != 404:
+                raise
+
+    def delete_experiment(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name,
+                                                        propagation_policy="Background")
         except self._client.ApiException as e:
             if e.status != 404:
                 raise

@@ -8,12 +8,13 @@ version's kinds) are skipped.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rvc_pipeline.core import layout
 from rvc_pipeline.core.errors import StorageError
@@ -21,6 +22,7 @@ from rvc_pipeline.core.events import (
     EpochEnd,
     Evaluated,
     Event,
+    FilesProgress,
     Losses,
     StepDone,
     StepStart,
@@ -30,7 +32,7 @@ from rvc_pipeline.core.events import (
 from rvc_pipeline.core.events import parse_events as parse_event_lines
 from rvc_pipeline.core.storage import Storage
 
-from .api import EvaluationStatus, ProgressStatus, TrainingStatus
+from .api import DatasetStatus, EvaluationStatus, ProgressStatus, TrainingStatus
 
 log = logging.getLogger("rvc_operator")
 
@@ -172,6 +174,86 @@ def read_train_view(storage: Storage, experiment: str, total_epochs: int | None 
         return None, None
     events = parse_events(data)
     return progress_from_events(events, total_epochs), training_from_events(events)
+
+
+FILE_STEPS = ("preprocess", "f0", "features")
+
+
+def files_eta(events: Sequence[Event], step: str) -> float | None:
+    """Seconds left of a per-file step's current run: the file rate from its start (or first progress
+    event) to its latest progress event; None before two points in time or when nothing moved."""
+    run: list[Event] = []
+    for e in events:
+        if e.step != step:
+            continue
+        if isinstance(e, StepStart):
+            run = [e]
+        elif isinstance(e, FilesProgress):
+            run.append(e)
+    marks = [(e.time, e.files_done if isinstance(e, FilesProgress) else 0, getattr(e, "files_total", None))
+             for e in run]
+    if len(marks) < 2 or not isinstance(run[-1], FilesProgress):
+        return None
+    (t0, n0, _), (t1, n1, total) = marks[0], marks[-1]
+    if total is None or not (math.isfinite(t0) and math.isfinite(t1)) or t1 <= t0 or n1 <= n0:
+        return None
+    left = max(0, total - n1)
+    return round(left * (t1 - t0) / (n1 - n0), 1)
+
+
+def file_step_etas(events: Sequence[Event], steps: Sequence[str] = FILE_STEPS) -> dict[str, float]:
+    """step -> files_eta, for the per-file steps that have one."""
+    out = {s: files_eta(events, s) for s in steps}
+    return {s: v for s, v in out.items() if v is not None}
+
+
+def read_file_step_etas(storage: Storage, experiment: str, steps: Sequence[str]) -> dict[str, float]:
+    """file_step_etas of the progress file's tail (empty when it does not exist yet)."""
+    data = read_tail(storage, layout.progress_key(experiment))
+    return file_step_etas(parse_events(data), steps) if data else {}
+
+
+def _count(summary: Mapping[str, Any], *keys: str) -> int | None:
+    total = 0
+    for k in keys:
+        v = summary.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return None
+        total += v
+    return total
+
+
+def _minutes(v: object) -> float | None:
+    if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+        return round(float(v) / 60.0, 2)
+    return None
+
+
+def dataset_from_summary(summary: Mapping[str, Any] | None) -> DatasetStatus | None:
+    """status.dataset from preprocess's completion marker (its report); fields it lacks or that do not
+    fit stay unset; None when nothing fits."""
+    if not summary:
+        return None
+    ds = DatasetStatus(
+        minutes=_minutes(summary.get("input_seconds")), piece_minutes=_minutes(summary.get("piece_seconds")),
+        files_used=_count(summary, "files_used"), files_skipped=_count(summary, "files_skipped"),
+        pieces=_count(summary, "pieces"),
+        pieces_skipped=_count(summary, "peak_filtered_pieces", "short_pieces_dropped",
+                              "silent_pieces_dropped"),
+    )
+    return ds if ds.model_dump(exclude_none=True) else None
+
+
+def read_dataset(storage: Storage, experiment: str) -> DatasetStatus | None:
+    """dataset_from_summary of logs/<exp>/.rvc/preprocess.done.json (None when missing or unreadable)."""
+    key = layout.marker_key(experiment, "preprocess")
+    if not storage.exists(key):
+        return None
+    try:
+        data = json.loads(storage.read_bytes(key))
+    except ValueError:
+        return None
+    return dataset_from_summary(data) if isinstance(data, dict) else None
 
 
 def read_markers(storage: Storage, experiment: str, steps: tuple[str, ...]) -> set[str]:

@@ -29,7 +29,7 @@ from .config import OperatorConfig
 from .jobs import build_job_spec, build_spec_configmap, experiment_selector
 from .metrics import METRICS, OperatorMetrics
 from .observe import observe_jobs, owned_by, summarize_job
-from .status import Decision, Policy, admit, decide, plan_deletion, status_patch
+from .status import Decision, Policy, admit, decide, plan_deletion, status_patch, ttl_left
 
 log = logging.getLogger("rvc_operator")
 
@@ -104,8 +104,8 @@ def _decide(api: ClusterAPI, body: dict[str, Any], cfg: OperatorConfig, opener: 
     view = read_storage_view(load_status(status), exp.spec.train.epochs if exp else None, access, where)
     return decide(body, status, jobs, view.markers, now(), policy=make_policy(body, api, cfg),
                   progress=view.progress, training=view.training, index_file=view.index_file,
-                  refusal=access.refusal,
-                  experiment=parsed)
+                  refusal=access.refusal, experiment=parsed,
+                  step_etas=view.step_etas, dataset=view.dataset)
 
 
 def reconcile(
@@ -128,6 +128,7 @@ def reconcile(
         meta = body["metadata"]
         if _finished(body):
             metrics.set_phase(meta.get("uid", name), body["status"].get("phase"), namespace, name)
+            _expire(api, body, now())
             return None
         parsed = parse_once(body)
         decision = _decide(api, body, cfg, opener, now, parsed)
@@ -142,8 +143,26 @@ def reconcile(
         for ev in decision.events:
             post(body, ev)
         record_metrics(metrics, body, decision)
+        if decision.delete_resource:
+            delete_experiment(api, body)
         return decision
     return None
+
+
+def delete_experiment(api: ClusterAPI, body: dict[str, Any]) -> None:
+    """Delete a finished experiment whose spec.lifecycle.ttlSecondsAfterFinished ran out; its Jobs and
+    ConfigMap go by their owner references, its artifacts as `cleanup` decides on the DELETED event."""
+    meta = body["metadata"]
+    log.info("%s/%s: ttlSecondsAfterFinished ran out; deleting the experiment", meta.get("namespace"),
+             meta["name"])
+    api.delete_experiment(meta.get("namespace", "default"), meta["name"])
+
+
+def _expire(api: ClusterAPI, body: dict[str, Any], now: datetime) -> None:
+    status = body.get("status") or {}
+    left = ttl_left(body, status.get("phase"), status.get("completionTime"), now)
+    if left is not None and left <= 0:
+        delete_experiment(api, body)
 
 
 def cleanup(api: ClusterAPI, body: dict[str, Any], cfg: OperatorConfig, *,

@@ -23,7 +23,7 @@ experiment's phase, artifacts, stale Jobs, conditions.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -33,6 +33,7 @@ from rvc_pipeline.core.spec import STEP_ORDER, Experiment, SpecError, step_hashe
 from .api import (
     ArtifactsStatus,
     Condition,
+    DatasetStatus,
     ExperimentStatus,
     ProgressStatus,
     StepStatus,
@@ -68,6 +69,7 @@ class Policy:
     missing_job_grace_seconds: float = 120.0  # a just-created Job may not be listed yet
     image_pull_timeout_seconds: float = 900.0  # ErrImagePull/ImagePullBackOff this long -> Failed
     require_s3: bool = True  # step pods share no filesystem: storage and dataset must be s3://
+    retries_source: str = "RVC_STEP_MAX_RETRIES"  # where max_retries came from (named in messages)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Decision:
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
     finished: bool = False
+    delete_resource: bool = False  # spec.lifecycle.ttlSecondsAfterFinished ran out: delete the RVCExperiment
     # for metrics
     step_durations: list[tuple[str, float]] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -281,13 +284,17 @@ def decide(
     index_file: str | None = None,
     refusal: Refusal | None = None,
     experiment: Experiment | SpecError | None = None,
+    step_etas: Mapping[str, float] | None = None,
+    dataset: DatasetStatus | None = None,
 ) -> Decision:
     """One reconcile step. See the module docstring; `markers` = steps whose completion marker exists in
     storage (None = storage unreadable), `progress` = training progress for status.progress, `training` =
     the checkpoint evaluation for status.training (checkpoints relative to the experiment), `index_file` =
     key of the added_*.index file (relative to spec.storage.uri) found in storage, `refusal` = why the
     operator will not touch the experiment's storage (allow-list, ownership record): phase Failed.
-    `experiment`: the manifest as the caller parsed it (or the SpecError it raised); None: parsed here."""
+    `experiment`: the manifest as the caller parsed it (or the SpecError it raised); None: parsed here.
+    `step_etas`: seconds left of running per-file steps (None: not read), `dataset`: status.dataset from
+    preprocess's marker (None: not read)."""
     meta = manifest.get("metadata") or {}
     gen = int(meta.get("generation") or 1)
     old = load_status(status)
@@ -298,13 +305,13 @@ def decide(
     try:
         exp = _experiment(manifest, experiment, policy)
     except SpecError as e:
-        return _refuse(d, old, jobs, gen, now, "InvalidSpec", f"invalid spec: {e}")
+        return _ttl(_refuse(d, old, jobs, gen, now, "InvalidSpec", f"invalid spec: {e}"), manifest, now)
     if refusal is not None:
         _forget_storage_view(d.state)
-        return _refuse(d, old, jobs, gen, now, refusal.reason, refusal.message)
+        return _ttl(_refuse(d, old, jobs, gen, now, refusal.reason, refusal.message), manifest, now)
     c = _Ctx(d=d, exp=exp, resource=str(meta.get("name") or ""), hashes=step_hashes(exp),
              enabled=set(exp.spec.steps), by_step=_by_step(jobs), markers=markers, now=now, gen=gen,
-             policy=policy)
+             policy=lifecycle_policy(policy, exp))
     st = d.state
     steps = all_steps(st)
     w = _Walk(phase=old.phase or "Pending")
@@ -315,15 +322,78 @@ def decide(
     st.observed_generation = gen
     _set_training(st, exp, training)
     if w.phase in FINISHED:
-        return _refresh_finished(c, st, steps, progress, index_file)
+        return _ttl(_refresh_finished(c, st, steps, progress, index_file, step_etas, dataset), manifest, now)
+    over = _over_deadline(c, st, steps)
+    if over is not None:
+        return _ttl(_refuse(d, old, jobs, gen, now, "DeadlineExceeded", over), manifest, now)
     _adopt_jobs(c, steps)
     _walk_recipe(c, st, steps, w)
     _settle_phase(c, st, steps, w, old, index_file)
     if progress is not None:
         st.progress = progress_of(progress) or st.progress
+    _set_estimates(st, steps, step_etas, dataset)
     _finish_artifacts(st, exp, index_file)
     _cleanup_stale_jobs(c, steps)
     _conditions(st, w.reason, c.now_s, gen)
+    return _ttl(d, manifest, now)
+
+
+# -- spec.lifecycle: retries, deadline, TTL after finishing ----------------------------------------------
+def lifecycle_policy(policy: Policy, exp: Experiment) -> Policy:
+    """The operator's policy with the experiment's spec.lifecycle overrides."""
+    retries = exp.spec.lifecycle.retries_per_step
+    if retries is None:
+        return policy
+    return replace(policy, max_retries=retries, retries_source="spec.lifecycle.retriesPerStep")
+
+
+def seconds_left(since: str | None, seconds: int | None, now: datetime) -> float | None:
+    """Seconds until `since` + `seconds` (<= 0: past it); None when either is unset."""
+    start = parse_time(since)
+    if start is None or seconds is None:
+        return None
+    return (start + timedelta(seconds=seconds) - now).total_seconds()
+
+
+def _over_deadline(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus]) -> str | None:
+    """The failure message once spec.lifecycle.activeDeadlineSeconds has passed since status.startTime
+    (its unfinished steps fail with reason DeadlineExceeded); before, wake up when it will have."""
+    limit = c.exp.spec.lifecycle.active_deadline_seconds
+    left = seconds_left(st.start_time, limit, c.now)
+    if left is None:
+        return None
+    if left > 0:
+        c.d.wake(left)
+        return None
+    msg = f"spec.lifecycle.activeDeadlineSeconds={limit} exceeded (started {st.start_time})"
+    for s in STEP_ORDER:
+        if s in c.enabled and steps[s].phase in ("Running", "Pending"):
+            _fail_step(c, steps[s], s, "DeadlineExceeded", msg)
+    return msg
+
+
+def ttl_of(manifest: Mapping[str, Any]) -> int | None:
+    """spec.lifecycle.ttlSecondsAfterFinished of a manifest as stored (None: unset or not a number)."""
+    lifecycle = (manifest.get("spec") or {}).get("lifecycle") or {}
+    ttl = lifecycle.get("ttlSecondsAfterFinished") if isinstance(lifecycle, Mapping) else None
+    return ttl if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl >= 0 else None
+
+
+def ttl_left(manifest: Mapping[str, Any], phase: str | None, completion_time: str | None,
+             now: datetime) -> float | None:
+    """Seconds until a finished experiment is to be deleted (<= 0: now); None: no TTL or not finished."""
+    if phase not in FINISHED:
+        return None
+    return seconds_left(completion_time, ttl_of(manifest), now)
+
+
+def _ttl(d: Decision, manifest: Mapping[str, Any], now: datetime) -> Decision:
+    """Decide the deletion of a finished experiment once its TTL ran out; until then, wake up then."""
+    left = ttl_left(manifest, d.state.phase, d.state.completion_time, now)
+    if left is not None and left <= 0:
+        d.delete_resource = True
+    elif left is not None:
+        d.wake(left)
     return d
 
 
@@ -353,6 +423,7 @@ def _forget_storage_view(st: ExperimentStatus) -> None:
     st.progress = None
     st.training = None
     st.artifacts = None
+    st.dataset = None
     for s in STEP_ORDER:
         ss = getattr(st.steps, s) if st.steps is not None else None
         if ss is not None and ss.reason == "AlreadyComplete":
@@ -419,12 +490,18 @@ def _sync_enabled_steps(c: _Ctx, steps: dict[str, StepStatus]) -> list[str]:
 
 
 def _refresh_finished(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus],
-                      progress: Mapping[str, Any] | ProgressStatus | None, index_file: str | None
-                      ) -> Decision:
-    """Terminal and nothing changed: keep the status, only refresh what storage says."""
+                      progress: Mapping[str, Any] | ProgressStatus | None, index_file: str | None,
+                      step_etas: Mapping[str, float] | None, dataset: DatasetStatus | None) -> Decision:
+    """Terminal and nothing changed: keep the status, only refresh what storage says (and add the
+    conditions a status written by an older version lacks)."""
     _finish_artifacts(st, c.exp, index_file)
     if progress is not None:
         st.progress = progress_of(progress) or st.progress
+    _set_estimates(st, steps, step_etas, dataset)
+    if not {"Reconciling", "Stalled"} <= {x.type for x in st.conditions or []}:
+        failed = next((x for x in st.conditions or [] if x.type == "Failed"), None)
+        _conditions(st, failed.reason if failed is not None and st.phase == "Failed" else "StepFailed",
+                    c.now_s, c.gen)
     _cleanup_stale_jobs(c, steps)
     c.d.finished = True
     return c.d
@@ -610,7 +687,7 @@ def _step_failed(c: _Ctx, ss: StepStatus, s: str, job: JobSummary | None, *, per
     ss.failures += 1
     if ss.failures > c.policy.max_retries:
         msg = (f"{message}; gave up after {ss.failures} attempt(s) "
-               f"(RVC_STEP_MAX_RETRIES={c.policy.max_retries})")
+               f"({c.policy.retries_source}={c.policy.max_retries})")
         c.d.event("Warning", "StepFailed", f"{s}: {msg}")
         return _fail_step(c, ss, s, "RetriesExhausted", msg)
     _schedule_retry(c, ss, s, message)
@@ -675,6 +752,36 @@ def _produced(st: ExperimentStatus, s: str) -> bool:
                                or (ss.phase == "Skipped" and ss.reason == "AlreadyComplete"))
 
 
+def train_eta(progress: ProgressStatus | None) -> float | None:
+    """Seconds of training left as of progress.updated: seconds per epoch times the epochs left."""
+    if progress is None or progress.epochs is None or progress.epoch is None:
+        return None
+    left = max(0, progress.epochs - progress.epoch)
+    if left == 0:
+        return 0.0
+    spe = progress.seconds_per_epoch
+    return round(spe * left, 1) if spe is not None and spe >= 0 else None
+
+
+def _set_estimates(st: ExperimentStatus, steps: dict[str, StepStatus], step_etas: Mapping[str, float] | None,
+                   dataset: DatasetStatus | None) -> None:
+    """status.training.etaSeconds, the running steps' etaSeconds (kept when not read, dropped once a step
+    stops running) and status.dataset (dropped while preprocess runs again)."""
+    eta = train_eta(st.progress) if steps["train"].phase in ("Running", "Succeeded") else None
+    if eta is not None or st.training is not None:
+        st.training = st.training or TrainingStatus()
+        st.training.eta_seconds = eta
+    for s, ss in steps.items():
+        if ss.phase != "Running":
+            ss.eta_seconds = None
+        elif step_etas is not None:
+            ss.eta_seconds = step_etas.get(s)
+    if steps["preprocess"].phase in ("Pending", "Running"):
+        st.dataset = None
+    if dataset is not None:
+        st.dataset = dataset
+
+
 def _set_training(st: ExperimentStatus, exp: Experiment, training: TrainingStatus | None) -> None:
     """status.training from storage, its checkpoint names made URIs (kept as they were when unread)."""
     if training is None:
@@ -723,7 +830,24 @@ def _set_condition(st: ExperimentStatus, ctype: str, value: bool, reason: str, m
     have.observed_generation = gen
 
 
-_CONDITION_ORDER = {"Ready": 0, "Progressing": 1, "Failed": 2}
+_CONDITION_ORDER = {"Ready": 0, "Progressing": 1, "Failed": 2, "Reconciling": 3, "Stalled": 4}
+# a Failed experiment is out of retries (or refused): only a change of its spec or storage moves it on
+_STALLED_HINT = "cannot make progress until the spec or the storage changes"
+
+
+def _kstatus_conditions(st: ExperimentStatus, reason: str, now: str, gen: int) -> None:
+    """Reconciling and Stalled, as kstatus (Argo CD, Flux) reads them: Reconciling while steps are left to
+    run (queued included), Stalled once the experiment failed (a step out of retries, an invalid spec,
+    refused storage): it stays so until the spec or the storage changes."""
+    phase, msg = st.phase or "Pending", st.message or ""
+    reconciling = phase in ("Pending", "Queued", "Running")
+    rec_reason = {"Succeeded": "Succeeded", "Failed": "Failed"}.get(phase, phase if phase == "Queued" else
+                                                                     "StepsPending")
+    _set_condition(st, "Reconciling", reconciling, rec_reason, msg if reconciling else f"finished: {phase}",
+                   now, gen)
+    stalled = phase == "Failed"
+    _set_condition(st, "Stalled", stalled, reason if stalled else "NotStalled",
+                   f"{msg} ({_STALLED_HINT})" if stalled else "making progress or finished", now, gen)
 
 
 def _conditions(st: ExperimentStatus, reason: str, now: str, gen: int) -> None:
@@ -736,6 +860,7 @@ def _conditions(st: ExperimentStatus, reason: str, now: str, gen: int) -> None:
     _set_condition(st, "Progressing", progressing, prog_reason, msg, now, gen)
     _set_condition(st, "Failed", phase == "Failed", reason if phase == "Failed" else "NoFailure",
                    msg if phase == "Failed" else "no failure", now, gen)
+    _kstatus_conditions(st, reason, now, gen)
     if st.conditions is not None:
         st.conditions.sort(key=lambda x: _CONDITION_ORDER.get(x.type, 9))
 
@@ -751,14 +876,27 @@ class DeletionPlan:
     storage_uri: str | None
 
 
+def artifacts_deleted(manifest: Mapping[str, Any], delete_artifacts_default: bool = False) -> bool:
+    """Whether deleting the experiment deletes logs/<exp>/: the annotation rvc-operator.dev/delete-artifacts
+    "true" or spec.lifecycle.artifactsOnDeletion Delete; else an explicit annotation or Keep keeps them;
+    else the operator's default (RVC_DELETE_ARTIFACTS_DEFAULT)."""
+    ann = ((manifest.get("metadata") or {}).get("annotations") or {}).get(ANN_DELETE_ARTIFACTS)
+    lifecycle = (manifest.get("spec") or {}).get("lifecycle") or {}
+    policy = lifecycle.get("artifactsOnDeletion") if isinstance(lifecycle, Mapping) else None
+    if (ann is not None and str(ann).strip().lower() == "true") or policy == "Delete":
+        return True
+    if ann is not None or policy == "Keep":
+        return False
+    return delete_artifacts_default
+
+
 def plan_deletion(manifest: dict[str, Any], jobs: list[JobSummary], delete_artifacts_default: bool = False
                   ) -> DeletionPlan:
     """What to clean up when an RVCExperiment is deleted. Jobs and the ConfigMap also go through their
     owner references (garbage collector); artifacts stay unless the annotation
     rvc-operator.dev/delete-artifacts is "true" (or RVC_DELETE_ARTIFACTS_DEFAULT and no annotation)."""
     meta = manifest.get("metadata") or {}
-    ann = (meta.get("annotations") or {}).get(ANN_DELETE_ARTIFACTS)
-    wanted = delete_artifacts_default if ann is None else str(ann).strip().lower() == "true"
+    wanted = artifacts_deleted(manifest, delete_artifacts_default)
     prefix = uri = None
     if wanted:
         try:

@@ -15,13 +15,15 @@ from typing import Any
 from .cluster import ClusterAPI
 from .config import OperatorConfig
 from .metrics import METRICS
+from .status import ttl_of
 
 log = logging.getLogger("rvc_operator")
 
 
 def due_for_sweep(items: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """(namespace, name, uid) of the experiments a periodic sweep must reconcile: all but the finished
-    ones whose spec has not changed since, and those being deleted."""
+    ones whose spec has not changed since (unless a TTL after finishing will delete them), and those
+    being deleted."""
     out = []
     for it in items:
         meta = it.get("metadata") or {}
@@ -29,7 +31,7 @@ def due_for_sweep(items: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         if meta.get("deletionTimestamp"):
             continue
         finished = st.get("phase") in ("Succeeded", "Failed")
-        if finished and st.get("observedGeneration") == meta.get("generation"):
+        if finished and st.get("observedGeneration") == meta.get("generation") and ttl_of(it) is None:
             continue
         out.append((meta.get("namespace", "default"), meta.get("name", ""), meta.get("uid", "")))
     return out

@@ -181,7 +181,8 @@ def test_one_click_succeeds(e2e_env: E2EEnv, one_click_run: OneClickRun, tmp_pat
     assert st["observedGeneration"] == obj["metadata"]["generation"]
     assert {s: st["steps"][s]["phase"] for s in STEPS} == dict.fromkeys(STEPS, "Succeeded")
     conds = {c["type"]: c["status"] for c in st["conditions"]}
-    assert conds == {"Ready": "True", "Progressing": "False", "Failed": "False"}
+    assert conds == {"Ready": "True", "Progressing": "False", "Failed": "False", "Reconciling": "False",
+                     "Stalled": "False"}
     assert st["progress"]["epoch"] == EPOCHS and st["progress"]["percent"] == 100.0
 
     # artifacts: the exported model and the index, both real and readable

@@ -129,6 +129,13 @@ class FakeCluster:
         if self.jobs.pop((namespace, name), None) is not None:
             self.deleted.append(name)
 
+    def delete_experiment(self, namespace: str, name: str) -> None:
+        body = self.experiments.pop((namespace, name), None)
+        uid = (body or {}).get("metadata", {}).get("uid")
+        for key, j in list(self.jobs.items()):  # the garbage collector, by owner references
+            if any(o.get("uid") == uid for o in j["metadata"].get("ownerReferences") or []):
+                self.delete_job(*key)
+
     def ensure_configmap(self, cm: dict[str, Any]) -> None:
         self.configmaps[(cm["metadata"]["namespace"], cm["metadata"]["name"])] = copy.deepcopy(cm)
 
@@ -448,6 +455,25 @@ def test_delete_cleans_jobs_and_optionally_artifacts(h: Harness) -> None:
     gone = cleanup(c, body, h.cfg, metrics=h.metrics)
     assert sorted(gone) == ["logs/alice/.rvc/preprocess.done.json", "logs/alice/0_gt_wavs/a.wav"]
     assert not h.storage.exists("logs/alice/0_gt_wavs/a.wav") and h.storage.exists("logs/bob/keep.txt")
+
+
+def test_lifecycle_deadline_then_ttl_deletes_the_experiment_and_its_artifacts(h: Harness) -> None:
+    c = h.cluster
+    lifecycle = {"activeDeadlineSeconds": 60, "ttlSecondsAfterFinished": 120, "artifactsOnDeletion": "Delete"}
+    body = c.add_experiment("alice", h.spec(lifecycle=lifecycle))
+    h.reconcile()  # starts at T0+15s
+    assert c.created == ["alice-preprocess-1"]
+    h.storage.write_bytes("logs/alice/0_gt_wavs/a.wav", b"RIFF")
+    h.reconcile(advance=60)  # T0+75s: past the deadline
+    st = c.status("alice")
+    assert st["phase"] == "Failed" and "activeDeadlineSeconds=60" in st["message"]
+    assert c.deleted == ["alice-preprocess-1"] and ("alice", "Warning", "DeadlineExceeded") in h.events
+    assert [n for _, n, _ in due_for_sweep(c.list_experiments("voice"))] == ["alice"]  # the TTL is pending
+    h.reconcile(advance=100)  # T0+175s: 100s after finishing, TTL 120s
+    assert ("voice", "alice") in c.experiments
+    h.reconcile(advance=20)
+    assert ("voice", "alice") not in c.experiments
+    assert cleanup(c, body, h.cfg, metrics=h.metrics) == ["logs/alice/0_gt_wavs/a.wav"]
 
 
 def test_jobs_of_a_deleted_namesake_are_ignored(h: Harness) -> None:

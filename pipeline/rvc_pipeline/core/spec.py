@@ -566,6 +566,31 @@ class EvalSpec(_Model):
         return v
 
 
+class LifecycleSpec(_Model):
+    """Per-experiment lifecycle: overrides the operator's defaults. Changes how the experiment is run and
+    kept, never what a step makes (no step hash covers it)."""
+
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, le=31_536_000,
+        description="Fail the whole experiment (reason DeadlineExceeded, active Jobs stopped) this many "
+        "seconds after status.startTime.",
+    )
+    retries_per_step: int | None = Field(
+        default=None, ge=0, le=100,
+        description="Retries of a step after transient failures (default: the operator's "
+        "RVC_STEP_MAX_RETRIES).",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, le=31_536_000,
+        description="Delete the RVCExperiment (and its Jobs) this many seconds after it Succeeded or Failed.",
+    )
+    artifacts_on_deletion: Literal["Keep", "Delete"] = Field(
+        default="Keep",
+        description="What happens to logs/<experiment>/ in storage when the RVCExperiment is deleted "
+        "(Delete, or the annotation rvc-operator.dev/delete-artifacts: \"true\", deletes it).",
+    )
+
+
 class ExperimentSpec(_Model):
     """spec of an RVCExperiment."""
 
@@ -595,6 +620,11 @@ class ExperimentSpec(_Model):
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Where step pods run.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Progress reporting.")
+    lifecycle: LifecycleSpec = Field(
+        default_factory=LifecycleSpec,
+        description="Deadline, retries, TTL after finishing and artifacts on deletion (overrides the "
+        "operator's defaults).",
+    )
     weights_cache: Folder | None = Field(
         default=None,
         description="Folder or s3:// prefix searched for weights given as bare names "

@@ -348,7 +348,9 @@ class FileProgress:
         if now - self._last_event >= self.pf.progress_every or self.done >= self.total:
             self.event()
         if self.ctx.remote and now - self._last_push > PUSH_EVERY_SECONDS:
-            self.ctx.push(*self.pf.out_dirs)  # checkpoint progress: a preempted pod loses little
+            # checkpoint progress (a preempted pod loses little); the progress file too, for the
+            # operator's estimate of the time left (status.steps.<step>.etaSeconds)
+            self.ctx.push(*self.pf.out_dirs, PROGRESS_FILE)
             self._last_push = time.time()
 
     def bar(self, items: Iterable[T], total: int, desc: str, unit: str = "file") -> Iterator[T]:
