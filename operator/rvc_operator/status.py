@@ -292,9 +292,8 @@ def decide(
     the checkpoint evaluation for status.training (checkpoints relative to the experiment), `index_file` =
     key of the added_*.index file (relative to spec.storage.uri) found in storage, `refusal` = why the
     operator will not touch the experiment's storage (allow-list, ownership record): phase Failed.
-    `experiment`: the manifest as the caller parsed it (or the SpecError it raised); None: parsed here.
-    `step_etas`: seconds left of running per-file steps (None: not read), `dataset`: status.dataset from
-    preprocess's marker (None: not read)."""
+    `experiment`: the manifest as parsed by the caller (or its SpecError; None: parsed here); `step_etas`:
+    seconds left of running per-file steps, `dataset`: preprocess's marker summary (None: unread)."""
     meta = manifest.get("metadata") or {}
     gen = int(meta.get("generation") or 1)
     old = load_status(status)
@@ -326,16 +325,22 @@ def decide(
     over = _over_deadline(c, st, steps)
     if over is not None:
         return _ttl(_refuse(d, old, jobs, gen, now, "DeadlineExceeded", over), manifest, now)
-    _adopt_jobs(c, steps)
-    _walk_recipe(c, st, steps, w)
-    _settle_phase(c, st, steps, w, old, index_file)
-    if progress is not None:
-        st.progress = progress_of(progress) or st.progress
+    _advance(c, st, steps, w, old, progress, index_file)
     _set_estimates(st, steps, step_etas, dataset)
     _finish_artifacts(st, exp, index_file)
     _cleanup_stale_jobs(c, steps)
     _conditions(st, w.reason, c.now_s, gen)
     return _ttl(d, manifest, now)
+
+
+def _advance(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus], w: _Walk, old: ExperimentStatus,
+             progress: Mapping[str, Any] | ProgressStatus | None, index_file: str | None) -> None:
+    """An unfinished experiment: adopt Jobs, walk the recipe, settle the phase, copy the progress."""
+    _adopt_jobs(c, steps)
+    _walk_recipe(c, st, steps, w)
+    _settle_phase(c, st, steps, w, old, index_file)
+    if progress is not None:
+        st.progress = progress_of(progress) or st.progress
 
 
 # -- spec.lifecycle: retries, deadline, TTL after finishing ----------------------------------------------

@@ -159,7 +159,9 @@ def _fold_weight_norm(state: dict[str, Any], where: Path) -> dict[str, Any]:
         raise FCPEError(f"fcpe: {where}: output_proj.weight_g / weight_v missing or malformed")
     if v.shape != (N_BINS, HIDDEN):
         raise FCPEError(f"fcpe: {where}: output_proj.weight_v has shape {list(v.shape)}")
-    state["output_proj.weight"] = g * v / v.norm(dim=1, keepdim=True)
+    from rvc_pipeline.nn.weightnorm import compute_weight
+
+    state["output_proj.weight"] = compute_weight(g, v)
     return state
 
 
