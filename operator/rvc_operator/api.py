@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 from rvc_pipeline.core.spec import STEP_ORDER, Experiment, parse_manifest
 
@@ -23,10 +23,14 @@ class _StatusModel(BaseModel):
 
 
 StepPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
-ExperimentPhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed"]
+# Suspended: spec.suspend is true (its running step was stopped; nothing runs until it is false again)
+ExperimentPhase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 
 
-class StepStatus(_StatusModel):
+class RunStatus(_StatusModel):
+    """What one line of Jobs reports: a whole step, or one shard of a sharded step (its own attempts,
+    failures and backoff). The state machine's per-Job functions work on either."""
+
     phase: StepPhase = Field(description="Pending, Running, Succeeded, Failed or Skipped.")
     job: str | None = Field(default=None, description="Name of the step's current (latest) Job.")
     attempts: int = Field(default=0, ge=0, description="Jobs created for this step so far (names end -<n>).")
@@ -39,6 +43,20 @@ class StepStatus(_StatusModel):
     reason: str | None = Field(default=None, description="Machine-readable reason of the last change.")
     exit_code: int | None = Field(default=None, description="Exit code of the last failed pod.")
     retry_after: str | None = Field(default=None, description="A retry waits until this time (backoff).")
+
+
+class ShardStatus(RunStatus):
+    """One shard of a sharded step (spec.resources.shards > 1): Job `<name>-<step>-s<index>-<attempt>`
+    running `rvc-pipeline <step> --shard <index>/<shards>`."""
+
+    index: int = Field(ge=0, description="Shard index, 0-based (the I of --shard I/N).")
+    eta_seconds: float | None = Field(
+        default=None, ge=0, description="Estimated seconds left of this shard while it runs (from its "
+        "progress events, when the pipeline tags them with the shard)."
+    )
+
+
+class StepStatus(RunStatus):
     force: bool | None = Field(
         default=None, description="The next Job runs with --force (a spec change reruns this step)."
     )
@@ -47,8 +65,22 @@ class StepStatus(_StatusModel):
     )
     eta_seconds: float | None = Field(
         default=None, ge=0, description="Estimated seconds left while a per-file step (preprocess, f0, "
-        "features) runs: its file rate from the first to the latest progress event."
+        "features) runs: its file rate from the first to the latest progress event (sharded: the "
+        "slowest shard, once every unfinished shard has an estimate)."
     )
+    shards: list[ShardStatus] | None = Field(
+        default=None, min_length=2, max_length=64, description="A sharded step's shards, index 0..N-1 in "
+        "order (N = spec.resources.shards as of the step's start, kept until the step ends); unset for a "
+        "step run as one Job."
+    )
+
+    @field_validator("shards")
+    @classmethod
+    def _shards_in_order(cls, v: list[ShardStatus] | None) -> list[ShardStatus] | None:
+        # a list with a gap or a repeated index would let the step succeed without one shard's work
+        if v is not None and [sh.index for sh in v] != list(range(len(v))):
+            raise ValueError(f"shards: indexes must be 0..{len(v) - 1} in order")
+        return v
 
 
 class StepsStatus(_StatusModel):
@@ -60,9 +92,10 @@ class StepsStatus(_StatusModel):
 
 
 class Condition(_StatusModel):
-    type: Literal["Ready", "Progressing", "Failed", "Reconciling", "Stalled"] = Field(
-        description="Ready, Progressing, Failed, and kstatus' Reconciling (steps left to run) and Stalled "
-        "(failed, or cannot make progress).")
+    type: Literal["Ready", "Progressing", "Failed", "Reconciling", "Stalled", "Suspended"] = Field(
+        description="Ready, Progressing, Failed, kstatus' Reconciling (steps left to run) and Stalled "
+        "(failed, or cannot make progress), and Suspended (spec.suspend; present once the experiment was "
+        "first suspended).")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason of the last transition.")
     message: str | None = Field(default=None, description="Human-readable detail.")
@@ -130,7 +163,7 @@ class ExperimentStatus(_StatusModel):
     """status of an RVCExperiment, written by the operator."""
 
     phase: ExperimentPhase | None = Field(
-        default=None, description="Pending, Queued, Running, Succeeded or Failed."
+        default=None, description="Pending, Queued, Running, Succeeded, Failed or Suspended."
     )
     current_step: str | None = Field(default=None, description="Step running or about to run.")
     message: str | None = Field(default=None, description="Human-readable state or error.")
@@ -139,9 +172,16 @@ class ExperimentStatus(_StatusModel):
     )
     start_time: str | None = Field(default=None, description="When the first Job was created.")
     completion_time: str | None = Field(default=None, description="When the experiment finished.")
+    suspend_time: str | None = Field(
+        default=None, description="When the experiment was suspended (spec.suspend); unset when it is not."
+    )
+    suspended_seconds: int | None = Field(
+        default=None, ge=0, description="Seconds spent suspended after startTime, not counted against "
+        "spec.lifecycle.activeDeadlineSeconds (the current suspension is added on resume)."
+    )
     steps: StepsStatus | None = Field(default=None, description="State of each step of the recipe.")
     conditions: list[Condition] | None = Field(
-        default=None, description="Ready, Progressing, Failed, Reconciling, Stalled.")
+        default=None, description="Ready, Progressing, Failed, Reconciling, Stalled (and Suspended).")
     progress: ProgressStatus | None = Field(
         default=None, description="Training progress read from logs/<name>/progress.jsonl."
     )

@@ -115,8 +115,12 @@ class KubeCluster:
             raise
 
     def delete_job(self, namespace: str, name: str) -> None:
+        """Foreground: the pods get SIGTERM and their grace period (they save their work) and the Job stays
+        listed with a deletionTimestamp until they are gone, so the state machine starts the step's next
+        Job only then (Background would drop the Job at once while its pod still writes; orphaning
+        would leave the pod running)."""
         try:
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground")
         except self._client.ApiException as e:
             if e.status != 404:
                 raise

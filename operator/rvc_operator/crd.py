@@ -274,6 +274,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
      "description": "Epoch of the best evaluated checkpoint (weights/<exp>.pth)."},
     {"name": "Score", "type": "number", "jsonPath": ".status.training.best.score", "priority": 1,
      "description": "Score of the best evaluated checkpoint (higher is better)."},
+    {"name": "ETA", "type": "number", "jsonPath": ".status.training.etaSeconds", "priority": 1,
+     "description": "Estimated seconds of training left (status.training.etaSeconds)."},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1,
      "description": "State or error message."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

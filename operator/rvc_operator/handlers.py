@@ -8,7 +8,7 @@ import, so importing this module has no side effects beyond registering the hand
 
 Deletion: no finalizer is added (deleting an experiment never hangs on the operator). Jobs and the
 ConfigMap carry owner references, so the garbage collector removes them; when the operator sees the
-DELETED event it also deletes the Jobs itself (propagationPolicy Background) and, if the annotation
+DELETED event it also deletes the Jobs itself (propagationPolicy Foreground) and, if the annotation
 rvc-operator.dev/delete-artifacts is "true", the experiment's folder in storage (only as ownership.py
 allows).
 """

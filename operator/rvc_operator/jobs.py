@@ -36,11 +36,13 @@ APP = "rvc-operator"
 LABEL_EXPERIMENT = f"{API_GROUP}/experiment"
 LABEL_STEP = f"{API_GROUP}/step"
 LABEL_ATTEMPT = f"{API_GROUP}/attempt"
+LABEL_SHARD = f"{API_GROUP}/shard"  # the shard index I of a sharded step's Job
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANN_EXPERIMENT = f"{API_GROUP}/experiment-name"
 ANN_GENERATION = f"{API_GROUP}/generation"
 ANN_INPUTS = f"{API_GROUP}/inputs-hash"
 ANN_FORCE = f"{API_GROUP}/force"
+ANN_SHARDS = f"{API_GROUP}/shards"  # N of a sharded step's Job (read back when adopting it)
 ANN_DELETE_ARTIFACTS = f"{API_GROUP}/delete-artifacts"
 
 CONTAINER = "step"
@@ -81,9 +83,15 @@ def label_value(value: str) -> str:
     return f"{head}-{h}" if head else h
 
 
-def job_name(resource_name: str, step: str, attempt: int) -> str:
-    """Deterministic Job name `<resource>-<step>-<attempt>`, at most 63 characters."""
-    return k8s_name(resource_name, f"-{step}-{attempt}")
+# Steps that run as N shard Jobs when spec.resources.shards = N > 1 (`rvc-pipeline <step> --shard I/N`).
+# N plain Jobs rather than one Indexed Job: the test cluster is v1.20, which has no Indexed Jobs.
+SHARDED_STEPS = ("preprocess", "f0", "features")
+
+
+def job_name(resource_name: str, step: str, attempt: int, shard: int | None = None) -> str:
+    """Deterministic Job name `<resource>-<step>-<attempt>` (shard I: `<resource>-<step>-s<I>-<attempt>`),
+    at most 63 characters."""
+    return k8s_name(resource_name, f"-{step}-{attempt}" if shard is None else f"-{step}-s{shard}-{attempt}")
 
 
 def configmap_name(resource_name: str) -> str:
@@ -290,16 +298,17 @@ def build_job_spec(
     force: bool = False,
     inputs_hash: str | None = None,
     parsed: Experiment | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job that runs `rvc-pipeline <step> --spec /etc/rvc/experiment.yaml` once (`parsed`:
-    the manifest as the caller parsed it already)."""
-    if step not in STEP_ORDER:
-        raise ValueError(f"step: got {step!r}; allowed values: {list(STEP_ORDER)}")
-    if attempt < 1:
-        raise ValueError(f"attempt: must be >= 1, got {attempt}")
+    the manifest as the caller parsed it already; `shard` (I, N): shard I of N of a sharded step, with
+    `--shard I/N`, the name `<name>-<step>-s<I>-<attempt>` and the label rvc-operator.dev/shard=I)."""
+    _check_job_args(step, attempt, shard, force)
     exp = effective_manifest(exp_manifest, cfg, parsed)
     meta = exp_manifest["metadata"]
     labels = {**base_labels(exp_manifest), LABEL_STEP: step, LABEL_ATTEMPT: str(attempt)}
+    if shard is not None:
+        labels[LABEL_SHARD] = str(shard[0])
     if exp.spec.resources.queue_name:
         labels[LABEL_QUEUE] = exp.spec.resources.queue_name
     annotations = {ANN_EXPERIMENT: meta["name"], ANN_GENERATION: str(meta.get("generation", 0))}
@@ -307,16 +316,16 @@ def build_job_spec(
         annotations[ANN_INPUTS] = inputs_hash
     if force:
         annotations[ANN_FORCE] = "true"
+    if shard is not None:
+        annotations[ANN_SHARDS] = str(shard[1])
     pod_labels = {k: v for k, v in labels.items() if k != LABEL_QUEUE}
     volumes, mounts = _volumes(step, meta["name"], cfg)
-    container = _container(exp, step, cfg, force=force, owner=lease_owner(exp_manifest), mounts=mounts)
+    container = _container(exp, step, cfg, force=force, owner=lease_owner(exp_manifest), mounts=mounts,
+                           shard=shard)
     job_spec: dict[str, Any] = {
         "backoffLimit": cfg.job_backoff_limit,
         "activeDeadlineSeconds": cfg.job_active_deadline_seconds,
-        # Newer clusters stop retrying pods at once on a permanent exit code; 1.20 drops this field and
-        # the operator does the same by looking at the pods (status.py).
-        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-            "containerName": CONTAINER, "operator": "In", "values": list(PERMANENT_EXIT_CODES)}}]},
+        "podFailurePolicy": pod_failure_policy(),
         "template": {
             "metadata": {"labels": pod_labels, "annotations": dict(annotations)},
             "spec": _pod_spec(exp, step_uses_gpu(exp, step), cfg, container, volumes),
@@ -328,7 +337,7 @@ def build_job_spec(
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(meta["name"], step, attempt),
+            "name": job_name(meta["name"], step, attempt, shard[0] if shard is not None else None),
             "namespace": meta.get("namespace", "default"),
             "labels": labels,
             "annotations": annotations,
@@ -357,9 +366,27 @@ def _volumes(step: str, name: str, cfg: OperatorConfig) -> tuple[list[dict[str, 
     return volumes, mounts
 
 
+def _check_job_args(step: str, attempt: int, shard: tuple[int, int] | None, force: bool) -> None:
+    if step not in STEP_ORDER:
+        raise ValueError(f"step: got {step!r}; allowed values: {list(STEP_ORDER)}")
+    if attempt < 1:
+        raise ValueError(f"attempt: must be >= 1, got {attempt}")
+    if shard is None:
+        return
+    if step not in SHARDED_STEPS:
+        raise ValueError(f"shard: step {step!r} runs as one Job; only {list(SHARDED_STEPS)} are sharded")
+    index, count = shard
+    if not 2 <= count <= 64 or not 0 <= index < count:
+        raise ValueError(f"shard: got {index}/{count}; needs 0 <= I < N and 2 <= N <= 64")
+    if force:
+        raise ValueError("shard: rvc-pipeline refuses --force with --shard; a forced run is one Job")
+
+
 def _container(exp: Experiment, step: str, cfg: OperatorConfig, *, force: bool, owner: str,
-               mounts: list[dict[str, Any]]) -> dict[str, Any]:
+               mounts: list[dict[str, Any]], shard: tuple[int, int] | None = None) -> dict[str, Any]:
     command = ["rvc-pipeline", step, "--spec", SPEC_PATH] + (["--force"] if force else [])
+    if shard is not None:
+        command += ["--shard", f"{shard[0]}/{shard[1]}"]
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": step_image(exp, step, cfg),
@@ -381,10 +408,26 @@ def _container(exp: Experiment, step: str, cfg: OperatorConfig, *, force: bool, 
     return container
 
 
+def pod_failure_policy() -> dict[str, Any]:
+    """The Job's podFailurePolicy (Kubernetes 1.26+; 1.20 drops the field, and the operator then does the
+    same by looking at the pods, status.py): a permanent exit code (2, 3) fails the Job at once; a pod
+    failed by a disruption (condition DisruptionTarget: preemption, eviction, node drain, spot reclaim) is
+    replaced without counting against backoffLimit. Such a pod got SIGTERM and saved its work first
+    (exit 143, within terminationGracePeriodSeconds); its replacement resumes from that."""
+    return {"rules": [
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                              "values": list(PERMANENT_EXIT_CODES)}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
 def _pod_spec(exp: Experiment, gpu: bool, cfg: OperatorConfig, container: dict[str, Any],
               volumes: list[dict[str, Any]]) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # SIGTERM (suspend, preemption, drain) to SIGKILL: time to finish the training step, save and
+        # upload a resumable checkpoint, or push the finished files of a data step
+        "terminationGracePeriodSeconds": exp.spec.lifecycle.termination_grace_period_seconds,
         "containers": [container],
         "volumes": volumes,
         "automountServiceAccountToken": False,

@@ -1,6 +1,7 @@
 """Prometheus metrics of the operator (served on RVC_METRICS_PORT at /metrics).
 
-rvc_experiments{phase}                   gauge: experiments seen by this operator, by phase
+rvc_experiments{phase}                   gauge: experiments seen by this operator, by phase (Pending, Queued,
+                                         Running, Succeeded, Failed, Suspended)
 rvc_experiment_phase{namespace,experiment,phase} gauge: 1 for each experiment's current phase
 rvc_step_duration_seconds{step}          histogram: Job creation to completion of successful steps
 rvc_job_failures_total{step,reason}      counter: failed step attempts (reason: BadInput, MissingWeights,
@@ -13,10 +14,13 @@ rvc_reconcile_errors_total               counter: reconciles that raised (API or
 from __future__ import annotations
 
 import threading
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-PHASES = ("Pending", "Queued", "Running", "Succeeded", "Failed")
+from .api import ExperimentPhase
+
+PHASES = get_args(ExperimentPhase)  # Pending, Queued, Running, Succeeded, Failed, Suspended
 # Steps last from seconds (preprocess on a few clips) to days (training).
 DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
 

@@ -8,7 +8,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .jobs import ANN_FORCE, ANN_INPUTS, CONTAINER, LABEL_ATTEMPT, LABEL_STEP, experiment_selector
+from .jobs import (
+    ANN_FORCE,
+    ANN_INPUTS,
+    ANN_SHARDS,
+    CONTAINER,
+    LABEL_ATTEMPT,
+    LABEL_SHARD,
+    LABEL_STEP,
+    experiment_selector,
+)
 
 if TYPE_CHECKING:
     from .cluster import ClusterAPI
@@ -36,6 +45,8 @@ class JobSummary:
     deleting: bool = False
     inputs_hash: str | None = None
     force: bool = False
+    shard: int | None = None  # the shard index of a sharded step's Job (label rvc-operator.dev/shard)
+    shards: int | None = None  # N of that step run (annotation rvc-operator.dev/shards)
 
     @property
     def active(self) -> bool:
@@ -159,6 +170,12 @@ def _attempt(labels: dict[str, Any]) -> int:
         return 0
 
 
+def _small_int(value: Any) -> int | None:
+    """A shard index or count written by the operator (None: missing or not a small number >= 0)."""
+    text = str(value) if value is not None else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 3 else None
+
+
 def summarize_job(job: dict[str, Any], pods: list[dict[str, Any]] | None = None) -> JobSummary:
     """Summarise a batch/v1 Job and its pods (camelCase dicts, as the API returns them)."""
     meta = job.get("metadata") or {}
@@ -183,6 +200,8 @@ def summarize_job(job: dict[str, Any], pods: list[dict[str, Any]] | None = None)
         deleting=bool(meta.get("deletionTimestamp")),
         inputs_hash=ann.get(ANN_INPUTS),
         force=ann.get(ANN_FORCE) == "true",
+        shard=_small_int(labels.get(LABEL_SHARD)),
+        shards=_small_int(ann.get(ANN_SHARDS)),
     )
 
 

@@ -33,6 +33,7 @@ from rvc_pipeline.core.events import parse_events as parse_event_lines
 from rvc_pipeline.core.storage import Storage
 
 from .api import DatasetStatus, EvaluationStatus, ProgressStatus, TrainingStatus
+from .jobs import SHARDED_STEPS
 
 log = logging.getLogger("rvc_operator")
 
@@ -176,15 +177,35 @@ def read_train_view(storage: Storage, experiment: str, total_epochs: int | None 
     return progress_from_events(events, total_epochs), training_from_events(events)
 
 
-FILE_STEPS = ("preprocess", "f0", "features")
+FILE_STEPS = SHARDED_STEPS  # the per-file steps: they report files done, and run sharded when asked
 
 
-def files_eta(events: Sequence[Event], step: str) -> float | None:
-    """Seconds left of a per-file step's current run: the file rate from its start (or first progress
-    event) to its latest progress event; None before two points in time or when nothing moved."""
+def event_shard(e: Event) -> tuple[int, int] | None:
+    """(I, N) of an event written by shard I of N of a sharded step: its `shard` field, "I/N" (or an int
+    with a `shards` field beside it); None for an event of a step run as one pod, or a value that does
+    not fit (0 <= I < N)."""
+    raw, count = getattr(e, "shard", None), getattr(e, "shards", None)
+    if isinstance(raw, str) and raw.count("/") == 1:
+        raw, count = raw.split("/")
+    try:
+        index, n = int(str(raw)), int(str(count))
+    except ValueError:
+        return None
+    return (index, n) if 0 <= index < n <= 64 else None
+
+
+def shard_eta_key(step: str, index: int, count: int) -> str:
+    """The key of shard I of N's ETA among file_step_etas' results (a step run as one pod: the step)."""
+    return f"{step}/shard-{index}-of-{count}"
+
+
+def files_eta(events: Sequence[Event], step: str, shard: tuple[int, int] | None = None) -> float | None:
+    """Seconds left of a per-file step's current run (of shard (I, N) of it, when given): the file rate
+    from its start (or first progress event) to its latest progress event; None before two points in
+    time or when nothing moved."""
     run: list[Event] = []
     for e in events:
-        if e.step != step:
+        if e.step != step or event_shard(e) != shard:
             continue
         if isinstance(e, StepStart):
             run = [e]
@@ -202,8 +223,12 @@ def files_eta(events: Sequence[Event], step: str) -> float | None:
 
 
 def file_step_etas(events: Sequence[Event], steps: Sequence[str] = FILE_STEPS) -> dict[str, float]:
-    """step -> files_eta, for the per-file steps that have one."""
+    """step -> files_eta, for the per-file steps that have one; and shard_eta_key(step, I, N) -> the ETA
+    of shard I of N, for every shard whose events carry its `shard` (see event_shard)."""
     out = {s: files_eta(events, s) for s in steps}
+    shards = {(e.step, sh) for e in events if e.step in steps and (sh := event_shard(e)) is not None}
+    for s, (i, n) in shards:
+        out[shard_eta_key(s, i, n)] = files_eta(events, s, (i, n))
     return {s: v for s, v in out.items() if v is not None}
 
 

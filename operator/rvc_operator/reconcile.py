@@ -29,7 +29,7 @@ from .config import OperatorConfig
 from .jobs import build_job_spec, build_spec_configmap, experiment_selector
 from .metrics import METRICS, OperatorMetrics
 from .observe import observe_jobs, owned_by, summarize_job
-from .status import Decision, Policy, admit, decide, plan_deletion, status_patch, ttl_left
+from .status import Decision, Policy, admit, decide, plan_deletion, status_patch, suspended, ttl_left
 
 log = logging.getLogger("rvc_operator")
 
@@ -41,7 +41,8 @@ def _utcnow() -> datetime:
 def make_policy(manifest: dict[str, Any], api: ClusterAPI, cfg: OperatorConfig) -> Policy:
     admitted, why = True, ""
     phase = (manifest.get("status") or {}).get("phase")
-    if cfg.max_concurrent_experiments > 0 and phase in (None, "Pending", "Queued"):
+    waiting = phase in (None, "Pending", "Queued", "Suspended")  # Suspended: a resumed one waits for a slot
+    if cfg.max_concurrent_experiments > 0 and waiting and not suspended(manifest):  # suspended: no slot
         others = api.list_experiments(cfg.watch_namespace)
         admitted, why = admit(manifest, others, cfg.max_concurrent_experiments)
     return Policy(max_retries=cfg.step_max_retries, backoff_seconds=cfg.retry_backoff_seconds,
@@ -66,7 +67,7 @@ def apply_decision(api: ClusterAPI, manifest: dict[str, Any], decision: Decision
         api.ensure_configmap(build_spec_configmap(manifest, cfg, exp))
     for c in decision.create:
         job = build_job_spec(manifest, c.step, c.attempt, cfg, force=c.force, inputs_hash=c.inputs_hash,
-                             parsed=exp)
+                             parsed=exp, shard=c.shard_arg)
         if api.create_job(job):
             metrics.jobs_created.labels(c.step).inc()
         else:

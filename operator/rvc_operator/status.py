@@ -11,7 +11,8 @@ and a Job is never created twice: Job names are deterministic (`<name>-<step>-<a
 the cluster with a higher attempt than the status knows is adopted, and the caller treats AlreadyExists
 as success.
 
-Experiment phases: Pending -> Queued (RVC_MAX_CONCURRENT_EXPERIMENTS) -> Running -> Succeeded | Failed.
+Experiment phases: Pending -> Queued (RVC_MAX_CONCURRENT_EXPERIMENTS) -> Running -> Succeeded | Failed;
+Suspended while spec.suspend is true (from Pending, Queued or Running; back to Pending on resume).
 Step phases: Pending, Running, Succeeded, Failed, Skipped (not in spec.steps, or already complete in
 storage). See docs/operator.md for the spec-change rules (`rerun_point`).
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from rvc_pipeline.core import errors, layout
 from rvc_pipeline.core.spec import STEP_ORDER, Experiment, SpecError, step_hashes
 
@@ -36,6 +38,8 @@ from .api import (
     DatasetStatus,
     ExperimentStatus,
     ProgressStatus,
+    RunStatus,
+    ShardStatus,
     StepStatus,
     TrainingStatus,
     all_steps,
@@ -44,9 +48,10 @@ from .api import (
     parse_experiment,
     progress_of,
 )
-from .jobs import ANN_DELETE_ARTIFACTS, PERMANENT_EXIT_CODES, configmap_name, job_name
+from .jobs import ANN_DELETE_ARTIFACTS, PERMANENT_EXIT_CODES, SHARDED_STEPS, configmap_name, job_name
 from .observe import IMAGE_PULL_REASONS, JobSummary
 from .ownership import Refusal
+from .progress_reader import shard_eta_key
 
 DONE = ("Succeeded", "Skipped")
 FINISHED = ("Succeeded", "Failed")
@@ -79,6 +84,13 @@ class CreateJob:
     force: bool
     inputs_hash: str
     name: str
+    shard: int | None = None  # shard index of a sharded step's Job (None: the step runs as one Job)
+    shards: int = 1  # N of the sharded step run
+
+    @property
+    def shard_arg(self) -> tuple[int, int] | None:
+        """(I, N) for build_job_spec's `shard` (None: one Job)."""
+        return None if self.shard is None else (self.shard, self.shards)
 
 
 @dataclass(frozen=True)
@@ -153,6 +165,7 @@ class _Walk:
     reason: str = "Progressing"
     current: str | None = None
     failed_msg: str | None = None
+    resumed: bool = False  # spec.suspend went false in this reconcile (Resumed posted, not Started)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,17 +210,32 @@ def _queue_key(o: dict[str, Any]) -> tuple[str, str, str]:
     return (str(m.get("creationTimestamp") or ""), str(m.get("namespace") or ""), str(m.get("name") or ""))
 
 
+_BOOL = TypeAdapter(bool)
+
+
+def suspended(manifest: Mapping[str, Any]) -> bool:
+    """spec.suspend of a manifest as stored, read as the typed spec reads it (False: unset or invalid)."""
+    spec = manifest.get("spec")
+    raw = spec.get("suspend") if isinstance(spec, Mapping) else None
+    try:
+        return raw is not None and _BOOL.validate_python(raw)
+    except ValidationError:
+        return False
+
+
 def admit(me: dict[str, Any], others: list[dict[str, Any]], limit: int) -> tuple[bool, str]:
     """Whether experiment `me` may start under RVC_MAX_CONCURRENT_EXPERIMENTS=`limit` (0 = no limit).
-    Running experiments hold a slot; waiting ones are served oldest first (creationTimestamp, then name)."""
+    Running experiments hold a slot; waiting ones are served oldest first (creationTimestamp, then name).
+    A suspended experiment (spec.suspend) neither holds a slot nor waits for one; a resumed one (still
+    phase Suspended) waits like a Pending one."""
     if limit <= 0:
         return True, ""
     my_uid = (me.get("metadata") or {}).get("uid")
-    rest = [o for o in others if (o.get("metadata") or {}).get("uid") != my_uid]
+    rest = [o for o in others if (o.get("metadata") or {}).get("uid") != my_uid and not suspended(o)]
     running = sum(1 for o in rest if (o.get("status") or {}).get("phase") == "Running")
     ahead = sum(
         1 for o in rest
-        if (o.get("status") or {}).get("phase") in (None, "Pending", "Queued")
+        if (o.get("status") or {}).get("phase") in (None, "Pending", "Queued", "Suspended")
         and not (o.get("metadata") or {}).get("deletionTimestamp")
         and _queue_key(o) < _queue_key(me)
     )
@@ -322,7 +350,7 @@ def decide(
     _set_training(st, exp, training)
     if w.phase in FINISHED:
         return _ttl(_refresh_finished(c, st, steps, progress, index_file, step_etas, dataset), manifest, now)
-    over = _over_deadline(c, st, steps)
+    over = _active_clock(c, st, steps, w, old)
     if over is not None:
         return _ttl(_refuse(d, old, jobs, gen, now, "DeadlineExceeded", over), manifest, now)
     _advance(c, st, steps, w, old, progress, index_file)
@@ -335,10 +363,15 @@ def decide(
 
 def _advance(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus], w: _Walk, old: ExperimentStatus,
              progress: Mapping[str, Any] | ProgressStatus | None, index_file: str | None) -> None:
-    """An unfinished experiment: adopt Jobs, walk the recipe, settle the phase, copy the progress."""
+    """An unfinished experiment: adopt Jobs, walk the recipe (or stop it: spec.suspend), settle the phase,
+    copy the progress."""
     _adopt_jobs(c, steps)
-    _walk_recipe(c, st, steps, w)
-    _settle_phase(c, st, steps, w, old, index_file)
+    if c.exp.spec.suspend:
+        _suspend(c, st, steps, w, old)
+    else:
+        if not _resume_held(c, st, steps, w):
+            _walk_recipe(c, st, steps, w)
+        _settle_phase(c, st, steps, w, old, index_file)
     if progress is not None:
         st.progress = progress_of(progress) or st.progress
 
@@ -361,20 +394,142 @@ def seconds_left(since: str | None, seconds: int | None, now: datetime) -> float
 
 
 def _over_deadline(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus]) -> str | None:
-    """The failure message once spec.lifecycle.activeDeadlineSeconds has passed since status.startTime
-    (its unfinished steps fail with reason DeadlineExceeded); before, wake up when it will have."""
+    """The failure message once spec.lifecycle.activeDeadlineSeconds has passed since status.startTime,
+    time spent suspended (status.suspendedSeconds) not counted (its unfinished steps fail with reason
+    DeadlineExceeded); before, wake up when it will have. The clock stops while suspended."""
     limit = c.exp.spec.lifecycle.active_deadline_seconds
-    left = seconds_left(st.start_time, limit, c.now)
-    if left is None:
+    paused = st.suspended_seconds or 0
+    left = seconds_left(st.start_time, None if limit is None else limit + paused, c.now)
+    if left is None or c.exp.spec.suspend:
         return None
     if left > 0:
         c.d.wake(left)
         return None
-    msg = f"spec.lifecycle.activeDeadlineSeconds={limit} exceeded (started {st.start_time})"
+    msg = f"spec.lifecycle.activeDeadlineSeconds={limit} exceeded (started {st.start_time}" + (
+        f"; {paused}s suspended not counted)" if paused else ")")
     for s in STEP_ORDER:
         if s in c.enabled and steps[s].phase in ("Running", "Pending"):
             _fail_step(c, steps[s], s, "DeadlineExceeded", msg)
     return msg
+
+
+# -- spec.suspend ---------------------------------------------------------------------------------------
+RESUME_HINT = "kubectl patch rvcx {name} --type merge -p '{{\"spec\":{{\"suspend\":false}}}}'"
+
+
+def _active_clock(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus], w: _Walk,
+                  old: ExperimentStatus) -> str | None:
+    """The experiment's clock: entering or leaving spec.suspend, then the deadline (see _over_deadline)."""
+    _track_suspension(c, st, steps, w, old)
+    return _over_deadline(c, st, steps)
+
+
+def _track_suspension(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus], w: _Walk,
+                      old: ExperimentStatus) -> None:
+    """status.suspendTime is set while suspended; on resume the time suspended after status.startTime is
+    added to status.suspendedSeconds (activeDeadlineSeconds does not count it, as a resumed Kubernetes Job
+    restarts its timer), the Suspended condition turns False (Resumed) and the experiment is Pending
+    again: it waits for a slot (RVC_MAX_CONCURRENT_EXPERIMENTS) like a new one."""
+    if c.exp.spec.suspend:
+        st.suspend_time = st.suspend_time or c.now_s
+        return
+    if old.phase != "Suspended":
+        st.suspend_time = None
+        return
+    since, started = parse_time(st.suspend_time), parse_time(st.start_time)
+    if since is not None and started is not None:
+        st.suspended_seconds = (st.suspended_seconds or 0) + max(0, round((c.now - max(since, started))
+                                                                          .total_seconds()))
+    st.suspend_time = None
+    w.phase, w.resumed = "Pending", True
+    where = next((s for s in STEP_ORDER if steps[s].phase not in DONE), None)
+    msg = f"resumed in generation {c.gen}" + (f"; continuing with {where}" if where else "")
+    _set_condition(st, "Suspended", False, "Resumed", msg, c.now_s, c.gen)
+    c.d.event("Normal", "Resumed", msg)
+
+
+def _suspend(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus], w: _Walk,
+             old: ExperimentStatus) -> None:
+    """spec.suspend on an unfinished experiment: every active Job is deleted (propagation Foreground: its
+    pods get SIGTERM and save their work, and the Job stays listed, `deleting`, until they are gone); the
+    steps they ran are Pending again without a failure counted (attempts kept: Job names never repeat);
+    no Job is created and no slot is held."""
+    stopping = []
+    for s in STEP_ORDER:
+        for j in c.by_step[s]:
+            if j.active:
+                c.d.delete_job(j.name, "suspended (spec.suspend)")
+            if j.active or j.deleting:
+                stopping.append(j.name)
+        _pause_step(c, s, steps[s])
+    w.phase = w.reason = "Suspended"
+    w.current = next((s for s in STEP_ORDER if steps[s].phase not in DONE), None)
+    st.phase, st.current_step = "Suspended", w.current
+    wait = f"; stopping Job {', '.join(stopping)} (its pod saves its work)" if stopping else ""
+    st.message = (f"suspended{f' at {w.current}' if w.current else ''}{wait}; to resume: "
+                  + RESUME_HINT.format(name=c.resource))
+    _set_condition(st, "Suspended", True, "Suspended", st.message, c.now_s, c.gen)
+    if old.phase != "Suspended":
+        c.d.event("Normal", "Suspended", st.message)
+    if stopping:
+        c.d.wake(10)
+
+
+def _pause_step(c: _Ctx, s: str, ss: StepStatus) -> None:
+    """Put the step's stopped attempt (or each stopped shard of a sharded step) back to Pending."""
+    runs: list[RunStatus] = [ss] if ss.shards is None else list(ss.shards)
+    paused = False
+    for run in runs:
+        if run.phase == "Running" and _stopped_by_suspend(c, s, run):
+            _pause_run(run, c.now_s)
+            paused = True
+    if paused and ss.shards is not None:
+        ss.phase, ss.reason = "Pending", "Suspended"
+        ss.message = "stopped by spec.suspend: " + ", ".join(
+            f"shard {sh.index} attempt {sh.attempts}" for sh in ss.shards if sh.reason == "Suspended")
+
+
+def _stopped_by_suspend(c: _Ctx, s: str, run: RunStatus) -> bool:
+    """Whether a Running attempt (a step's, or one shard's) is stopped by the suspension: its Job runs,
+    is being deleted or is gone, or ended with exit 143 (the pod saved its work on SIGTERM). A Job that
+    finished on its own is followed on resume, as it would have been."""
+    job = next((j for j in c.by_step[s] if j.name == run.job), None)
+    if job is None:
+        return True
+    if job.state == "Succeeded":
+        return False
+    return job.state != "Failed" or job.deleting or job.exit_code == errors.EXIT_PREEMPTED
+
+
+def _pause_run(run: RunStatus, now: str) -> None:
+    """A stopped attempt: Pending again, its attempts, failures and --force kept, no backoff (reason
+    Suspended; endTime = when it was stopped)."""
+    run.phase, run.reason, run.end_time, run.retry_after = "Pending", "Suspended", now, None
+    run.message = f"attempt {run.attempts} stopped by spec.suspend; resumes with attempt {run.attempts + 1}"
+
+
+def _resume_held(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus], w: _Walk) -> bool:
+    """A sharded step met again by a resumed experiment (Pending or Queued, not Running): take a slot
+    and wait for its stopped shard Jobs to be gone before its shards run (the one-Job path does both in
+    _pending_step). True: hold the walk for now."""
+    cur = next((s for s in STEP_ORDER if steps[s].phase not in DONE), None)
+    if cur is None or steps[cur].shards is None or w.phase == "Running" or steps[cur].phase == "Failed":
+        return False
+    w.current = cur
+    return not _start_experiment(c, st, w) or _stopping_jobs(c, cur, steps[cur])
+
+
+def _stopping_jobs(c: _Ctx, s: str, ss: StepStatus) -> bool:
+    """True while a Job of step `s` is still being deleted (a suspended or superseded attempt whose pod
+    may be saving its work within terminationGracePeriodSeconds): the next attempt waits for it, so two
+    Jobs of one step never run at once."""
+    stopping = [j.name for j in c.by_step[s] if j.deleting]
+    if not stopping:
+        return False
+    ss.message = (f"waiting for Job {', '.join(stopping)} to stop (its pod saves its work; a pod stuck "
+                  "terminating on a lost node needs `kubectl delete pod --force`)")
+    c.d.wake(10)
+    return True
 
 
 def ttl_of(manifest: Mapping[str, Any]) -> int | None:
@@ -441,6 +596,8 @@ def _spec_changed(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus], w
     """Rerun from the first step whose inputs changed (that one with --force); retry a failed step. A
     finished experiment whose spec changed runs again what is now left to do; a Failed one is retried
     whatever changed (the user may have fixed the data, the weights or the resources)."""
+    if w.phase in FINISHED and c.exp.spec.suspend:
+        return  # suspending a finished experiment changes nothing; the change is applied on resume
     rerun = rerun_point(steps, c.hashes)
     reopened = _reopen_changed_steps(c, steps, rerun)
     reopened += _sync_enabled_steps(c, steps)
@@ -514,21 +671,62 @@ def _refresh_finished(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus
 
 # -- adopt Jobs created just before a restart (status not written yet) --------------------------------
 def _adopt_jobs(c: _Ctx, steps: dict[str, StepStatus]) -> None:
+    """A Job with a higher attempt than the status knows (created just before a restart, status not
+    written) becomes its step's current Job, or its shard's; otherwise its attempt number is counted, so
+    that no Job name is used twice."""
     for s in STEP_ORDER:
         ss = steps[s]
-        newest = max(c.by_step[s], key=lambda j: j.attempt, default=None)
-        if newest is None or newest.attempt <= ss.attempts:
-            continue
-        if s in c.enabled and ss.phase in ("Pending", "Running"):
-            ss.phase, ss.attempts, ss.job = "Running", newest.attempt, newest.name
-            ss.start_time = newest.start_time or c.now_s
-            ss.reason, ss.message = "Adopted", f"adopted Job {newest.name}"
-            ss.inputs_hash = newest.inputs_hash or c.hashes[s]
-            ss.retry_after = None
-            if newest.force:
-                ss.force = True
-        else:
-            ss.attempts = newest.attempt
+        sharded = [j for j in c.by_step[s] if j.shard is not None]
+        newest = max((j for j in c.by_step[s] if j.shard is None), key=lambda j: j.attempt, default=None)
+        if newest is not None and newest.attempt > ss.attempts:
+            if _adoptable(c, s, ss) and ss.shards is None:
+                _adopt_plain(c, s, ss, newest)
+            ss.attempts = max(ss.attempts, newest.attempt)
+        if sharded:
+            _adopt_shard_jobs(c, s, ss, sharded)
+
+
+def _adoptable(c: _Ctx, s: str, ss: StepStatus) -> bool:
+    return s in c.enabled and ss.phase in ("Pending", "Running")
+
+
+def _adopt_plain(c: _Ctx, s: str, ss: StepStatus, newest: JobSummary) -> None:
+    ss.phase, ss.attempts, ss.job = "Running", newest.attempt, newest.name
+    ss.start_time = newest.start_time or c.now_s
+    ss.reason, ss.message = "Adopted", f"adopted Job {newest.name}"
+    ss.inputs_hash = newest.inputs_hash or c.hashes[s]
+    ss.retry_after = None
+    if newest.force:
+        ss.force = True
+
+
+def _adopt_shard_jobs(c: _Ctx, s: str, ss: StepStatus, jobs: list[JobSummary]) -> None:
+    """Shard Jobs: a sharded run the status does not know yet is taken up with the N its Jobs were made
+    for; then each shard adopts its newest Job of that N."""
+    newest = max(jobs, key=lambda j: j.attempt)
+    n = newest.shards or step_shards(c.exp, s)
+    if ss.shards is None and newest.attempt > ss.attempts and _adoptable(c, s, ss) and s in SHARDED_STEPS \
+            and 2 <= n <= 64 and newest.shard is not None and newest.shard < n:
+        ss.shards = [ShardStatus(phase="Pending", index=i, attempts=ss.attempts) for i in range(n)]
+        ss.phase, ss.job, ss.start_time, ss.failures = "Running", None, newest.start_time or c.now_s, 0
+        ss.reason, ss.message, ss.retry_after = "Adopted", f"adopted the Jobs of {n} shards", None
+        ss.inputs_hash = newest.inputs_hash or c.hashes[s]
+        if newest.force:
+            ss.force = True
+    for sh in ss.shards or []:
+        _adopt_shard(c, ss, sh, [j for j in jobs if j.shard == sh.index])
+    ss.attempts = max(ss.attempts, newest.attempt)
+
+
+def _adopt_shard(c: _Ctx, ss: StepStatus, sh: ShardStatus, jobs: list[JobSummary]) -> None:
+    n = len(ss.shards or [])
+    top = max((j for j in jobs if j.shards in (None, n)), key=lambda j: j.attempt, default=None)
+    if (top is not None and top.attempt > sh.attempts and ss.phase in ("Pending", "Running")
+            and sh.phase in ("Pending", "Running") and sh.reason != "Stopped"):
+        sh.phase, sh.attempts, sh.job = "Running", top.attempt, top.name
+        sh.start_time = top.start_time or c.now_s
+        sh.reason, sh.message, sh.retry_after = "Adopted", f"adopted Job {top.name}", None
+    sh.attempts = max([sh.attempts] + [j.attempt for j in jobs])
 
 
 # -- walk the recipe ------------------------------------------------------------------------------------
@@ -543,7 +741,12 @@ def _walk_recipe(c: _Ctx, st: ExperimentStatus, steps: dict[str, StepStatus], w:
             w.failed_msg = f"{s} failed: {ss.message or 'unknown error'}"
             w.reason = ss.reason or "StepFailed"
             return
-        go_on = _pending_step(c, st, s, ss, w) if ss.phase == "Pending" else _running_step(c, s, ss, w)
+        if ss.shards is not None:
+            go_on = _sharded_step(c, s, ss, w)
+        elif ss.phase == "Pending":
+            go_on = _pending_step(c, st, s, ss, w)
+        else:
+            go_on = _running_step(c, s, ss, w)
         if not go_on:
             return
 
@@ -558,7 +761,8 @@ def _pending_step(c: _Ctx, st: ExperimentStatus, s: str, ss: StepStatus, w: _Wal
         return False
     if w.phase != "Running" and not _start_experiment(c, st, w):
         return False
-    _create_job(c, s, ss)
+    if not _stopping_jobs(c, s, ss):
+        _start_step(c, s, ss)
     return False
 
 
@@ -582,30 +786,43 @@ def _start_experiment(c: _Ctx, st: ExperimentStatus, w: _Walk) -> bool:
     if st.start_time is None:
         st.start_time = c.now_s
     todo = ", ".join(s for s in STEP_ORDER if s in c.enabled)
-    c.d.event("Normal", "Started", f"running steps {todo}")
+    if not w.resumed:
+        c.d.event("Normal", "Started", f"running steps {todo}")
     return True
 
 
-def _create_job(c: _Ctx, s: str, ss: StepStatus) -> None:
-    attempt = ss.attempts + 1
+def _label(s: str, run: RunStatus) -> str:
+    """How events and messages name a step, or one shard of it."""
+    return f"{s} shard {run.index}" if isinstance(run, ShardStatus) else s
+
+
+def _create_job(c: _Ctx, s: str, ss: StepStatus, shard: ShardStatus | None = None) -> None:
+    """Create the next attempt's Job of the step, or of one of its shards (`shard`)."""
+    run: RunStatus = ss if shard is None else shard
+    attempt = run.attempts + 1
     force = bool(ss.force)
-    jname = job_name(c.resource, s, attempt)
-    c.d.create.append(CreateJob(s, attempt, force, c.hashes[s], jname))
-    ss.phase, ss.attempts, ss.job, ss.start_time = "Running", attempt, jname, c.now_s
-    ss.reason = "JobCreated"
-    ss.message = f"attempt {attempt} started" + (" (--force)" if force else "")
+    index = None if shard is None else shard.index
+    jname = job_name(c.resource, s, attempt, index)
+    count = len(ss.shards) if shard is not None and ss.shards else 1
+    c.d.create.append(CreateJob(s, attempt, force, c.hashes[s], jname, index, count))
+    run.phase, run.attempts, run.job, run.start_time = "Running", attempt, jname, c.now_s
+    run.reason = "JobCreated"
+    run.message = f"attempt {attempt} started" + (" (--force)" if force else "")
     ss.inputs_hash = c.hashes[s]
-    ss.end_time = ss.retry_after = ss.exit_code = None
-    c.d.event("Normal", "JobCreated", f"{s}: created Job {jname}" + (" with --force" if force else ""))
+    ss.attempts = max(ss.attempts, attempt)  # Job names never repeat: shards count on from the step's
+    run.end_time = run.retry_after = run.exit_code = None
+    c.d.event("Normal", "JobCreated", f"{_label(s, run)}: created Job {jname}" + (" with --force" if force
+                                                                                  else ""))
 
 
-def _running_step(c: _Ctx, s: str, ss: StepStatus, w: _Walk) -> bool:
-    """Follow the step's Job: succeeded (True: go on), failed (retry or fail), or still running."""
+def _running_step(c: _Ctx, s: str, ss: RunStatus, w: _Walk) -> bool:
+    """Follow the Job of a step (or of one shard): succeeded (True: go on), failed (retry or fail), or
+    still running."""
     job = next((j for j in c.by_step[s] if j.name == ss.job), None)
     if job is None or job.deleting:
         return _job_gone(c, s, ss, w)
     if job.state == "Succeeded":
-        _step_succeeded(c, ss, s, job, "completed")
+        _run_succeeded(c, ss, s, job, "completed")
         return True
     permanent, why = _classify(job, c.exp, ss, c.now, c.policy)
     if job.state == "Failed" or permanent:
@@ -619,10 +836,10 @@ def _running_step(c: _Ctx, s: str, ss: StepStatus, w: _Walk) -> bool:
     return False
 
 
-def _job_gone(c: _Ctx, s: str, ss: StepStatus, w: _Walk) -> bool:
-    """The step's Job is not listed: trust a completion marker, wait out the grace period, else retry."""
+def _job_gone(c: _Ctx, s: str, ss: RunStatus, w: _Walk) -> bool:
+    """The Job is not listed: trust the step's completion marker, wait out the grace period, else retry."""
     if c.markers is not None and s in c.markers:
-        _step_succeeded(c, ss, s, None, "Job gone; completion marker present")
+        _run_succeeded(c, ss, s, None, "Job gone; completion marker present")
         return True
     waited = (c.now - (parse_time(ss.start_time) or c.now)).total_seconds()
     if waited < c.policy.missing_job_grace_seconds:
@@ -631,6 +848,93 @@ def _job_gone(c: _Ctx, s: str, ss: StepStatus, w: _Walk) -> bool:
     w.failed_msg = _step_failed(c, ss, s, None, permanent=False, reason="JobMissing",
                                 message=f"Job {ss.job} disappeared")
     return False
+
+# -- sharded steps (spec.resources.shards > 1) ----------------------------------------------------------
+def step_shards(exp: Experiment, s: str) -> int:
+    """How many shard Jobs a start of step `s` runs now (1: one Job, as before sharding existed)."""
+    return exp.spec.resources.shards if s in SHARDED_STEPS else 1
+
+
+def _start_step(c: _Ctx, s: str, ss: StepStatus) -> None:
+    """Create the step's Job, or, sharded, one Job per shard. N is read here, when the step starts, and
+    kept in status.steps.<step>.shards until the step ends (a retry of a one-Job run stays one Job). A
+    forced run (the first step a spec change reruns) is one Job: the pipeline refuses --force with --shard,
+    since a forced shard would delete the outputs of the shards beside it."""
+    n = step_shards(c.exp, s) if ss.failures == 0 and not ss.force else 1
+    if n <= 1:
+        _create_job(c, s, ss)
+        return
+    ss.shards = [ShardStatus(phase="Pending", index=i, attempts=ss.attempts) for i in range(n)]
+    ss.phase, ss.job, ss.start_time, ss.failures = "Running", None, c.now_s, 0
+    ss.end_time = ss.retry_after = ss.exit_code = None
+    for sh in ss.shards:
+        _create_job(c, s, ss, sh)
+    _summarize_shards(ss)
+
+
+def _sharded_step(c: _Ctx, s: str, ss: StepStatus, w: _Walk) -> bool:
+    """Follow every shard's Job; a failed shard is retried alone (after its backoff). The step succeeds
+    once every shard has (True: go on); one shard failing for good fails the step and stops the others."""
+    shards = ss.shards or []
+    for sh in shards:
+        if sh.phase == "Running":
+            _running_step(c, s, sh, _Walk(phase=w.phase))
+    failed = next((sh for sh in shards if sh.phase == "Failed"), None)
+    if failed is not None:
+        w.failed_msg = _fail_sharded_step(c, s, ss, failed)
+        return False
+    if all(sh.phase == "Succeeded" for sh in shards):
+        ends = [sh.end_time for sh in shards if sh.end_time]
+        _step_succeeded(c, ss, s, None, f"{len(shards)}/{len(shards)} shards done",
+                        end_time=max(ends, key=lambda t: parse_time(t) or c.now) if ends else None)
+        return True
+    for sh in shards:
+        if sh.phase == "Pending":
+            _pending_shard(c, s, ss, sh)
+    _summarize_shards(ss)
+    return False
+
+
+def _fail_sharded_step(c: _Ctx, s: str, ss: StepStatus, failed: ShardStatus) -> str:
+    """One shard failed for good: the step fails and the other shards' Jobs are stopped."""
+    shards = ss.shards or []
+    _stop_jobs(c, s, f"shard {failed.index} failed")
+    for sh in shards:
+        if sh.phase in ("Running", "Pending"):
+            sh.phase, sh.reason, sh.retry_after = "Pending", "Stopped", None
+            sh.message = f"stopped: shard {failed.index} failed"
+    _summarize_shards(ss, keep_phase=True)
+    ss.exit_code = failed.exit_code
+    return _fail_step(c, ss, s, failed.reason or "StepFailed",
+                      f"shard {failed.index}/{len(shards)}: {failed.message or 'failed'}")
+
+
+def _pending_shard(c: _Ctx, s: str, ss: StepStatus, sh: ShardStatus) -> None:
+    """A shard waiting for its retry: create its next Job once the backoff has passed."""
+    retry_at = parse_time(sh.retry_after)
+    if retry_at is not None and c.now < retry_at:
+        c.d.wake((retry_at - c.now).total_seconds())
+        return
+    _create_job(c, s, ss, sh)
+
+
+def _summarize_shards(ss: StepStatus, keep_phase: bool = False) -> None:
+    """The step's own fields from its shards: Running while any shard runs, else Pending (a shard waits
+    for its retry); attempts = the highest attempt number used; failures summed; "k/N shards done"."""
+    shards = ss.shards or []
+    ss.attempts = max([ss.attempts] + [sh.attempts for sh in shards])
+    ss.failures = sum(sh.failures for sh in shards)
+    if keep_phase:
+        return
+    done = sum(sh.phase == "Succeeded" for sh in shards)
+    running = [sh for sh in shards if sh.phase == "Running"]
+    waiting = [sh for sh in shards if sh.phase == "Pending"]
+    ss.phase = "Running" if running or not waiting else "Pending"
+    ss.reason = "Retrying" if waiting else ("Waiting" if any(sh.reason == "Waiting" for sh in running)
+                                            else "Running")
+    note = next((sh for sh in waiting + running if sh.reason in ("Retrying", "Waiting")), None)
+    ss.message = f"{done}/{len(shards)} shards done" + (f"; shard {note.index}: {note.message}" if note
+                                                         else "")
 
 
 # -- failures -------------------------------------------------------------------------------------------
@@ -653,10 +957,12 @@ def _job_error(job: JobSummary, exp: Experiment) -> str:
     return head or "Job failed"
 
 
-def _classify(job: JobSummary, exp: Experiment, ss: StepStatus, now: datetime,
+def _classify(job: JobSummary, exp: Experiment, ss: RunStatus, now: datetime,
               policy: Policy) -> tuple[bool, str]:
     """(permanent, reason). Exit codes 2/3 of rvc-pipeline are permanent (bad spec/data, missing
     weights), as are an OOM kill under a memory limit and an image that cannot be pulled for long."""
+    if job.exit_code == errors.EXIT_PREEMPTED:  # SIGTERM'd after saving its work: never permanent
+        return False, "Preempted"
     if job.exit_code in PERMANENT_EXIT_CODES:
         return True, "BadInput" if job.exit_code == errors.EXIT_BAD_INPUT else "MissingWeights"
     if job.reason == "OOMKilled" and exp.spec.resources.memory:
@@ -670,41 +976,55 @@ def _classify(job: JobSummary, exp: Experiment, ss: StepStatus, now: datetime,
     return False, job.reason or "JobFailed"
 
 
-def _step_succeeded(c: _Ctx, ss: StepStatus, s: str, job: JobSummary | None, message: str) -> None:
-    end = (job.completion_time if job else None) or c.now_s
+def _run_succeeded(c: _Ctx, run: RunStatus, s: str, job: JobSummary | None, message: str) -> None:
+    """A step's Job (or one shard's) succeeded."""
+    if isinstance(run, StepStatus):
+        _step_succeeded(c, run, s, job, message)
+        return
+    run.phase, run.reason, run.message, run.failures = "Succeeded", "Completed", message, 0
+    run.end_time = (job.completion_time if job else None) or c.now_s
+    run.retry_after = run.exit_code = None
+    c.d.event("Normal", "ShardSucceeded", f"{_label(s, run)}: {message} (Job {run.job})")
+
+
+def _step_succeeded(c: _Ctx, ss: StepStatus, s: str, job: JobSummary | None, message: str,
+                    end_time: str | None = None) -> None:
+    end = end_time or (job.completion_time if job else None) or c.now_s
     ss.phase, ss.end_time, ss.reason, ss.message, ss.failures = "Succeeded", end, "Completed", message, 0
     ss.force = ss.retry_after = ss.exit_code = None
     start, t_end = parse_time(ss.start_time), parse_time(end)
     if start and t_end:
         c.d.step_durations.append((s, max(0.0, (t_end - start).total_seconds())))
-    c.d.event("Normal", "StepSucceeded", f"{s}: {message} (Job {ss.job})")
+    c.d.event("Normal", "StepSucceeded", f"{s}: {message}" + (f" (Job {ss.job})" if ss.job else ""))
 
 
-def _step_failed(c: _Ctx, ss: StepStatus, s: str, job: JobSummary | None, *, permanent: bool, reason: str,
+def _step_failed(c: _Ctx, ss: RunStatus, s: str, job: JobSummary | None, *, permanent: bool, reason: str,
                  message: str) -> str | None:
-    """Record a failed attempt. Returns the experiment's failure message, or None when a retry is planned."""
+    """Record a failed attempt of a step (or shard). Returns the failure message, or None when a retry is
+    planned."""
     if job is not None and job.exit_code is not None:
         ss.exit_code = job.exit_code
     c.d.failures.append((s, reason))
+    label = _label(s, ss)
     if permanent:
-        c.d.event("Warning", "StepFailed", f"{s}: attempt {ss.attempts} failed permanently: {message}")
+        c.d.event("Warning", "StepFailed", f"{label}: attempt {ss.attempts} failed permanently: {message}")
         return _fail_step(c, ss, s, reason, message)
     ss.failures += 1
     if ss.failures > c.policy.max_retries:
         msg = (f"{message}; gave up after {ss.failures} attempt(s) "
                f"({c.policy.retries_source}={c.policy.max_retries})")
-        c.d.event("Warning", "StepFailed", f"{s}: {msg}")
+        c.d.event("Warning", "StepFailed", f"{label}: {msg}")
         return _fail_step(c, ss, s, "RetriesExhausted", msg)
     _schedule_retry(c, ss, s, message)
     return None
 
 
-def _fail_step(c: _Ctx, ss: StepStatus, s: str, reason: str, message: str) -> str:
+def _fail_step(c: _Ctx, ss: RunStatus, s: str, reason: str, message: str) -> str:
     ss.phase, ss.reason, ss.message, ss.end_time, ss.retry_after = "Failed", reason, message, c.now_s, None
-    return f"{s} failed: {message}"
+    return f"{_label(s, ss)} failed: {message}"
 
 
-def _schedule_retry(c: _Ctx, ss: StepStatus, s: str, message: str) -> None:
+def _schedule_retry(c: _Ctx, ss: RunStatus, s: str, message: str) -> None:
     pol = c.policy
     delay = backoff_delay(ss.failures, pol)
     ss.phase, ss.reason, ss.retry_after = "Pending", "Retrying", iso(c.now + timedelta(seconds=delay))
@@ -712,8 +1032,8 @@ def _schedule_retry(c: _Ctx, ss: StepStatus, s: str, message: str) -> None:
                   f"in {delay:.0f}s")
     c.d.retries.append(s)
     c.d.wake(delay)
-    c.d.event("Warning", "Retrying", f"{s}: attempt {ss.attempts} failed ({message}); retry {ss.failures}/"
-                                     f"{pol.max_retries} in {delay:.0f}s")
+    c.d.event("Warning", "Retrying", f"{_label(s, ss)}: attempt {ss.attempts} failed ({message}); retry "
+                                     f"{ss.failures}/{pol.max_retries} in {delay:.0f}s")
 
 
 # -- the experiment's phase, artifacts, stale Jobs, conditions -----------------------------------------
@@ -777,7 +1097,9 @@ def _set_estimates(st: ExperimentStatus, steps: dict[str, StepStatus], step_etas
         st.training = st.training or TrainingStatus()
         st.training.eta_seconds = eta
     for s, ss in steps.items():
-        if ss.phase != "Running":
+        if ss.shards is not None:
+            _sharded_eta(s, ss, step_etas)
+        elif ss.phase != "Running":
             ss.eta_seconds = None
         elif step_etas is not None:
             ss.eta_seconds = step_etas.get(s)
@@ -785,6 +1107,21 @@ def _set_estimates(st: ExperimentStatus, steps: dict[str, StepStatus], step_etas
         st.dataset = None
     if dataset is not None:
         st.dataset = dataset
+
+
+def _sharded_eta(s: str, ss: StepStatus, step_etas: Mapping[str, float] | None) -> None:
+    """Each running shard's ETA (from its own progress events: progress_reader.shard_eta_key) and the
+    step's: the slowest unfinished shard, left out while any unfinished shard has none."""
+    shards = ss.shards or []
+    live = ss.phase in ("Running", "Pending")
+    for sh in shards:
+        if not live or sh.phase != "Running":
+            sh.eta_seconds = None
+        elif step_etas is not None:
+            sh.eta_seconds = step_etas.get(shard_eta_key(s, sh.index, len(shards)))
+    etas = [sh.eta_seconds for sh in shards if sh.phase != "Succeeded"]
+    known = [e for e in etas if e is not None]
+    ss.eta_seconds = max(known) if ss.phase == "Running" and known and len(known) == len(etas) else None
 
 
 def _set_training(st: ExperimentStatus, exp: Experiment, training: TrainingStatus | None) -> None:
@@ -813,10 +1150,18 @@ def _cleanup_stale_jobs(c: _Ctx, steps: dict[str, StepStatus]) -> None:
     """An active Job that is not its step's current Job (an older attempt, or left over from before a
     spec change) must not keep running: it would write outputs and markers for stale inputs."""
     for s, js in c.by_step.items():
-        ss = steps[s]
+        current = _current_jobs(steps[s])
         for j in js:
-            if j.active and not (ss.phase == "Running" and j.name == ss.job):
+            if j.active and j.name not in current:
                 c.d.delete_job(j.name, "superseded")
+
+
+def _current_jobs(ss: StepStatus) -> set[str]:
+    """Names of the Jobs the step runs now: its Job while Running, or its running shards' Jobs."""
+    if ss.shards is not None:
+        live = ss.phase in ("Running", "Pending")
+        return {sh.job for sh in ss.shards if live and sh.phase == "Running" and sh.job}
+    return {ss.job} if ss.phase == "Running" and ss.job else set()
 
 
 def _set_condition(st: ExperimentStatus, ctype: str, value: bool, reason: str, message: str, now: str,
@@ -835,7 +1180,7 @@ def _set_condition(st: ExperimentStatus, ctype: str, value: bool, reason: str, m
     have.observed_generation = gen
 
 
-_CONDITION_ORDER = {"Ready": 0, "Progressing": 1, "Failed": 2, "Reconciling": 3, "Stalled": 4}
+_CONDITION_ORDER = {"Ready": 0, "Progressing": 1, "Failed": 2, "Reconciling": 3, "Stalled": 4, "Suspended": 5}
 # a Failed experiment is out of retries (or refused): only a change of its spec or storage moves it on
 _STALLED_HINT = "cannot make progress until the spec or the storage changes"
 
@@ -846,13 +1191,15 @@ def _kstatus_conditions(st: ExperimentStatus, reason: str, now: str, gen: int) -
     refused storage): it stays so until the spec or the storage changes."""
     phase, msg = st.phase or "Pending", st.message or ""
     reconciling = phase in ("Pending", "Queued", "Running")
-    rec_reason = {"Succeeded": "Succeeded", "Failed": "Failed"}.get(phase, phase if phase == "Queued" else
-                                                                     "StepsPending")
-    _set_condition(st, "Reconciling", reconciling, rec_reason, msg if reconciling else f"finished: {phase}",
-                   now, gen)
+    suspended = phase == "Suspended"  # neither reconciling nor stalled: waiting for spec.suspend false
+    rec_reason = {"Succeeded": "Succeeded", "Failed": "Failed"}.get(phase, phase if phase in (
+        "Queued", "Suspended") else "StepsPending")
+    _set_condition(st, "Reconciling", reconciling, rec_reason,
+                   msg if reconciling or suspended else f"finished: {phase}", now, gen)
     stalled = phase == "Failed"
     _set_condition(st, "Stalled", stalled, reason if stalled else "NotStalled",
-                   f"{msg} ({_STALLED_HINT})" if stalled else "making progress or finished", now, gen)
+                   f"{msg} ({_STALLED_HINT})" if stalled else
+                   "suspended (spec.suspend)" if suspended else "making progress or finished", now, gen)
 
 
 def _conditions(st: ExperimentStatus, reason: str, now: str, gen: int) -> None:

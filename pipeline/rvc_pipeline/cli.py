@@ -16,6 +16,7 @@ import logging
 import sys
 from typing import Any
 
+from rvc_pipeline.core import termination
 from rvc_pipeline.core.catalog import PITCH, PITCH_METHODS
 from rvc_pipeline.core.errors import (
     EXIT_BAD_INPUT,
@@ -25,8 +26,10 @@ from rvc_pipeline.core.errors import (
     EXIT_TRANSIENT,
     classify,
 )
+from rvc_pipeline.core.layout import SHARDED_STEPS
 from rvc_pipeline.core.spec import STEP_ORDER, SpecError, load_manifest
-from rvc_pipeline.steps.runner import run_steps
+from rvc_pipeline.stepio import Shard
+from rvc_pipeline.steps.runner import run_shard, run_steps
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -41,21 +44,6 @@ def _print_summary(summaries: list[dict[str, Any]]) -> None:
         print(f"{s.get('step', '?'):>10}: " + ", ".join(f"{k}={v}" for k, v in short.items()))
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM (a pod deleted or preempted, `kill`) unwinds like an exit, so the writer lease is released
-    and scratch is cleaned up instead of the lease lingering until it expires."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def stop(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rvc-pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -65,11 +53,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--spec", required=True, help="RVCExperiment manifest (YAML)")
         p.add_argument("--force", action="store_true", help="rerun even if already complete")
         p.add_argument("--json", action="store_true", help="print the summary as JSON")
+        p.add_argument("--shard", metavar="I/N", help="run shard I of N (zero-based) of preprocess, f0 or "
+                       "features: the files whose position modulo N is I; the shard that finds every shard "
+                       "done completes the step")
     p = sub.add_parser("run", help="run every step of the manifest in order (one-click training)")
     p.add_argument("--spec", required=True)
     p.add_argument("--force", action="store_true")
     p.add_argument("--steps", help="comma-separated subset of steps")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--shard", help=argparse.SUPPRESS)  # refused with a message naming the sharded steps
     p = sub.add_parser("validate", help="check a manifest and print the resolved spec")
     p.add_argument("--spec", required=True)
     p = sub.add_parser("infer", help="convert a recording with a trained model")
@@ -85,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _exit_on_sigterm()
+    termination.install()  # SIGTERM: exit, or a graceful stop inside termination.graceful()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -101,18 +93,16 @@ def main(argv: list[str] | None = None) -> int:
             from rvc_pipeline.demo.run import main_demo
 
             return main_demo(args)
+        shard = _shard(args)
         exp = load_manifest(args.spec)
+        if shard is not None:
+            return _print_summaries([run_shard(exp, args.cmd, shard)], args.json)
         steps = [args.cmd] if args.cmd in STEP_ORDER else (args.steps.split(",") if args.steps else None)
         if steps:
             bad = [s for s in steps if s not in STEP_ORDER]
             if bad:
                 raise SpecError(f"--steps: unknown step(s) {bad}; allowed values: {list(STEP_ORDER)}")
-        summaries = run_steps(exp, steps, force=args.force)
-        if args.json:
-            print(json.dumps(summaries, indent=1, default=str))
-        else:
-            _print_summary(summaries)
-        return EXIT_OK
+        return _print_summaries(run_steps(exp, steps, force=args.force), args.json)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - top-level: one line, classified exit code
         failure = classify(e)
         if args.verbose or not failure.expected:
@@ -120,6 +110,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {failure.message}" if failure.code != EXIT_INTERRUPTED else failure.message,
               file=sys.stderr)
         return failure.code
+
+
+def _print_summaries(summaries: list[dict[str, Any]], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(summaries, indent=1, default=str))
+    else:
+        _print_summary(summaries)
+    return EXIT_OK
+
+
+def _shard(args: argparse.Namespace) -> Shard | None:
+    """--shard I/N (steps preprocess, f0, features only, never with --force); SpecError naming --shard."""
+    text = getattr(args, "shard", None)
+    if text is None:
+        return None
+    if args.cmd not in SHARDED_STEPS:
+        raise SpecError(f"--shard: step '{args.cmd}' cannot be sharded (only {', '.join(SHARDED_STEPS)})")
+    if args.force:
+        raise SpecError("--shard cannot be combined with --force (a forced shard would delete the outputs of "
+                        "the shards running beside it); run the step unsharded with --force")
+    try:
+        return Shard.parse(text)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
 
 
 def _add_infer_args(p: argparse.ArgumentParser) -> None:

@@ -366,9 +366,15 @@ class DistributedBucketSampler(torch.utils.data.Sampler[list[int]]):
         self.num_samples_per_bucket = [len(b) + (total - len(b) % total) % total for b in self.buckets]
         self.total_size = sum(self.num_samples_per_bucket)
         self.num_samples = self.total_size // num_replicas
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch's order (deterministic per epoch); its first `start` batches are skipped without
+        touching their data (a resume in the middle of an epoch). `len()` stays the whole epoch's."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         self.epoch = epoch
+        self.start = start
 
     def _batches(self) -> list[list[int]]:
         g = torch.Generator()
@@ -388,7 +394,7 @@ class DistributedBucketSampler(torch.utils.data.Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        return iter(self._batches()[self.start :])
 
     def __len__(self) -> int:
         return self.num_samples // self.batch_size

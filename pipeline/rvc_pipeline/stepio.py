@@ -28,9 +28,11 @@ from rvc_pipeline.core.layout import (
     F0_NSF_DIR,
     FEATURE_DIRS,
     GT_WAVS_DIR,
+    MAX_SHARDS,
     WAVS_16K_DIR,
     feature_dir,
     marker_key,
+    shard_of_marker,
 )
 from rvc_pipeline.core.spec import STEP_ORDER, Experiment, step_hashes
 from rvc_pipeline.core.storage import Storage, open_storage
@@ -80,6 +82,73 @@ def read_marker(storage: Storage, experiment: str, step: str) -> dict[str, Any] 
     return data if isinstance(data, dict) else None
 
 
+# ------------------------------------------------------------------------------------- shards
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` (zero-based) of `count` of a data step: it processes the inputs whose position in the
+    step's sorted input listing (preprocess: the dataset file's idx0) is `index` modulo `count`. Output
+    names never depend on the shard (preprocess keeps the global idx0), so the union of the shards'
+    outputs is the unsharded run's, and files done under another `count` are resumed, not redone."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`I/N` with 0 <= I < N <= MAX_SHARDS; ValueError naming --shard otherwise."""
+        i, sep, n = str(text).strip().partition("/")
+        if not (sep and i.isdigit() and n.isdigit()):
+            raise ValueError(f"--shard {text!r}: expected I/N (shard I of N, zero-based), e.g. 0/2")
+        index, count = int(i), int(n)
+        if not 1 <= count <= MAX_SHARDS or index >= count:
+            raise ValueError(f"--shard {text!r}: need 0 <= I < N and 1 <= N <= {MAX_SHARDS}")
+        return cls(index, count)
+
+    def owns(self, position: int) -> bool:
+        return position % self.count == self.index
+
+    @property
+    def clears(self) -> bool:
+        """Only shard 0 deletes shared state (see steps.runner.begin_generation)."""
+        return self.index == 0
+
+    def __str__(self) -> str:
+        return f"shard {self.index}/{self.count}"
+
+
+def shard_markers(storage: Storage, experiment: str, step: str, count: int) -> dict[int, dict[str, Any]]:
+    """The readable shard markers of `step` for `count` shards, by shard index (one listing)."""
+    found: dict[int, dict[str, Any]] = {}
+    prefix = marker_key(experiment, step).rsplit("/", 1)[0]
+    for o in storage.list(prefix):
+        parsed = shard_of_marker(o.key.rsplit("/", 1)[-1])
+        if parsed is None or parsed[0] != step or parsed[2] != count or not under(o.key, prefix):
+            continue
+        try:
+            data = json.loads(storage.read_bytes(o.key))
+        except StorageError as e:
+            if not getattr(e, "permanent", True):
+                raise
+            continue
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            found[parsed[1]] = data
+    return found
+
+
+def delete_shard_markers(storage: Storage, experiment: str, steps: tuple[str, ...] | list[str]) -> int:
+    """Delete every shard marker (any count) of `steps`; returns how many."""
+    check_current()
+    prefix = marker_key(experiment, "x").rsplit("/", 1)[0]
+    doomed = [o.key for o in storage.list(prefix) if under(o.key, prefix)
+              and (p := shard_of_marker(o.key.rsplit("/", 1)[-1])) is not None and p[0] in steps]
+    parallel_threads(storage.delete, doomed)
+    return len(doomed)
+
+
 def invalidate_from(storage: Storage, experiment: str, step: str) -> None:
     """Delete the markers of `step` and every later step (their outputs depend on it)."""
     check_current()
@@ -94,7 +163,9 @@ OWNED_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "features": {d: ("*.npy", "*.npy.partial") for d in FEATURE_DIRS},
 }
 
-# Per-file outputs that f0 and features resume from (they skip files whose outputs exist).
+# Per-file outputs that f0 and features resume from (they skip files whose outputs exist). (preprocess
+# resumes too, from its per-file records; a forced preprocess clears its pieces itself, after its own
+# dataset check: steps.shards.begin_generation.)
 RESUMABLE_OUTPUTS: dict[str, tuple[str, ...]] = {s: tuple(OWNED_OUTPUTS[s]) for s in ("f0", "features")}
 
 
@@ -135,7 +206,10 @@ def remove_owned_local(folder: Path, patterns: tuple[str, ...], keep: set[str] |
                 continue
             if keep is not None and e.name in keep:
                 continue
-            os.unlink(e.path)
+            try:
+                os.unlink(e.path)
+            except FileNotFoundError:  # removed meanwhile (two shards completing a step at once)
+                continue
             n += 1
     return n
 

@@ -9,9 +9,14 @@ twice, and records what it sees; the tests below assert one property each on tho
   metrics (local mode).
 * test_operator_restart_mid_experiment: the operator pod is deleted while a step Job runs; the Deployment
   recreates it; the experiment completes with exactly one Job per step.
-* test_training_pod_deleted_resumes_from_checkpoint: once the first G_*.pth is in S3 the training pod is
-  deleted; the Job's next pod resumes from that checkpoint (progress.jsonl: a `train_start` with
-  `init: resume` at epoch > 1, no epoch trained twice).
+* test_training_pod_deleted_resumes_mid_epoch: the training pod is deleted in the middle of the last
+  epoch; it saves a mid-epoch checkpoint on SIGTERM and the Job's next pod resumes at that step
+  (progress.jsonl: `preempted`, then `train_start` with `init: resume` and the same epoch step; at most
+  one step trained twice).
+
+Then the same data as `shards: 2` (sharded_run): two pods per data step with outputs equal to the
+unsharded run's, suspended during training and resumed mid-epoch, deleted by its TTL; an experiment past
+its activeDeadlineSeconds fails with reason DeadlineExceeded.
 
 Then a second experiment with only corrupt files fails permanently with the files named
 (test_corrupt_data_fails_with_message), experiments in other namespaces aimed at a third one's folder are
@@ -25,6 +30,7 @@ one-click test is meant for external mode (`-k one_click`); it prints where the 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,9 +51,11 @@ from tests.e2e.e2e_env import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3600)]
 
-# Full-size v2 40k models (a G_/D_ checkpoint pair is 1.3 GB): two epochs of one step each, a checkpoint
-# after each; the training pod is deleted during epoch 2 and the Job's next pod resumes at epoch 2.
+# Full-size v2 40k models (a G_/D_ checkpoint pair is 1.3 GB): two epochs of three steps each, a checkpoint
+# after each; the training pod is deleted in the middle of epoch 2 (SIGTERM: it finishes its step, saves and
+# uploads a mid-epoch checkpoint) and the Job's next pod resumes at that step of epoch 2.
 EPOCHS = 2
+STEPS_PER_EPOCH = 3
 ONE_CLICK_TIMEOUT = 1200.0
 
 
@@ -106,7 +114,7 @@ def one_click_run(e2e_env: E2EEnv, tmp_path_factory: pytest.TempPathFactory) -> 
     env.upload_voice_set(tmp, f"datasets/{name}", n_files=4, seconds_each=12.0)
     env.timed("one-click: voice set made and uploaded", time.monotonic() - t_data)
 
-    env.apply(env.experiment(name, f"datasets/{name}", epochs=EPOCHS))
+    env.apply(env.experiment(name, f"datasets/{name}", epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH))
     t0 = time.monotonic()
     operator_pod = env.wait_operator_pod()
 
@@ -131,17 +139,18 @@ def one_click_run(e2e_env: E2EEnv, tmp_path_factory: pytest.TempPathFactory) -> 
                     run.restart.detail["replaced_after_s"] = round(now - run.restart.at_seconds, 1)
                     print(f"[one-click] {now:.0f} s: operator pod {run.restart.replacement} running",
                           flush=True)
-        # 2. the training pod goes away once the first checkpoint is in S3
+        # 2. the training pod goes away in the middle of epoch 2 (after the first checkpoint is in S3)
         train_pod = running_pod(pods, "train")
         if not run.train_kill.deleted and train_pod is not None:
-            ckpts = sorted(k.rsplit("/", 1)[1] for k in env.s3_keys(f"{run.exp_prefix}/G_"))
-            if ckpts:
-                pod_name = train_pod["metadata"]["name"]
+            pod_name = train_pod["metadata"]["name"]
+            pos = train_position(env, pod_name)
+            if pos is not None and pos[1] == EPOCHS and 1 <= pos[2] < STEPS_PER_EPOCH:
+                ckpts = sorted(k.rsplit("/", 1)[1] for k in env.s3_keys(f"{run.exp_prefix}/G_"))
                 env.kubectl("-n", env.namespace, "delete", "pod", pod_name, "--wait=false")
                 run.train_kill = Disruption(deleted=pod_name, step="train", at_seconds=now,
-                                            detail={"checkpoints": ckpts})
-                print(f"[one-click] {now:.0f} s: deleted training pod {pod_name} (checkpoints in S3: "
-                      f"{ckpts})", flush=True)
+                                            detail={"checkpoints": ckpts, "position": pos})
+                print(f"[one-click] {now:.0f} s: deleted training pod {pod_name} at step {pos} (checkpoints "
+                      f"in S3: {ckpts})", flush=True)
         elif (run.train_kill.deleted and not run.train_kill.replacement and train_pod is not None
               and train_pod["metadata"]["name"] != run.train_kill.deleted):
             run.train_kill.replacement = train_pod["metadata"]["name"]
@@ -291,36 +300,218 @@ def test_operator_restart_mid_experiment(e2e_env: E2EEnv, one_click_run: OneClic
     assert len(events) == 1, events
 
 
-def test_training_pod_deleted_resumes_from_checkpoint(e2e_env: E2EEnv, one_click_run: OneClickRun) -> None:
+def test_training_pod_deleted_resumes_mid_epoch(e2e_env: E2EEnv, one_click_run: OneClickRun) -> None:
+    """Issue 11: a deleted (preempted) training pod costs at most one step: it saves a mid-epoch checkpoint
+    on SIGTERM and the Job's next pod continues from that step of the epoch."""
     env, run = e2e_env, one_click_run
     obj = run.require_success()
     k = run.train_kill
-    assert k.deleted, "the training pod was never seen running with a checkpoint in S3"
+    assert k.deleted, "the training pod was never seen running in the middle of the last epoch"
     train_job = f"{run.name}-train-1"
     assert k.deleted in run.pods_seen[train_job]
     assert len(run.pods_seen[train_job]) >= 2, run.pods_seen  # the Job made a new pod (backoffLimit)
     assert run.jobs_seen["train"] == {train_job}  # ... inside the same Job
     assert obj["status"]["steps"]["train"]["attempts"] == 1
-    first_ckpt = k.detail["checkpoints"][0]  # G_<global step>.pth
 
     events = [e for e in progress_events(env, run.exp_prefix) if e.get("step") == "train"]
     starts = [e for e in events if e["event"] == "train_start"]
-    print(f"\n[resume] training pod {k.deleted} deleted at {k.at_seconds:.0f} s with {k.detail}; "
-          f"train_start events: {[(s['start_epoch'], s['init']) for s in starts]}")
+    preempted = [e for e in events if e["event"] == "preempted"]
+    steps = [e["global_step"] for e in events if e["event"] == "train_step"]
+    print(f"\n[resume] training pod {k.deleted} deleted at {k.at_seconds:.0f} s at {k.detail}; preempted: "
+          f"{[(p['epoch'], p['epoch_step'], p.get('seconds_to_upload')) for p in preempted]}; train_start: "
+          f"{[(s['start_epoch'], s.get('start_epoch_step'), s['init']) for s in starts]}; steps run: {steps}")
+    assert len(preempted) == 1, preempted
+    p = preempted[0]
     resumed = starts[-1]
     assert resumed["init"] == "resume", starts
-    assert resumed["start_epoch"] > 1 and resumed["resumed_epoch"] == resumed["start_epoch"] - 1
+    assert p["epoch"] == EPOCHS and 1 <= p["epoch_step"] < STEPS_PER_EPOCH, p
+    assert resumed["start_epoch"] == EPOCHS and resumed["start_epoch_step"] == p["epoch_step"]  # mid-epoch
+    assert resumed["global_step"] == p["global_step"]
     assert resumed["resumed_from"].endswith(".pth") and Path(resumed["resumed_from"]).name.startswith("G_")
-    assert int(first_ckpt[2:-4]) <= resumed["global_step"]
-    if len(starts) > 1:  # the first run's record (kept when its progress.jsonl reached S3 before the kill)
-        assert starts[0]["start_epoch"] == 1 and starts[0]["init"] != "resume"
-    # after the resume every remaining epoch ran exactly once, up to the last one
-    i = events.index(resumed)
-    after = [e["epoch"] for e in events[i:] if e["event"] == "epoch"]
-    assert after == list(range(resumed["start_epoch"], EPOCHS + 1)), after
+    # every step ran, at most one of them twice
+    total = EPOCHS * STEPS_PER_EPOCH
+    assert sorted(set(steps)) == list(range(1, total + 1)), steps
+    assert len(steps) - len(set(steps)) <= 1, steps
+    last = [e for e in events if e["event"] == "epoch" and e["epoch"] == EPOCHS][-1]
+    assert last["steps"] == STEPS_PER_EPOCH and last["global_step"] == total
     summary = json.loads(env.s3_get(f"{run.exp_prefix}/train_summary.json"))
-    assert summary["init"] == "resume" and summary["start_epoch"] == resumed["start_epoch"]
-    assert summary["last_epoch"] == EPOCHS
+    assert summary["init"] == "resume" and summary["last_epoch"] == EPOCHS
+    assert summary["global_step"] == total
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 11: shards, suspend/resume, TTL, deadline
+SHARD_STEPS = ("preprocess", "f0", "features")
+OUTPUT_FOLDERS = ("0_gt_wavs", "1_16k_wavs", "2a_f0", "2b-f0nsf", "3_feature768")
+TRAIN_LINE = re.compile(r"train: step (\d+) \(epoch (\d+), (\d+)/(\d+)\)")
+
+
+def train_position(env: E2EEnv, pod: str) -> tuple[int, int, int] | None:
+    """(global step, epoch, step in epoch) of the newest per-step log line of a training pod."""
+    out = env.kubectl("-n", env.namespace, "logs", pod, "--tail=200", check=False).stdout
+    found = TRAIN_LINE.findall(out)
+    if not found:
+        return None
+    g, e, k, _n = (int(x) for x in found[-1])
+    return g, e, k
+
+
+def _outputs(env: E2EEnv, exp_prefix: str) -> dict[str, bytes]:
+    keys = [k for folder in OUTPUT_FOLDERS for k in env.s3_keys(f"{exp_prefix}/{folder}/")]
+    return {k.removeprefix(exp_prefix + "/"): env.s3_get(k) for k in sorted(keys)}
+
+
+@dataclass
+class ShardedRun:
+    name: str
+    exp_prefix: str
+    final: dict[str, Any] | None = None
+    error: str | None = None
+    suspended: dict[str, Any] = field(default_factory=dict)
+    suspended_at: tuple[int, int, int] | None = None
+    jobs_seen: dict[str, set[str]] = field(default_factory=dict)
+    active_train_jobs: int = 0  # the most train Jobs ever active at once
+    events: list[dict[str, Any]] = field(default_factory=list)
+    gone_after_s: float | None = None
+    seconds: float = 0.0
+
+
+SHARDED_STEPS_PER_EPOCH = 4
+SHARDED_TTL = 20
+
+
+@pytest.fixture(scope="module")
+def sharded_run(e2e_env: E2EEnv, one_click_run: OneClickRun) -> ShardedRun:
+    """The one-click data again, as `shards: 2`, suspended during training and resumed, then TTL'd."""
+    env = e2e_env
+    name = f"sharded-{env.run_id}"
+    run = ShardedRun(name=name, exp_prefix=f"models/logs/{name}")
+    m = env.experiment(name, f"datasets/{one_click_run.name}", epochs=1,
+                       steps_per_epoch=SHARDED_STEPS_PER_EPOCH,
+                       steps=("preprocess", "f0", "features", "train"))
+    m["spec"]["resources"]["shards"] = 2
+    m["spec"]["eval"] = {"enabled": False}
+    m["spec"]["lifecycle"] = {"ttlSecondsAfterFinished": SHARDED_TTL}
+    env.apply(m)
+    t0 = time.monotonic()
+
+    def tick(obj: dict[str, Any]) -> None:
+        jobs = env.jobs(name)
+        for j in jobs:
+            step = j["metadata"]["labels"].get(LABEL_STEP, "?")
+            run.jobs_seen.setdefault(step, set()).add(j["metadata"]["name"])
+        active = [j for j in jobs if j["metadata"]["labels"].get(LABEL_STEP) == "train"
+                  and not (j.get("status") or {}).get("succeeded")]
+        run.active_train_jobs = max(run.active_train_jobs, len(active))
+        if run.suspended_at is None:
+            pod = running_pod(env.pods(name), "train")
+            pos = train_position(env, pod["metadata"]["name"]) if pod else None
+            if pos is not None and 1 <= pos[2] < SHARDED_STEPS_PER_EPOCH:
+                env.kubectl("-n", env.namespace, "patch", "rvcx", name, "--type", "merge",
+                            "-p", '{"spec":{"suspend":true}}')
+                run.suspended_at = pos
+                print(f"\n[sharded] {time.monotonic() - t0:.0f} s: suspended at step {pos}", flush=True)
+
+    try:
+        env.wait_phase(name, ("Running",), 300, tick=tick)
+        wait_until("the training pod to run a step", lambda: (tick({}), run.suspended_at)[1], 900,
+                   interval=1.0, diagnostics=lambda: env.diagnostics(name))
+        obj = env.wait_phase(name, ("Suspended",), 120, tick=tick)
+        run.suspended = obj
+        wait_until("the training Job and pod to go", lambda: not [
+            j for j in env.jobs(name) if j["metadata"]["labels"].get(LABEL_STEP) == "train"]
+            and running_pod(env.pods(name), "train") is None, 180, diagnostics=lambda: env.diagnostics(name))
+        run.suspended = env.get_experiment(name) or obj
+        env.kubectl("-n", env.namespace, "patch", "rvcx", name, "--type", "merge",
+                    "-p", '{"spec":{"suspend":false}}')
+        run.final = env.wait_phase(name, ("Succeeded",), 900, tick=tick)
+        run.events = env.events(name, run.final["metadata"]["uid"])
+        t_done = time.monotonic()
+        wait_until(f"{name} to be deleted by its TTL", lambda: env.get_experiment(name) is None, 120,
+                   diagnostics=lambda: env.operator_logs(tail=40))
+        run.gone_after_s = time.monotonic() - t_done
+    except (AssertionError, TimeoutError) as e:
+        run.error = str(e)
+    run.seconds = time.monotonic() - t0
+    env.timed("sharded experiment (2 shards, suspend + resume, TTL)", run.seconds)
+    return run
+
+
+def test_sharded_data_steps_equal_unsharded(e2e_env: E2EEnv, one_click_run: OneClickRun,
+                                            sharded_run: ShardedRun) -> None:
+    env, run = e2e_env, sharded_run
+    assert run.error is None and run.final is not None, run.error
+    steps = run.final["status"]["steps"]
+    for s in SHARD_STEPS:
+        assert run.jobs_seen[s] == {f"{run.name}-{s}-s{i}-1" for i in range(2)}, run.jobs_seen
+        assert steps[s]["phase"] == "Succeeded"
+    ours, theirs = _outputs(env, run.exp_prefix), _outputs(env, one_click_run.exp_prefix)
+    print(f"\n[sharded] {len(ours)} output files of 2 shards; unsharded: {len(theirs)}")
+    assert ours.keys() == theirs.keys() and len(ours) > 20
+    different = [k for k in ours if ours[k] != theirs[k]]
+    assert not different, different[:5]
+    for s in SHARD_STEPS:
+        assert env.s3_keys(f"{run.exp_prefix}/.rvc/{s}.done.json")
+        assert len([k for k in env.s3_keys(f"{run.exp_prefix}/.rvc/{s}.shard-")]) == 2
+
+
+def test_suspend_resume_continues_mid_epoch(e2e_env: E2EEnv, sharded_run: ShardedRun) -> None:
+    env, run = e2e_env, sharded_run
+    assert run.error is None and run.final is not None, run.error
+    st = run.suspended["status"]
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert st["phase"] == "Suspended" and conds["Suspended"]["status"] == "True", st
+    assert conds["Ready"]["status"] == "False" and conds["Reconciling"]["status"] == "False"
+    assert st["steps"]["train"]["phase"] == "Pending" and st["steps"]["train"].get("failures", 0) == 0
+    final = run.final["status"]
+    fconds = {c["type"]: c for c in final["conditions"]}
+    assert fconds["Suspended"]["status"] == "False" and fconds["Ready"]["status"] == "True"
+    assert run.jobs_seen["train"] == {f"{run.name}-train-1", f"{run.name}-train-2"}
+    assert run.active_train_jobs == 1  # never two training Jobs at once
+    reasons = [e["reason"] for e in run.events]
+    assert "Suspended" in reasons and "Resumed" in reasons, reasons
+    events = [e for e in progress_events(env, run.exp_prefix) if e.get("step") == "train"]
+    preempted = [e for e in events if e["event"] == "preempted"]
+    starts = [e for e in events if e["event"] == "train_start"]
+    steps = [e["global_step"] for e in events if e["event"] == "train_step"]
+    print(f"\n[suspend] suspended at {run.suspended_at}; preempted: {preempted}; starts: "
+          f"{[(s['start_epoch'], s.get('start_epoch_step'), s['init']) for s in starts]}; steps {steps}")
+    assert len(preempted) == 1 and len(starts) == 2
+    assert starts[1]["init"] == "resume" and starts[1]["start_epoch"] == 1
+    assert starts[1]["start_epoch_step"] == preempted[0]["epoch_step"] >= 1  # mid-epoch
+    assert sorted(set(steps)) == list(range(1, SHARDED_STEPS_PER_EPOCH + 1))
+    assert len(steps) - len(set(steps)) <= 1  # at most one step repeated
+    summary = json.loads(env.s3_get(f"{run.exp_prefix}/train_summary.json"))
+    assert summary["global_step"] == SHARDED_STEPS_PER_EPOCH
+
+
+def test_ttl_deletes_finished_experiment(e2e_env: E2EEnv, sharded_run: ShardedRun) -> None:
+    env, run = e2e_env, sharded_run
+    assert run.error is None and run.gone_after_s is not None, run.error
+    print(f"\n[ttl] {run.name} deleted {run.gone_after_s:.0f} s after Succeeded (ttl {SHARDED_TTL} s)")
+    assert env.get_experiment(run.name) is None
+    wait_until(f"{run.name}'s Jobs to go", lambda: not env.jobs(run.name), 120)
+    assert env.s3_keys(f"{run.exp_prefix}/train_summary.json")  # artifacts kept (artifactsOnDeletion Keep)
+
+
+def test_deadline_fails_with_reason(e2e_env: E2EEnv) -> None:
+    env = e2e_env
+    name = f"deadline-{env.run_id}"
+    m = env.experiment(name, f"datasets/{name}", steps=["preprocess"])
+    m["spec"]["resources"]["nodeSelector"] = {"rvc-e2e.dev/no-such-node": "true"}  # never runs
+    m["spec"]["lifecycle"] = {"activeDeadlineSeconds": 5}
+    env.apply(m)
+    t0 = time.monotonic()
+    obj = env.wait_phase(name, ("Failed",), 120)
+    st = obj["status"]
+    print(f"\n[deadline] {name} failed after {time.monotonic() - t0:.0f} s: {st['message']}")
+    assert st["steps"]["preprocess"]["reason"] == "DeadlineExceeded"
+    assert "activeDeadlineSeconds=5" in st["message"]
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Failed"]["status"] == "True" and conds["Failed"]["reason"] == "DeadlineExceeded"
+    wait_until(f"{name}'s Job to be stopped", lambda: not [
+        j for j in env.jobs(name) if not j["metadata"].get("deletionTimestamp")], 60)
+    env.delete_experiment(name)
 
 
 def test_corrupt_data_fails_with_message(e2e_env: E2EEnv, tmp_path: Path) -> None:

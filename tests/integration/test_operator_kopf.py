@@ -744,3 +744,108 @@ def test_start_up_warns_when_no_allow_list_is_set(caplog: pytest.LogCaptureFixtu
     warned = "RVC_STORAGE_ALLOWED_PREFIXES is not set"
     levels = [(r.levelname, warned in r.getMessage()) for r in caplog.records]
     assert levels == [("WARNING", True), ("INFO", False)]
+
+
+def test_sharded_data_steps_run_one_job_per_shard_and_retry_a_shard_alone(h: Harness) -> None:
+    c = h.cluster
+    c.add_experiment("alice", h.spec(resources={"device": "cpu", "shards": 2}))
+    h.reconcile()
+    assert c.created == ["alice-preprocess-s0-1", "alice-preprocess-s1-1"]
+    cmd = c.jobs[("voice", "alice-preprocess-s1-1")]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[-2:] == ["--shard", "1/2"]
+    c.finish_job("alice-preprocess-s0-1")
+    c.finish_job("alice-preprocess-s1-1", ok=False, exit_code=1, message="error: s3 read timed out")
+    h.reconcile()
+    pre = c.status("alice")["steps"]["preprocess"]
+    assert pre["phase"] == "Pending"
+    assert pre["message"].startswith("1/2 shards done; shard 1: attempt 1 failed")
+    h.reconcile(advance=40)  # after the backoff: shard 1 alone runs again
+    assert c.created[2:] == ["alice-preprocess-s1-2"]
+    h.marker("preprocess")
+    c.finish_job("alice-preprocess-s1-2")
+    c.fail_patch = 1  # the operator dies after creating f0's shard Jobs, before writing the status
+    with pytest.raises(RuntimeError, match="went away"):
+        h.reconcile()
+    h.reconcile()
+    assert c.created[3:] == ["alice-f0-s0-1", "alice-f0-s1-1"]
+    st = c.status("alice")
+    assert st["steps"]["preprocess"]["message"] == "2/2 shards done"
+    assert [x["job"] for x in st["steps"]["f0"]["shards"]] == ["alice-f0-s0-1", "alice-f0-s1-1"]
+    # per-shard progress events in storage give the step's ETA: the slowest shard
+    events = [{"time": 1.0e9 + dt, "experiment": "alice", "step": "f0", "event": ev, "shard": i, "shards": 2,
+               **f}
+              for i, rate in ((0, 2), (1, 1))
+              for dt, ev, f in ((0, "start", {}),
+                                (10, "progress", {"files_done": 10 * rate, "files_total": 40}))]
+    h.storage.write_bytes("logs/alice/progress.jsonl",
+                          b"".join(json.dumps(e).encode() + b"\n" for e in events))
+    h.reconcile()
+    f0 = c.status("alice")["steps"]["f0"]
+    assert [x["etaSeconds"] for x in f0["shards"]] == [10.0, 30.0] and f0["etaSeconds"] == 30.0
+    for i in range(2):
+        c.finish_job(f"alice-f0-s{i}-1")
+    h.marker("f0")
+    h.reconcile()
+    assert c.created[5:] == ["alice-features-s0-1", "alice-features-s1-1"]
+    for i in range(2):
+        c.finish_job(f"alice-features-s{i}-1")
+    h.marker("features")
+    h.reconcile()
+    assert c.created[7:] == ["alice-train-1"] and c.deleted == []
+    assert h.metric("rvc_jobs_created_total", step="preprocess") == 3
+    assert h.metric("rvc_step_duration_seconds_count", step="preprocess") == 1
+
+
+class ForegroundCluster(FakeCluster):
+    """Job deletion as the operator asks for it (propagationPolicy Foreground): the Job stays listed, with a
+    deletionTimestamp, until its pods are gone (`pods_gone`)."""
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        job = self.jobs.get((namespace, name))
+        if job is not None and not job["metadata"].get("deletionTimestamp"):
+            job["metadata"]["deletionTimestamp"] = "2025-03-01T12:30:00Z"
+            self.deleted.append(name)
+
+    def pods_gone(self, name: str, ns: str = "voice") -> None:
+        self.jobs.pop((ns, name), None)
+        for key in [k for k, p in self.pods.items() if p["metadata"]["labels"].get("job-name") == name]:
+            del self.pods[key]
+
+
+def test_suspend_and_resume_through_reconcile(h: Harness) -> None:
+    c = h.cluster = ForegroundCluster()
+    c.add_experiment("alice", h.spec(lifecycle={"terminationGracePeriodSeconds": 300}))
+    h.reconcile()
+    for step in ("preprocess", "f0", "features"):
+        h.marker(step)
+        c.finish_job(f"alice-{step}-1")
+        h.reconcile()
+    assert c.created[-1] == "alice-train-1"
+    pod = c.jobs[("voice", "alice-train-1")]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
+    # suspend: the Job is deleted (Foreground), its pod saves and exits 143; nothing counts as a failure
+    c.update_spec("voice", "alice", {**c.experiments[("voice", "alice")]["spec"], "suspend": True})
+    h.reconcile()
+    st = c.status("alice")
+    assert st["phase"] == "Suspended" and c.deleted == ["alice-train-1"]
+    assert ("voice", "alice-train-1") in c.jobs  # still being deleted
+    assert next(x for x in st["conditions"] if x["type"] == "Suspended")["status"] == "True"
+    assert ("alice", "Normal", "Suspended") in h.events and "suspend\":false" in st["message"]
+    assert h.metric("rvc_experiments", phase="Suspended") == 1
+    assert h.metric("rvc_experiments", phase="Running") == 0
+    c.finish_job("alice-train-1", ok=False, exit_code=143, message="error: preempted (SIGTERM); saved")
+    h.reconcile()
+    assert c.status("alice")["steps"]["train"]["failures"] == 0
+    assert h.metric("rvc_job_failures_total", step="train", reason="Preempted") == 0
+    # resume while the old pod still uploads: no second Job of the step until it is gone
+    c.update_spec("voice", "alice", {**c.experiments[("voice", "alice")]["spec"], "suspend": False})
+    h.reconcile()
+    st = c.status("alice")
+    assert st["phase"] == "Running" and c.created[-1] == "alice-train-1"
+    assert "waiting for Job alice-train-1" in st["message"] and ("alice", "Normal", "Resumed") in h.events
+    c.pods_gone("alice-train-1")
+    h.reconcile()
+    assert c.created[-1] == "alice-train-2" and c.status("alice")["steps"]["train"]["attempts"] == 2
+    assert next(x for x in c.status("alice")["conditions"] if x["type"] == "Suspended")["reason"] == "Resumed"
+    assert h.metric("rvc_experiments", phase="Running") == 1
+    assert [e for e in h.events if e[2] == "Started"] == [("alice", "Normal", "Started")]  # at the start only

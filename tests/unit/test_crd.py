@@ -129,7 +129,8 @@ def test_enums_from_literals(schema: dict[str, Any]) -> None:
     assert _prop(spec, "f0.method")["enum"] == list(PITCH_METHODS)
     assert _prop(spec, "resources.device")["enum"] == ["gpu", "cpu"]
     assert spec["properties"]["steps"]["items"]["enum"] == ["preprocess", "f0", "features", "train", "index"]
-    assert _prop(schema, "status.phase")["enum"] == ["Pending", "Queued", "Running", "Succeeded", "Failed"]
+    assert _prop(schema, "status.phase")["enum"] == ["Pending", "Queued", "Running", "Succeeded", "Failed",
+                                                     "Suspended"]
 
 
 def test_numeric_ranges(schema: dict[str, Any]) -> None:

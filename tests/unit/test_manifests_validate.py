@@ -140,6 +140,19 @@ def test_jobs_and_configmap(name: str, cfg: str) -> None:
         validate_all(job, f"Job {step} of {name} with config {cfg}")
 
 
+@pytest.mark.parametrize("cfg", sorted(CFGS))
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_sharded_jobs(name: str, cfg: str) -> None:
+    """The Jobs of sharded data steps (spec.resources.shards): the first and the last shard of 64."""
+    m = experiment(name)
+    m["spec"].setdefault("resources", {})["shards"] = 64
+    for step in jobs.SHARDED_STEPS:
+        for shard in ((0, 64), (63, 64)):
+            job = jobs.build_job_spec(m, step, 12, CFGS[cfg], inputs_hash="abc123", shard=shard)
+            assert job["metadata"]["labels"]["rvc-operator.dev/shard"] == str(shard[0])
+            validate_all(job, f"Job {step} shard {shard} of {name} with config {cfg}")
+
+
 class _RecordingCore:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []

@@ -5,6 +5,7 @@
     2    bad spec or bad input: a retry with the same spec and data fails the same way (permanent)
     3    missing weights (permanent until someone supplies them)
     130  interrupted (Ctrl-C)
+    143  preempted: SIGTERM, and the step saved what it had first (core.termination); transient
 
 The operator stops retrying a step on 2 and 3 (`PERMANENT_EXIT_CODES`). Every foreseeable failure gets
 one line naming the file, field or URI; only an unexpected exception is shown with its traceback.
@@ -18,9 +19,10 @@ import re
 from dataclasses import dataclass
 
 from rvc_pipeline.core.spec import SpecError
+from rvc_pipeline.core.termination import EXIT_PREEMPTED, Preempted
 
 __all__ = [
-    "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NO_WEIGHTS", "EXIT_OK", "EXIT_TRANSIENT",
+    "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "EXIT_NO_WEIGHTS", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_TRANSIENT",
     "PERMANENT_EXIT_CODES", "Failure", "LeaseHeld", "SpecError", "StepFailed", "StorageError",
     "WeightsNotFound",
     "classify", "one_line", "s3_code_is_permanent",
@@ -158,6 +160,9 @@ def _classify(e: BaseException) -> Failure:
 
 def classify(e: BaseException) -> Failure:
     """Exit code and one-line message for an exception that ended a command."""
+    if isinstance(e, Preempted):
+        return Failure(EXIT_PREEMPTED, one_line(str(e) or "preempted (SIGTERM); what was done is saved, "
+                                                          "rerun to continue"))
     if isinstance(e, KeyboardInterrupt):
         return Failure(EXIT_INTERRUPTED, "interrupted; completed steps keep their markers, rerun to continue")
     f = _classify(e)

@@ -97,6 +97,7 @@ class TrainStart(_Event):
     world_size: Int | None = None
     precision: str | None = None
     device: str | None = None
+    start_epoch_step: Int | None = None  # steps of start_epoch already trained (a preempted run's resume)
 
 
 class TrainStep(_Event):
@@ -158,6 +159,23 @@ class CheckpointSaved(_Event):
     files: list[str] = Field(default_factory=list)
 
 
+class TrainPreempted(_Event):
+    """SIGTERM during training: the state after the last finished step was saved and uploaded (`files`) and
+    the run stops (exit 143). The next run resumes in `epoch` after `epoch_step` of its `steps_per_epoch`
+    steps (0: at the start of `epoch`), at `global_step`. Seconds are counted from the SIGTERM (to the end
+    of the step it came in, to the checkpoint pair written, to its upload done)."""
+
+    event: Literal["preempted"] = "preempted"
+    epoch: Int | None = None
+    global_step: Int | None = None
+    epoch_step: Int | None = None
+    steps_per_epoch: Int | None = None
+    seconds_to_step_end: Float | None = None
+    seconds_to_checkpoint: Float | None = None
+    seconds_to_upload: Float | None = None
+    files: list[str] = Field(default_factory=list)
+
+
 class CheckpointCorrupt(_Event):
     """A checkpoint could not be loaded for resuming; an older one is tried."""
 
@@ -205,8 +223,8 @@ class IndexTrained(_Event):
 
 Event = Annotated[
     StepStart | StepDone | StepFailedEvent | StepWarning | FilesProgress | TrainStart | TrainStep | EpochEnd
-    | NonfiniteStep | CheckpointSaved | CheckpointCorrupt | Evaluated | IndexLoaded | IndexKmeans
-    | IndexTrained,
+    | NonfiniteStep | CheckpointSaved | TrainPreempted | CheckpointCorrupt | Evaluated | IndexLoaded
+    | IndexKmeans | IndexTrained,
     Field(discriminator="event"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

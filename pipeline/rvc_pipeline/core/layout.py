@@ -5,7 +5,9 @@
     logs/<exp>/2a_f0/  2b-f0nsf/     f0: coarse bins and Hz, `<piece>.wav.npy`
     logs/<exp>/3_feature{256,768}/   features: HuBERT output, size from the model version
     logs/<exp>/.rvc/                 our bookkeeping: `<step>.done.json` markers, `<step>.params.json`
-                                     provenance, the dataset manifest, the writer lease, the owner record
+                                     provenance, the dataset manifest, the writer lease, the owner record,
+                                     shard markers `<step>.shard-<I>-of-<N>.done.json`,
+                                     `<step>.generation.json`, preprocess's records `preprocess.files/`
     logs/<exp>/progress.jsonl        progress events (core/events.py)
     logs/<exp>/filelist.txt config.json train.log G_<n>.pth D_<n>.pth        training
     logs/<exp>/weights/<exp>.pth     the exported voice model
@@ -98,6 +100,45 @@ def step_of_marker(name: str) -> str | None:
     if not name.endswith(MARKER_SUFFIX) or name == MARKER_SUFFIX:
         return None
     return name[: -len(MARKER_SUFFIX)]
+
+
+# ------------------------------------------------------------------------------ sharded data steps
+SHARDED_STEPS: tuple[str, ...] = ("preprocess", "f0", "features")
+"""The data steps that run as N shards (`rvc-pipeline <step> --shard I/N`, spec.resources.shards)."""
+MAX_SHARDS = 64  # spec.resources.shards' upper bound
+SHARD_MARKER_RE = re.compile(r"^(?P<step>[a-z0-9]+)\.shard-(?P<index>\d+)-of-(?P<count>\d+)\.done\.json$")
+
+
+def shard_marker_name(step: str, index: int, count: int) -> str:
+    """A shard's completion marker file name: `<step>.shard-<I>-of-<N>.done.json` (I zero-based)."""
+    return f"{step}.shard-{index}-of-{count}{MARKER_SUFFIX}"
+
+
+def shard_marker_key(experiment: str, step: str, index: int, count: int) -> str:
+    """Storage key of shard I of N's completion marker, logs/<exp>/.rvc/<step>.shard-<I>-of-<N>.done.json."""
+    return bookkeeping_key(experiment, shard_marker_name(step, index, count))
+
+
+def shard_of_marker(name: str) -> tuple[str, int, int] | None:
+    """(step, index, count) of a shard marker file name (None: not a shard marker)."""
+    m = SHARD_MARKER_RE.match(name)
+    return (m["step"], int(m["index"]), int(m["count"])) if m else None
+
+
+def generation_file(step: str) -> str:
+    """What the current run of a data step makes its outputs for (its inputs hash and params): shard 0 or
+    an unsharded run writes it before any output; the other shards wait for it (steps/shards.py)."""
+    return f"{MARKER_DIR}/{step}.generation.json"
+
+
+PREPROCESS_RECORDS_DIR = f"{MARKER_DIR}/preprocess.files"
+"""preprocess's per-file records (`<idx0>.json`: the dataset file, its pieces, its report): a file with a
+record whose pieces exist is done (resume, shards); the completing process sums them into the report."""
+
+
+def preprocess_record(idx0: int) -> str:
+    """The record of dataset file number `idx0` (its position in the sorted listing)."""
+    return f"{PREPROCESS_RECORDS_DIR}/{idx0}.json"
 
 
 def progress_key(experiment: str) -> str:

@@ -498,6 +498,11 @@ class ResourcesSpec(_Model):
         default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on Jobs."
     )
     image: ImageRef | None = Field(default=None, description="Override the pipeline image of step pods.")
+    shards: int = Field(
+        default=1, ge=1, le=64,
+        description="Run preprocess, f0 and features as this many pods at once, each on a disjoint, "
+        "deterministic part of the files (1: one pod per step). The outputs are the same for any value.",
+    )
 
     @field_validator("node_selector")
     @classmethod
@@ -584,6 +589,12 @@ class LifecycleSpec(_Model):
         default=None, ge=0, le=31_536_000,
         description="Delete the RVCExperiment (and its Jobs) this many seconds after it Succeeded or Failed.",
     )
+    termination_grace_period_seconds: int = Field(
+        default=120, ge=10, le=3600,
+        description="terminationGracePeriodSeconds of step pods: time between SIGTERM (preemption, node "
+        "drain, suspend) and SIGKILL, in which training finishes its step and uploads a resumable "
+        "checkpoint and data steps upload what they made.",
+    )
     artifacts_on_deletion: Literal["Keep", "Delete"] = Field(
         default="Keep",
         description="What happens to logs/<experiment>/ in storage when the RVCExperiment is deleted "
@@ -624,6 +635,11 @@ class ExperimentSpec(_Model):
         default_factory=LifecycleSpec,
         description="Deadline, retries, TTL after finishing and artifacts on deletion (overrides the "
         "operator's defaults).",
+    )
+    suspend: bool = Field(
+        default=False,
+        description="true: stop the running step gracefully (it saves what it made) and start nothing "
+        "more, keeping every artifact; false: continue where it stopped.",
     )
     weights_cache: Folder | None = Field(
         default=None,

@@ -306,6 +306,7 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "computed": len(computed.results),
         "resumed": done.resumed,
         "frames": frames,
+        "voiced_frames": voiced,
         "voiced_ratio": round(voiced / frames, 4) if frames else 0.0,
         "method": method,
         "device": opts["device"],
@@ -315,3 +316,14 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "realtime_factor": round(audio_s / done.seconds, 1) if done.seconds > 0 and audio_s else None,
         **{k: v for k, v in params.items() if k.endswith("_weights")},
     }
+
+
+def merge_shards(ctx: StepContext, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The step's summary over every shard (steps.shards): counts summed, the voiced ratio recomputed."""
+    from rvc_pipeline.steps.shards import merge_summaries
+
+    merged = merge_summaries(summaries)
+    frames, voiced = merged.get("frames"), merged.get("voiced_frames")
+    if isinstance(frames, int) and isinstance(voiced, int):
+        merged["voiced_ratio"] = round(voiced / frames, 4) if frames else 0.0
+    return merged

@@ -217,6 +217,23 @@ def run(ctx: StepContext) -> dict[str, Any]:
         "extract_wall_seconds": round(elapsed, 3),
         "realtime_factor": round(ex.seconds / elapsed, 2) if ex.seconds and elapsed > 0 else None,
     }
+    if ctx.shard is None:  # sharded: the merged summary, once (merge_shards)
+        _write_summary(ctx, summary)
+    return summary
+
+
+def _write_summary(ctx: StepContext, summary: dict[str, Any]) -> None:
     (ctx.exp_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     ctx.push(SUMMARY_FILE)
-    return summary
+
+
+def merge_shards(ctx: StepContext, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The step's summary over every shard (steps.shards), also written to features.json."""
+    from rvc_pipeline.steps.shards import merge_summaries
+
+    merged = merge_summaries(summaries)
+    merged.pop("seconds", None)  # (the step shell's, set by shards.complete)
+    for k in ("step", "experiment", "inputs_hash", "shards"):
+        merged.pop(k, None)
+    _write_summary(ctx, merged)
+    return merged

@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # the worker processes import this module: keep pydantic (spe
     from rvc_pipeline.core.spec import Experiment
     from rvc_pipeline.core.storage import Storage
     from rvc_pipeline.stepio import CheckedInputs
-    from rvc_pipeline.steps.runner import StepContext
+    from rvc_pipeline.steps.runner import FileProgress, StepContext
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -320,6 +320,7 @@ class FileReport:
     short_seconds: float = 0.0
     rvc_overwrites_avoided: int = 0
     pieces_overwritten: int = 0  # rvcCompatible: pieces replaced by a later one of the same name, as in RVC
+    piece_names: list[str] = field(default_factory=list)  # the pieces written (in the per-file record)
     peak: float = 0.0
     warnings: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -334,7 +335,7 @@ def process_file(job: FileJob) -> FileReport:
         loudest = _slice_and_write(job, stream, slicer, rep)
     except AudioError as e:
         _remove_pieces(job.idx0, Path(job.exp_dir) / GT_DIR, Path(job.exp_dir) / WAV16_DIR)
-        rep.status, rep.pieces, rep.piece_seconds = "skipped", 0, 0.0
+        rep.status, rep.pieces, rep.piece_seconds, rep.piece_names = "skipped", 0, 0.0, []
         why = str(e).removeprefix(f"{job.path}: ")
         # audio.py's own messages already say "not audio or corrupt (...)": do not say it twice
         rep.reason = why if why.startswith("not audio or corrupt") else f"not audio or corrupt: {why}"
@@ -388,6 +389,7 @@ def _slice_and_write(job: FileJob, stream: AudioStream, slicer: Slicer, rep: Fil
                     rep.pieces_overwritten += stem in written
                     written[stem] = len(piece) / p.sr
     rep.pieces, rep.piece_seconds = len(written), sum(written.values())
+    rep.piece_names = sorted(written)
     rep.rvc_overwrites_avoided = seg.collisions if p.fix_overwrite else 0
     return loudest
 
@@ -640,8 +642,14 @@ def _s3_fetcher(ctx: StepContext, tmp_dir: Path) -> Callable[[_Input], Path]:
     return fetch
 
 
-def _process_all(ctx: StepContext, inputs: list[_Input], params: Params) -> list[FileReport]:
-    """Every dataset file through `process_file`, in worker processes; reports sorted by idx0."""
+def _process_all(ctx: StepContext, inputs: list[_Input], params: Params, progress: FileProgress,
+                 ds: Dataset) -> list[FileReport]:
+    """Every input through `process_file`, in worker processes; each finished file's record is written
+    (`_save_record`) before `progress.advance`, which pushes records after their pieces and raises
+    Preempted after a SIGTERM (the pool then finishes the files in flight, draws no more). Reports
+    sorted by idx0."""
+    if not inputs:
+        return []
     fetch: Callable[[_Input], Path] | None = None
     tmp: Path | None = None
     if ctx.spec.dataset.source.startswith("s3://"):
@@ -654,7 +662,6 @@ def _process_all(ctx: StepContext, inputs: list[_Input], params: Params) -> list
 
     workers = max(1, min(ctx.workers, len(inputs)))
     reports: list[FileReport] = []
-    seconds = 0.0
     # the pool's workers start before the first job is drawn, so no download thread exists at the fork
     jobs = _jobs(inputs, make_job, fetch)
     done = parallel_map(process_file, jobs, workers, in_flight=workers)
@@ -662,10 +669,9 @@ def _process_all(ctx: StepContext, inputs: list[_Input], params: Params) -> list
         for job, rep in ctx.reporter.bar(done, total=len(inputs), desc="preprocess", unit="file"):
             if tmp is not None:
                 Path(job.path).unlink(missing_ok=True)
+            _save_record(exp_dir, ds.files[rep.index], rep)
             reports.append(rep)
-            seconds += rep.duration_s
-            ctx.reporter.event("progress", files_done=len(reports), files_total=len(inputs),
-                               audio_seconds=round(seconds, 3))
+            progress.advance(1, rep.duration_s)
     finally:
         done.close()  # the pool and the downloads stop before their folder goes
         jobs.close()
@@ -674,59 +680,231 @@ def _process_all(ctx: StepContext, inputs: list[_Input], params: Params) -> list
     return sorted(reports, key=lambda r: r.index)
 
 
-def _begin(ctx: StepContext, ds: Dataset, params: Params) -> tuple[dict[str, list[str]] | None, list[str]]:
-    """Compare with the last run's dataset, delete the stale pieces of an earlier (maybe interrupted)
-    run (owned files only). Returns (dataset changes, the first lines of the step's log)."""
-    from rvc_pipeline.stepio import OWNED_OUTPUTS, remove_owned_local
+# ------------------------------------------------------------------------------------------------
+# Per-file records: resume, shards, and the report summed over them
+# ------------------------------------------------------------------------------------------------
 
-    changes = dataset_changes(_previous_manifest(ctx), ds)
+RECORDS_DIR = layout.PREPROCESS_RECORDS_DIR
+PARAMS_FILE = layout.params_file("preprocess")
+OUTPUT_DIRS = (GT_DIR, WAV16_DIR, RECORDS_DIR)  # pushed in this order: a record never precedes its pieces
+
+
+def _save_record(exp_dir: Path, f: DatasetFile, rep: FileReport) -> None:
+    """The record of a finished dataset file: which file (name, digest), its pieces, its report."""
+    from rvc_pipeline.core.fileio import write_text_atomic
+
+    path = exp_dir / layout.preprocess_record(rep.index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps({"name": f.name, "digest": f.digest, "report": asdict(rep)}))
+
+
+def _load_record(exp_dir: Path, idx0: int, f: DatasetFile) -> FileReport | None:
+    """The report of dataset file `idx0` when its record is for this file (None: not done)."""
+    try:
+        data = json.loads((exp_dir / layout.preprocess_record(idx0)).read_text())
+        if data["name"] != f.name or data["digest"] != f.digest:
+            return None
+        rep = FileReport(**data["report"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rep if rep.index == idx0 else None
+
+
+def _stored_names(ctx: StepContext, sub: str) -> set[str]:
+    base = f"{ctx.exp_key}/{sub}"
+    names = (o.key[len(base) + 1:] for o in ctx.storage.list(base) if o.key.startswith(base + "/"))
+    return {n for n in names if n and "/" not in n}
+
+
+def _pieces_stored(ctx: StepContext) -> set[str]:
+    """Pieces in storage at both rates."""
+    return _stored_names(ctx, GT_DIR) & _stored_names(ctx, WAV16_DIR)
+
+
+def _done_reports(ctx: StepContext, ds: Dataset, inputs: list[_Input]) -> dict[int, FileReport]:
+    """The inputs already done: a record for this dataset file whose pieces are all stored."""
+    wanted = {f"{i.idx0}.json" for i in inputs}
+    ctx.pull(RECORDS_DIR, only=wanted.__contains__)
+    stored = _pieces_stored(ctx)
+    done = {}
+    for inp in inputs:
+        rep = _load_record(ctx.exp_dir, inp.idx0, ds.files[inp.idx0])
+        if rep is not None and all(n in stored for n in rep.piece_names):
+            done[inp.idx0] = rep
+    return done
+
+
+def _clear_for(ctx: StepContext, idx0s: list[int]) -> None:
+    """Before dataset files are (re)done: delete their pieces, records and partial files, locally and
+    in storage; nothing of any other file (shards running beside this one own those)."""
+    from rvc_pipeline.stepio import parallel_threads
+    from rvc_pipeline.steps.runner import partial_target
+
+    mine = {str(i) for i in idx0s}
+    for sub in (GT_DIR, WAV16_DIR):
+        folder = ctx.exp_dir / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in folder.iterdir():
+            name = partial_target(p.name) or p.name
+            if name.endswith(".wav") and name.split("_", 1)[0] in mine and p.is_file():
+                p.unlink(missing_ok=True)
+    for i in idx0s:
+        (ctx.exp_dir / layout.preprocess_record(i)).unlink(missing_ok=True)
+    if ctx.remote:
+        keys = [f"{ctx.exp_key}/{sub}/{n}" for sub in (GT_DIR, WAV16_DIR) for n in _stored_names(ctx, sub)
+                if n.endswith(".wav") and n.split("_", 1)[0] in mine]
+        keys += [f"{ctx.exp_key}/{layout.preprocess_record(i)}" for i in idx0s]
+        parallel_threads(ctx.storage.delete, keys)
+
+
+def _clear_all(ctx: StepContext) -> None:
+    """Every piece and record (another generation: other settings or another dataset)."""
+    from rvc_pipeline.stepio import OWNED_OUTPUTS, parallel_threads, remove_owned, remove_owned_local
+
     for sub, patterns in OWNED_OUTPUTS["preprocess"].items():
         remove_owned_local(ctx.exp_dir / sub, patterns)
-        (ctx.exp_dir / sub).mkdir(parents=True, exist_ok=True)
-    log_lines = [f"start preprocess: {len(ds.files)} files from {ds.source}, sr {params.sr}, "
-                 f"per {params.per}, overlap {params.overlap}, high-pass {params.hp_mode}, "
-                 f"deviations from RVC: {', '.join(params.deviations)}"]
+        if ctx.remote:
+            remove_owned(ctx.storage, ctx.name, sub)
+    remove_owned_local(ctx.exp_dir / RECORDS_DIR, ("*.json", "*.partial"))
+    if ctx.remote:
+        parallel_threads(ctx.storage.delete, [f"{ctx.exp_key}/{RECORDS_DIR}/{n}"
+                                              for n in _stored_names(ctx, RECORDS_DIR)])
+
+
+def _generation_params(params: Params, ds: Dataset) -> dict[str, Any]:
+    """What makes the pieces and their names: the settings and the dataset (idx0 = sorted position)."""
+    return {**asdict(params), "dataset_digest": ds.digest}
+
+
+def _start_lines(ds: Dataset, params: Params, changes: dict[str, list[str]] | None) -> list[str]:
+    lines = [f"start preprocess: {len(ds.files)} files from {ds.source}, sr {params.sr}, "
+             f"per {params.per}, overlap {params.overlap}, high-pass {params.hp_mode}, "
+             f"deviations from RVC: {', '.join(params.deviations)}"]
     if changes is not None and any(changes.values()):
         what = "; ".join(f"{k}: {', '.join(v)}" for k, v in changes.items() if v)
-        log.info("preprocess: the dataset changed since the last run (%s)", what)
-        log_lines.append(f"dataset changed since the last run: {what}")
-    return changes, log_lines
+        lines.append(f"dataset changed since the last run: {what}")
+    return lines
 
 
 def _finish(ctx: StepContext, ds: Dataset, report: dict[str, Any], reports: list[FileReport],
-            log_lines: list[str]) -> None:
-    """Write the log, the report and (when some piece was made) the dataset manifest; push them and the
-    pieces; StepFailed naming every file's reason when no piece was made."""
+            changes: dict[str, list[str]] | None) -> None:
+    """The whole-dataset files, once (the unsharded run, or the shard that completes the step): the
+    log, the report and (when some piece was made) the dataset manifest; push them, the pieces and the
+    records; delete stored pieces no record names (an earlier run's); StepFailed naming every file's
+    reason when no piece was made."""
     from rvc_pipeline.core.errors import StepFailed
+    from rvc_pipeline.core.fileio import write_text_atomic  # (two shards completing at once write alike)
 
     exp_dir = ctx.exp_dir
-    log_lines += [line for r in reports for line in r.log]
+    params = Params.from_spec(ctx.spec)
+    log_lines = _start_lines(ds, params, changes) + [line for r in reports for line in r.log]
     log_lines.append(f"end preprocess: {report['pieces']} pieces, {report['piece_seconds']} s "
                      f"from {report['files_used']}/{report['files_total']} files")
-    (exp_dir / LOGFILE).write_text("\n".join(log_lines) + "\n")
-    (exp_dir / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    write_text_atomic(exp_dir / LOGFILE, "\n".join(log_lines) + "\n")
+    write_text_atomic(exp_dir / REPORT, json.dumps(report, indent=1) + "\n")
     if report["pieces"] == 0:
         why = "; ".join(f"{r.name}: {r.reason}" for r in reports)
         raise StepFailed(f"dataset {ds.source}: no training piece produced from any file ({why})")
     (exp_dir / MANIFEST_FILE).parent.mkdir(parents=True, exist_ok=True)
-    (exp_dir / MANIFEST_FILE).write_text(json.dumps(ds.manifest(), indent=1) + "\n")
-    ctx.push(GT_DIR, WAV16_DIR, REPORT, LOGFILE, MANIFEST_FILE)
-    if ctx.remote:
-        _prune_remote(ctx, (GT_DIR, WAV16_DIR))
+    write_text_atomic(exp_dir / MANIFEST_FILE, json.dumps(ds.manifest(), indent=1) + "\n")
+    ctx.push(*OUTPUT_DIRS, REPORT, LOGFILE, MANIFEST_FILE)
+    _prune(ctx, {n for r in reports for n in r.piece_names})
 
 
-def run(ctx: StepContext) -> dict[str, Any]:
-    params = Params.from_spec(ctx.spec)
+def _summary(ds: Dataset, params: Params, reports: list[FileReport], seconds: float,
+             changes: dict[str, list[str]] | None) -> dict[str, Any]:
+    report = _dataset_report(ds.source, params, reports, seconds)
+    report.update(dataset_files=len(ds.files), dataset_digest=ds.digest, dataset_changes=changes)
+    return report
+
+
+def _dataset(ctx: StepContext) -> Dataset:
     # the inputs first (checked by the step shell, or here when called directly): nothing is deleted
     # before the dataset is known to list, to be non-empty and to lie outside the experiment folder
     checked = ctx.checked.data
-    ds = checked if isinstance(checked, Dataset) else check_inputs(ctx.experiment, ctx.storage).data
-    changes, log_lines = _begin(ctx, ds, params)
+    return checked if isinstance(checked, Dataset) else check_inputs(ctx.experiment, ctx.storage).data
+
+
+def _process_mine(ctx: StepContext, ds: Dataset, params: Params,
+                  inputs: list[_Input]) -> tuple[list[FileReport], float]:
+    """Resume or process this run's inputs; (their reports, wall seconds). On SIGTERM or a failure, what
+    is done is pushed before the exception goes on."""
+    from rvc_pipeline.core import termination
+    from rvc_pipeline.steps.runner import FileProgress
+    from rvc_pipeline.steps.shards import check_generation
+
+    done = _done_reports(ctx, ds, inputs)
+    todo = [i for i in inputs if i.idx0 not in done]
+    if done:
+        log.info("preprocess: %d of %d files already done, resuming", len(done), len(inputs))
+    _clear_for(ctx, [i.idx0 for i in todo])
+    gen = _generation_params(params, ds)
+    progress = FileProgress(ctx, OUTPUT_DIRS, len(inputs), len(done), 0.0, True,
+                            lambda: check_generation(ctx, gen))
+    progress.seconds = sum(r.duration_s for r in done.values())
     t0 = time.time()
-    reports = _process_all(ctx, ds.inputs(), params)
-    report = _dataset_report(ds.source, params, reports, time.time() - t0)
-    report.update(dataset_files=len(ds.files), dataset_digest=ds.digest, dataset_changes=changes)
-    _finish(ctx, ds, report, reports, log_lines)
+    try:
+        with termination.graceful():
+            new = _process_all(ctx, todo, params, progress, ds)
+    except BaseException:
+        if ctx.remote:
+            _push_after_failure(ctx)
+        raise
+    return sorted([*done.values(), *new], key=lambda r: r.index), time.time() - t0
+
+
+def _push_after_failure(ctx: StepContext) -> None:
+    try:
+        ctx.push(*OUTPUT_DIRS)  # what is done stays done for the rerun
+        ctx.push_progress()
+    except Exception as e:  # noqa: BLE001 - never hide the step's own error
+        log.warning("preprocess: could not push what was done: %s", e)
+
+
+def run(ctx: StepContext) -> dict[str, Any]:
+    """The step (or one shard of it: the dataset files whose idx0 it owns). Files with a record whose
+    pieces are stored are done (resume); the whole-dataset files (report, log, manifest) are written by
+    the unsharded run or by the shard that completes the step (`merge_shards`)."""
+    from rvc_pipeline.steps.shards import begin_generation, check_generation
+
+    params = Params.from_spec(ctx.spec)
+    ds = _dataset(ctx)
+    shard = ctx.shard
+    inputs = [i for i in ds.inputs() if shard is None or shard.owns(i.idx0)]
+    changes = dataset_changes(_previous_manifest(ctx), ds)
+    if changes is not None and any(changes.values()):
+        log.info("preprocess: the dataset changed since the last run (%s)", changes)
+    gen = _generation_params(params, ds)
+    begin_generation(ctx, PARAMS_FILE, gen, lambda: _clear_all(ctx))
+    reports, seconds = _process_mine(ctx, ds, params, inputs)
+    report = _summary(ds, params, reports, seconds, changes)
+    if shard is None:
+        _finish(ctx, ds, report, reports, changes)
+        return {k: v for k, v in report.items() if k != "files"}
+    check_generation(ctx, gen)  # (a newer run took over: this shard must not count)
+    ctx.push(*OUTPUT_DIRS)
+    return {k: v for k, v in report.items() if k not in ("files", "skipped_files")}
+
+
+def merge_shards(ctx: StepContext, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The step's summary once every shard is done (steps.shards.complete): the report over every
+    dataset file from the per-file records, and the whole-dataset files (`_finish`). Deterministic (the
+    records, and shard 0's view of the dataset changes), so two shards completing at once agree."""
+    from rvc_pipeline.core.errors import StepFailed
+
+    params = Params.from_spec(ctx.spec)
+    ds = _dataset(ctx)
+    ctx.pull(RECORDS_DIR)
+    reports = [_load_record(ctx.exp_dir, i.idx0, ds.files[i.idx0]) for i in ds.inputs()]
+    missing = [ds.files[i].name for i, r in enumerate(reports) if r is None]
+    if missing:
+        raise StepFailed(f"preprocess: every shard is done but {len(missing)} dataset file(s) have no record "
+                         f"in {RECORDS_DIR}/: {', '.join(missing[:10])}; rerun the step")
+    done = [r for r in reports if r is not None]
+    changes = summaries[0].get("dataset_changes")
+    seconds = max(float(s.get("wall_seconds") or 0.0) for s in summaries)
+    report = _summary(ds, params, done, seconds, changes)
+    _finish(ctx, ds, report, done, changes)
     return {k: v for k, v in report.items() if k != "files"}
 
 
@@ -737,6 +915,7 @@ def _dataset_report(source: str, p: Params, reports: list[FileReport], seconds: 
     for r in reports:
         d = asdict(r)
         d.pop("log")
+        d.pop("piece_names")  # (in the per-file records)
         files.append(d)
     return {
         "dataset": source,
@@ -766,11 +945,12 @@ def _dataset_report(source: str, p: Params, reports: list[FileReport], seconds: 
     }
 
 
-def _prune_remote(ctx: StepContext, subs: tuple[str, ...]) -> None:
-    """Delete pieces left in remote storage by an earlier run that this run did not produce (owned files
-    directly in each folder only)."""
+def _prune(ctx: StepContext, keep: set[str]) -> None:
+    """Delete the stored pieces (owned files directly in each folder only) that no per-file record
+    names: left by an earlier run. Run once every file is done (no writer beside it)."""
     from rvc_pipeline.stepio import remove_owned
 
-    for sub in subs:
-        keep = {p.name for p in (ctx.exp_dir / sub).glob("*.wav")}
-        remove_owned(ctx.storage, ctx.name, sub, keep)
+    for sub in (GT_DIR, WAV16_DIR):
+        n = remove_owned(ctx.storage, ctx.name, sub, keep)
+        if n:
+            log.info("preprocess: removed %d stale pieces of %s", n, sub)

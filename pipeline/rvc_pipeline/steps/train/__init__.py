@@ -10,7 +10,9 @@ saveEveryWeights, `train.log` (first line: the hparams dict, as RVC writes it), 
 progress events in `progress.jsonl`.
 
 Modules: `prepare` (input checks, config, filelist, mute set), `state` (init plan, resume, LR position),
-`launch` (single / spawn / torchrun), `trainer` (the `Trainer`), `saving` (checkpoints, export). The
+`launch` (single / spawn / torchrun), `trainer` (the `Trainer`; on SIGTERM it saves a resumable pair after
+the current step and raises Preempted, exit 143, and the rerun continues mid-epoch), `saving` (checkpoints,
+export). The
 sampler gets the per-GPU batch size (RVC passed batch*n_gpus); a dataset smaller than one batch lowers
 the batch size instead of repeating items; no usable clip at all is a StepFailed.
 """

@@ -9,6 +9,11 @@ across nodes), or processes a launcher started (torchrun). torch DDP; rank 0 doe
 * Under torchrun (or any launcher that sets RANK, WORLD_SIZE and LOCAL_RANK): every process already is a
   rank; nothing is spawned. Each process runs the step (pull, checks, filelist) and then joins the group.
 * On CPU (tests, fallback) everything runs in one process, torch.set_num_threads(ctx.workers).
+
+SIGTERM (preemption): every training process handles it (core.termination; spawned workers install the
+handler themselves) and the spawning process forwards it to its workers, since Kubernetes signals only
+the container's main process. The ranks agree to stop after the same step, rank 0 saves and uploads, and
+the step ends with termination.Preempted (exit 143) in the process that started it.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
+from rvc_pipeline.core import termination
 from rvc_pipeline.core.errors import StepFailed
 from rvc_pipeline.core.fileio import visible_gpus
 from rvc_pipeline.progress import Reporter
@@ -75,9 +83,12 @@ def _spawn(job: TrainJob, world: int, hooks: TrainHooks | None) -> dict[str, Any
     log.info("train: DDP on %d GPU(s) x %d node(s), master %s:%s", nproc, nnodes, os.environ["MASTER_ADDR"],
              os.environ["MASTER_PORT"])
     try:
-        mp.spawn(_spawn_entry, args=(job, nproc, node_rank, world, hooks), nprocs=nproc, join=True)
+        _join_forwarding_sigterm(mp.spawn(_spawn_entry, args=(job, nproc, node_rank, world, hooks),
+                                          nprocs=nproc, join=False))
     except Exception as e:  # ProcessRaisedException carries the child's traceback as text
         text = str(e)
+        if "Preempted" in text:
+            raise termination.Preempted(text.strip().splitlines()[-1].split(": ", 1)[-1]) from None
         if "StepFailed" in text:
             raise StepFailed(text.strip().splitlines()[-1]) from None
         raise
@@ -85,8 +96,28 @@ def _spawn(job: TrainJob, world: int, hooks: TrainHooks | None) -> dict[str, Any
     return json.loads(summary_path.read_text()) if summary_path.exists() else {}
 
 
+def _join_forwarding_sigterm(context: Any) -> None:
+    """Wait for the spawned workers (torch.multiprocessing.ProcessContext); a SIGTERM to this process is
+    passed on to them (they save and stop, see the module docstring)."""
+    def forward(signum: int, _frame: object) -> None:
+        termination.request()
+        for p in context.processes:
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward) if main else None
+    try:
+        while not context.join():
+            pass
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _spawn_entry(local_rank: int, job: TrainJob, nproc: int, node_rank: int, world: int,
                  hooks: TrainHooks | None) -> None:
+    termination.install()  # a spawned interpreter starts with the default SIGTERM action (die at once)
     rank = node_rank * nproc + local_rank
     os.environ["RANK"] = str(rank)  # the one primary rule (steps.runner.is_primary) holds in workers too
     ctx = None

@@ -4,8 +4,12 @@ it to the built models, and the LR schedule position.
 Order of sources: (a) this experiment's newest checkpoint pair in storage (a truncated one falls back to
 the previous pair), (b) spec.train.resumeFrom (a G_*.pth URI; its D_ sibling alongside; the epoch count
 continues from it), (c) the pretrained G/D (strict load after an architecture check), (d) random
-initialisation (fromScratch, or DEMO random weights). We save the COMPLETED epoch and resume at epoch+1
-with optimizer, GradScaler, global step, LR position and loss history restored (RVC re-runs the epoch).
+initialisation (fromScratch, or DEMO random weights). An epoch-end save holds the COMPLETED epoch and
+resumes at epoch+1 with optimizer, GradScaler, global step, LR position and loss history restored (RVC
+re-runs the epoch). A preemption save (SIGTERM, trainer.Trainer._preempt) is taken between two steps of
+epoch E: its `iteration` is E-1 (so RVC's loader re-runs epoch E) and its `epoch_position`
+(`EpochPosition`) says how many steps of E were done and their loss sums; a resume of this experiment
+continues epoch E after those steps, with the RNG state of the moment of the save (`rng_state`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from rvc_pipeline.steps.runner import StepContext
 from rvc_pipeline.weights import DEMO_WARNING, resolve_weight
 
 log = logging.getLogger("rvc_pipeline")
+
+POSITION_KEY = "epoch_position"  # the checkpoint keys of a preemption save (saving.save_resumable)
+RNG_KEY = "rng_state"
 
 
 @dataclasses.dataclass
@@ -56,13 +63,55 @@ class TrainJob:
 
 
 @dataclasses.dataclass
+class EpochPosition:
+    """How far a preempted run got into `epoch` (the checkpoint key `epoch_position`): `epoch_step` of its
+    `steps_per_epoch` steps trained, `ok_steps` of them updated, their loss sums and wall seconds."""
+
+    epoch: int
+    epoch_step: int
+    steps_per_epoch: int
+    ok_steps: int = 0
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def parse(cls, obj: Any) -> EpochPosition | None:
+        """The position a checkpoint holds; None when it has none or it does not add up (logged)."""
+        if obj is None:
+            return None
+        try:
+            pos = cls(int(obj["epoch"]), int(obj["epoch_step"]), int(obj["steps_per_epoch"]),
+                      int(obj.get("ok_steps", 0)), {str(k): float(v) for k, v in dict(obj["sums"]).items()},
+                      float(obj.get("seconds", 0.0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            log.warning("resume: unreadable epoch_position in the checkpoint (%s); the epoch starts over", e)
+            return None
+        if not (pos.epoch >= 1 and 0 < pos.epoch_step < pos.steps_per_epoch and 0 <= pos.ok_steps
+                <= pos.epoch_step):
+            log.warning("resume: epoch_position %s does not add up; the epoch starts over", obj)
+            return None
+        return pos
+
+
+@dataclasses.dataclass
 class Start:
-    """Where the epoch loop begins, after the plan was applied to the models."""
+    """Where the epoch loop begins, after the plan was applied to the models (`position`: inside
+    `epoch`, after a preemption; `rng`: the torch RNG states saved with it)."""
 
     epoch: int = 1
     global_step: int = 0
     history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    position: EpochPosition | None = None
+    rng: dict[str, Any] | None = None
+    preemption_pair: tuple[str, str] | None = None  # resumed from these (G, D) of a preemption save
+
+    @property
+    def epoch_step(self) -> int:
+        return self.position.epoch_step if self.position is not None else 0
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -245,11 +294,49 @@ def _apply_resume(job: TrainJob, nets: Nets, steps_per_epoch: int) -> Start:
         plan.random_weights = True
     start.info.update(resumed_from=plan.g, resumed_epoch=done,
                       optimizer_restored=gi.get("optimizer_restored"))
+    if plan.kind == "resume":  # (another experiment's position means nothing for this data set)
+        start.position = _position(gi, start.epoch, steps_per_epoch)
+        start.rng = gi.get(RNG_KEY)
+        if RNG_KEY in gi and not job.experiment.spec.train.save_latest_only:
+            start.preemption_pair = (Path(str(plan.g)).name, Path(str(plan.d)).name)
     epochs = job.experiment.spec.train.epochs
     if plan.kind == "resume_from" and done >= epochs:
         raise StepFailed(f"spec.train.resumeFrom: {plan.g} is already at epoch {done}; set "
                          f"spec.train.epochs above {done} to continue training it")
     return start
+
+
+def _position(gi: dict[str, Any], epoch: int, steps_per_epoch: int) -> EpochPosition | None:
+    """The checkpoint's position inside `epoch` when it still fits this run's epoch (same length)."""
+    pos = EpochPosition.parse(gi.get(POSITION_KEY))
+    if pos is None:
+        return None
+    if pos.epoch != epoch or pos.steps_per_epoch != steps_per_epoch:
+        log.warning("resume: the checkpoint stopped in epoch %d after %d of %d steps, but this run starts "
+                    "epoch %d with %d steps per epoch (data or batch size changed): the epoch starts over",
+                    pos.epoch, pos.epoch_step, pos.steps_per_epoch, epoch, steps_per_epoch)
+        return None
+    return pos
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """torch's RNG states (CPU, and this CUDA device when used) for a preemption checkpoint."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_rng(state: dict[str, Any] | None, device: torch.device) -> bool:
+    """Set torch's RNG states saved by `rng_state` (False, logged, when they do not fit this process)."""
+    if not isinstance(state, dict):
+        return False
+    try:
+        torch.set_rng_state(state["cpu"])
+        if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+            torch.cuda.set_rng_state(state["cuda"], device)
+    except (KeyError, TypeError, RuntimeError) as e:
+        log.warning("resume: RNG state not restored (%s); training goes on with a fresh one", e)
+        return False
+    return True
 
 
 def _apply_pretrained(job: TrainJob, nets: Nets) -> Start:

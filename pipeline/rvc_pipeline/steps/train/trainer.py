@@ -12,6 +12,11 @@ logged). Deliberate differences, each for a user problem:
   `epoch` event per epoch with the loss averages, progress.jsonl pushed to storage after every epoch, a
   tqdm bar per epoch. Over-training aid: per-epoch averages and EMA-smoothed (0.987) histories of the
   mel and G losses in train_summary.json (no early stopping).
+* Preemption costs at most one step: the epoch loop runs inside core.termination.graceful(), so SIGTERM
+  only sets a flag; after the step it came in, rank 0 writes and uploads a resumable pair
+  (saving.save_resumable: the position inside the epoch, partial loss sums, RNG state), a `preempted`
+  event, and every rank raises termination.Preempted (exit 143). The next run continues that epoch after
+  those steps (state.EpochPosition; the sampler skips the batches done) at the same LR.
 
 Rank 0 does all I/O (logs, checkpoints, uploads, export). Test seams are `TrainHooks`, given to the
 constructor (never module globals), so that spawned workers receive them too.
@@ -28,11 +33,11 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
-from rvc_pipeline.core import layout
+from rvc_pipeline.core import layout, termination
 from rvc_pipeline.core.errors import StepFailed
 from rvc_pipeline.core.fileio import pick_device
 from rvc_pipeline.data import DistributedBucketSampler, TextAudioCollate, TextAudioDataset
@@ -40,7 +45,16 @@ from rvc_pipeline.losses import discriminator_loss, feature_loss, generator_loss
 from rvc_pipeline.mel import mel_spectrogram, spec_to_mel
 from rvc_pipeline.steps.runner import StepContext
 from rvc_pipeline.steps.train import judging, saving
-from rvc_pipeline.steps.train.state import Nets, Start, TrainJob, apply_plan, lr_schedules
+from rvc_pipeline.steps.train.state import (
+    EpochPosition,
+    Nets,
+    Start,
+    TrainJob,
+    apply_plan,
+    lr_schedules,
+    restore_rng,
+    rng_state,
+)
 
 log = logging.getLogger("rvc_pipeline")
 
@@ -231,6 +245,8 @@ class EpochTotals:
     sums: dict[str, float]
     ok_steps: int = 0
     steps: int = 0
+    started: float = 0.0  # time.time() of the epoch's start (a resumed epoch: less the seconds done before)
+    stopped: bool = False  # left between two steps because SIGTERM came
 
 
 class Trainer:
@@ -254,11 +270,13 @@ class Trainer:
         self.hist: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
         self.nonfinite_total = self.streak = 0
         self.saved: list[str] = []
+        self.last_pair: list[str] = []  # the G/D names of the last epoch save
         self.last_event = 0.0
         self.last_saved_epoch: int | None = None
         self.gpu_cache: list[tuple[torch.Tensor, ...]] = []
         self.judge: Any = None  # evaluation.judge.Judge on the primary process when evaluation is on
         self.stop_early = False
+        self.resume_rng: dict[str, Any] | None = None  # a preemption save's RNG, set once before training
 
     # --- set-up
     def _setup_process(self) -> None:
@@ -310,6 +328,9 @@ class Trainer:
         for k in HISTORY_KEYS:
             self.hist[k] = list(self.start.history.get(k, []))
         self.scheds = lr_schedules((optim_g, optim_d), t.learning_rate, t.lr_decay, self.start.epoch)
+        self.resume_rng = self.start.rng if self.is_main else None  # (it is rank 0's)
+        # the GPU cache is filled by the first WHOLE epoch (a resumed one skips its first batches)
+        self.cache_epoch = self.start.epoch + (1 if self.start.position is not None else 0)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -327,13 +348,13 @@ class Trainer:
         if not self.is_main:
             return
         s, t = self.start, self.t
-        self.tlog("init: %s; epochs %d..%d, %d steps/epoch, batch %d x %d, precision %s, device %s",
-                  json.dumps(s.info, default=str), s.epoch, t.epochs, self.steps_per_epoch,
-                  self.job.batch_size, self.world, self.precision, self.device)
+        self.tlog("init: %s; epochs %d..%d (from step %d of epoch %d), %d steps/epoch, batch %d x %d, "
+                  "precision %s, device %s", json.dumps(s.info, default=str), s.epoch, t.epochs, s.epoch_step,
+                  s.epoch, self.steps_per_epoch, self.job.batch_size, self.world, self.precision, self.device)
         if self.reporter is not None:
-            self.reporter.event("train_start", start_epoch=s.epoch, epochs=t.epochs,
-                                global_step=s.global_step, steps_per_epoch=self.steps_per_epoch,
-                                batch_size=self.job.batch_size,
+            self.reporter.event("train_start", start_epoch=s.epoch, start_epoch_step=s.epoch_step,
+                                epochs=t.epochs, global_step=s.global_step,
+                                steps_per_epoch=self.steps_per_epoch, batch_size=self.job.batch_size,
                                 world_size=self.world, precision=self.precision, device=str(self.device),
                                 **s.info)
 
@@ -343,16 +364,9 @@ class Trainer:
         self._setup_data()
         self._setup_models()
         self._announce()
-        epoch = self.start.epoch - 1
-        for epoch in range(self.start.epoch, self.t.epochs + 1):
-            t0 = time.time()
-            totals = self._train_epoch(epoch)
-            self._end_epoch(epoch, totals, time.time() - t0)
-            if self.stop_early:
-                self.tlog("early stop after epoch %d: %d evaluations without a better score (best: epoch %s)",
-                          epoch, self.spec.eval.patience, self.judge.best.epoch if self.judge else "?")
-                break
-        summary = self._finish(max(epoch, self.start.epoch - 1)) if self.is_main else {}
+        with termination.graceful():  # SIGTERM: finish the step, save, upload, raise Preempted (_preempt)
+            last_epoch = self._epochs()
+        summary = self._finish(last_epoch) if self.is_main else {}
         if self.world > 1:
             import torch.distributed as dist
 
@@ -360,32 +374,79 @@ class Trainer:
             dist.destroy_process_group()
         return summary
 
-    def _batches(self, epoch: int) -> Iterable[Any]:
-        self.sampler.set_epoch(epoch)
+    def _epochs(self) -> int:
+        """The epoch loop; returns the last epoch trained (start - 1 when none was left)."""
+        epoch = self.start.epoch - 1
+        for epoch in range(self.start.epoch, self.t.epochs + 1):
+            totals = self._train_epoch(epoch)
+            if totals.stopped:  # between two steps
+                self._preempt(epoch, totals)
+            self._end_epoch(epoch, totals, time.time() - totals.started)
+            if self.stop_early:
+                self.tlog("early stop after epoch %d: %d evaluations without a better score (best: epoch %s)",
+                          epoch, self.spec.eval.patience, self.judge.best.epoch if self.judge else "?")
+                break
+            if epoch < self.t.epochs and self._stop_requested():  # (after the last one: finish, it is quick)
+                self._preempt(epoch, None)
+        return max(epoch, self.start.epoch - 1)
+
+    def _batches(self, epoch: int, skip: int) -> Iterable[Any]:
+        self.sampler.set_epoch(epoch, skip)  # a resumed epoch: its first `skip` batches are never loaded
         source: Iterable[Any] = self.loader
         if self.use_cuda and self.t.cache_data_in_gpu and self.gpu_cache:
             random.Random(epoch).shuffle(self.gpu_cache)
             source = list(self.gpu_cache)
         if self.is_main and self.reporter is not None:
             desc = f"epoch {epoch}/{self.t.epochs}"
-            return self.reporter.bar(source, total=self.steps_per_epoch, desc=desc, unit="step")
+            return self.reporter.bar(source, total=self.steps_per_epoch - skip, desc=desc, unit="step")
         return source
 
+    def _epoch_totals(self, epoch: int) -> EpochTotals:
+        """Fresh totals, or those of the steps a preempted run trained of this epoch."""
+        pos = self.start.position
+        if pos is None or pos.epoch != epoch:
+            return EpochTotals(dict.fromkeys(LOSS_KEYS, 0.0), started=time.time())
+        sums = {k: float(pos.sums.get(k, 0.0)) for k in LOSS_KEYS}
+        return EpochTotals(sums, pos.ok_steps, pos.epoch_step, time.time() - pos.seconds)
+
     def _train_epoch(self, epoch: int) -> EpochTotals:
-        totals = EpochTotals(dict.fromkeys(LOSS_KEYS, 0.0))
-        fill_cache = self.use_cuda and self.t.cache_data_in_gpu and epoch == self.start.epoch
-        for batch in self._batches(epoch):
+        """Train the epoch's (remaining) steps; stops early, between two steps, when SIGTERM came."""
+        totals = self._epoch_totals(epoch)
+        if totals.steps == 0:  # a resume at an epoch's start: before the loader draws its seed
+            self._restore_rng()
+        fill_cache = self.use_cuda and self.t.cache_data_in_gpu and epoch == self.cache_epoch
+        for batch in self._batches(epoch, totals.steps):
             totals.steps += 1
             batch = tuple(x.to(self.device, non_blocking=True) for x in batch)
             if fill_cache:
                 self.gpu_cache.append(batch)
+            self._restore_rng()  # (mid-epoch: after the loader drew its seed, as in the uninterrupted run)
             self.global_step += 1
             ok_d, ok_g, vals = self.step_fn(batch, self.global_step)
             self._account(epoch, ok_d and ok_g, vals, totals)
-            self._step_event(epoch, vals)
+            self._step_event(epoch, vals, totals.steps)
             if totals.steps >= self.steps_per_epoch:
                 break
+            if self._stop_requested():
+                totals.stopped = True
+                break
         return totals
+
+    def _restore_rng(self) -> None:
+        if self.resume_rng is not None:
+            restore_rng(self.resume_rng, self.device)
+            self.resume_rng = None
+
+    def _stop_requested(self) -> bool:
+        """SIGTERM reached this process, or (DDP) any rank: every rank gets the same answer."""
+        flag = termination.requested()
+        if self.world <= 1:
+            return flag  # a Python flag: no device sync in the loop
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def _account(self, epoch: int, ok: bool, vals: list[float], totals: EpochTotals) -> None:
         lg, _gng, ld, _gnd, lm, lk, lf = vals
@@ -410,7 +471,7 @@ class Trainer:
                 f"lower spec.train.learningRate or spec.train.precision: fp32."
             )
 
-    def _step_event(self, epoch: int, vals: list[float]) -> None:
+    def _step_event(self, epoch: int, vals: list[float], epoch_step: int) -> None:
         now, step = time.time(), self.global_step
         if not (self.is_main and self.reporter is not None):
             return
@@ -419,6 +480,8 @@ class Trainer:
             return
         self.last_event = now
         lg, gng, ld, gnd, lm, lk, lf = vals
+        log.info("train: step %d (epoch %d, %d/%d) loss_g %.3f loss_d %.3f mel %.3f", step, epoch, epoch_step,
+                 self.steps_per_epoch, lg, ld, lm)
         self.reporter.event("train_step", epoch=epoch, global_step=step, loss_g=_r(lg), loss_d=_r(ld),
                             loss_mel=_r(lm), loss_kl=_r(lk), loss_fm=_r(lf),
                             lr=self.nets.optim_g.param_groups[0]["lr"], grad_norm_g=_r(gng),
@@ -470,9 +533,60 @@ class Trainer:
                   self.global_step)
         self.saved += files
         self.last_saved_epoch = epoch
+        self.last_pair = files[:2]
+        self._drop_superseded(files)
         if self.judge is not None:
             self.stop_early = judging.after_save(self.judge, self.job, self.ctx, self.nets.net_g, self.cfg,
                                                  epoch, self.global_step, files[0])
+
+    # --- preemption
+    def _drop_superseded(self, written: list[str]) -> None:
+        """Delete the preemption pair this run resumed from once a newer pair (`written`) is uploaded."""
+        old = self.start.preemption_pair
+        if old is not None and not set(old) & set(written):
+            saving.remove_superseded(self.job, self.ctx, old)
+            self.start.preemption_pair = None
+
+    def _preempt(self, epoch: int, totals: EpochTotals | None) -> NoReturn:
+        """SIGTERM came: rank 0 saves where training stands (`totals`: inside `epoch`; None: at its end)
+        and uploads it; every rank then stops with termination.Preempted (exit 143)."""
+        if self.is_main:
+            self._save_preempted(epoch, totals)
+        if self.world > 1:  # the other ranks wait for the upload: mp.spawn ends every worker when one exits
+            import torch.distributed as dist
+
+            dist.barrier()
+        raise termination.Preempted(f"preempted (SIGTERM) in epoch {epoch} at step {self.global_step}; its "
+                                    "checkpoint is saved, a rerun continues from there")
+
+    def _save_preempted(self, epoch: int, totals: EpochTotals | None) -> None:
+        since = termination.seconds_since_request() or 0.0
+        t0 = time.monotonic()
+        pos = None if totals is None else EpochPosition(
+            epoch, totals.steps, self.steps_per_epoch, totals.ok_steps, dict(totals.sums),
+            round(time.time() - totals.started, 3))
+        if pos is None and self.last_saved_epoch == epoch:  # the epoch's own save is the resume point
+            files, written, uploaded = self.last_pair, t0, t0
+        else:
+            done = epoch if pos is None else epoch - 1
+            r = saving.save_resumable(self.job, self.ctx, self.nets, self.global_step, self.hist, done, pos,
+                                      rng_state(self.device))
+            files, written, uploaded = r.files, r.written_at, r.uploaded_at
+            self._drop_superseded(files)
+        resume_epoch, epoch_step = (epoch + 1, 0) if pos is None else (epoch, pos.epoch_step)
+        to_ckpt, to_upload = round(since + written - t0, 3), round(since + uploaded - t0, 3)
+        self.tlog("preempted (SIGTERM): saved %s at step %d (epoch %d, %d of %d steps done); from the "
+                  "SIGTERM %.2f s to the step's end, %.2f s to the checkpoint, %.2f s to the upload",
+                  ", ".join(files), self.global_step, resume_epoch, epoch_step, self.steps_per_epoch, since,
+                  to_ckpt, to_upload)
+        if self.reporter is not None:
+            self.reporter.event("preempted", epoch=resume_epoch, global_step=self.global_step,
+                                epoch_step=epoch_step, steps_per_epoch=self.steps_per_epoch,
+                                seconds_to_step_end=round(since, 3), seconds_to_checkpoint=to_ckpt,
+                                seconds_to_upload=to_upload, files=files)
+        if self.ctx is not None:
+            self.ctx.push(layout.PROGRESS_FILE)
+            self.ctx.push(layout.TRAIN_LOG_FILE)
 
     # --- the end
     def _finish(self, last_epoch: int) -> dict[str, Any]:
@@ -488,7 +602,8 @@ class Trainer:
                                               self.global_step)
             self.tlog("exported %s (%s)", final, info)
         summary = {
-            "epochs": self.t.epochs, "start_epoch": self.start.epoch, "last_epoch": last_epoch,
+            "epochs": self.t.epochs, "start_epoch": self.start.epoch,
+            "start_epoch_step": self.start.epoch_step, "last_epoch": last_epoch,
             "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
             "batch_size": job.batch_size, "world_size": self.world, "precision": self.precision,
             "device": str(self.device), "nonfinite_steps": self.nonfinite_total, "checkpoints": self.saved,
