@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from rvc_pipeline.core import errors
 from rvc_pipeline.core.catalog import pitch_needs_gpu
+from rvc_pipeline.core.layout import SHARDED_STEPS
 from rvc_pipeline.core.spec import API_GROUP, API_VERSION, KIND, STEP_ORDER, Experiment, parse_manifest
 
 from .config import OperatorConfig
@@ -85,7 +86,6 @@ def label_value(value: str) -> str:
 
 # Steps that run as N shard Jobs when spec.resources.shards = N > 1 (`rvc-pipeline <step> --shard I/N`).
 # N plain Jobs rather than one Indexed Job: the test cluster is v1.20, which has no Indexed Jobs.
-SHARDED_STEPS = ("preprocess", "f0", "features")
 
 
 def job_name(resource_name: str, step: str, attempt: int, shard: int | None = None) -> str:
@@ -246,6 +246,8 @@ def _env(exp: Experiment, gpu: bool, owner: str) -> list[dict[str, Any]]:
     st = exp.spec.storage
     env: list[dict[str, Any]] = [
         {"name": "RVC_LEASE_OWNER", "value": owner},
+        # the pod's name: a replacement pod waits for a terminating one to release the lease (lease.py)
+        {"name": "RVC_LEASE_INSTANCE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "RVC_SCRATCH", "value": SCRATCH},
         {"name": "HOME", "value": SCRATCH},
         {"name": "TMPDIR", "value": SCRATCH},
@@ -326,6 +328,9 @@ def build_job_spec(
         "backoffLimit": cfg.job_backoff_limit,
         "activeDeadlineSeconds": cfg.job_active_deadline_seconds,
         "podFailurePolicy": pod_failure_policy(),
+        # 1.28+: a replacement pod starts only once the old one has terminated (saved and uploaded its
+        # work after SIGTERM); 1.20 drops the field, and the pipeline's lease handover waits instead.
+        "podReplacementPolicy": "Failed",
         "template": {
             "metadata": {"labels": pod_labels, "annotations": dict(annotations)},
             "spec": _pod_spec(exp, step_uses_gpu(exp, step), cfg, container, volumes),

@@ -7,6 +7,12 @@
   Another process takes it over only after it expired, measured by the *server's* clock (its Date header
   minus the object's Last-Modified) so that clock skew between hosts does not matter, or at once when
   the owner string is its own (a restarted pod of the same Job: RVC_LEASE_OWNER = <ns>/<name>/<uid>).
+  Except during a handover: when the lease of the same owner is held by another *instance*
+  (RVC_LEASE_INSTANCE, the pod's name) and is still being renewed, that pod is alive, typically
+  terminating after SIGTERM while it saves a checkpoint (a Job replaces a terminating pod at once on
+  clusters without podReplacementPolicy: Failed, e.g. 1.20). The new pod then waits, up to
+  RVC_LEASE_HANDOVER_WAIT seconds (default 600), until that lease is released or no longer renewed
+  (ttl/3 + 2 s without a renewal: the old pod died), so it resumes from what the old pod saved.
 
 A second writer fails at once with `LeaseHeld` naming the holder. A holder whose lease was taken over or
 could not be renewed in time must stop writing: `check_current()` (no I/O) raises `LeaseLost` then.
@@ -42,6 +48,8 @@ log = logging.getLogger("rvc_pipeline")
 LEASE_FILE = layout.LEASE_FILE
 LOCK_FILE = layout.LEASE_LOCK_FILE
 DEFAULT_TTL, MIN_TTL, MAX_TTL = 120.0, 1.0, 3600.0
+DEFAULT_HANDOVER_WAIT, MAX_HANDOVER_WAIT = 600.0, 7200.0
+HANDOVER_POLL_S = 2.0
 CLOCK_GRACE_S = 2.0  # Date and Last-Modified have 1 s resolution
 MAX_RECORD_BYTES = 64 * 1024
 
@@ -66,6 +74,15 @@ def default_owner() -> str:
     return f"{user}@{socket.gethostname()}:{os.getpid()}"
 
 
+def default_instance() -> str:
+    """RVC_LEASE_INSTANCE (the operator sets the pod's name), else '' (one process, no handover)."""
+    return _printable(os.environ.get("RVC_LEASE_INSTANCE", ""))
+
+
+def handover_wait() -> float:
+    return env_seconds("RVC_LEASE_HANDOVER_WAIT", DEFAULT_HANDOVER_WAIT, 0.0, MAX_HANDOVER_WAIT)
+
+
 def lease_ttl() -> float:
     return env_seconds("RVC_LEASE_TTL", DEFAULT_TTL, MIN_TTL, MAX_TTL)
 
@@ -85,11 +102,13 @@ class LeaseRecord:
     ttl: float
     nonce: str  # unique per write: tells our own late-answered write from another holder's
     released: bool = False
+    instance: str = ""  # the pod of the holder (RVC_LEASE_INSTANCE); '' outside a cluster
 
     @classmethod
-    def new(cls, owner: str, ttl: float) -> LeaseRecord:
+    def new(cls, owner: str, ttl: float, instance: str = "") -> LeaseRecord:
         now = time.time()
-        return cls(owner, socket.gethostname(), os.getpid(), now, now, ttl, uuid.uuid4().hex)
+        return cls(owner, socket.gethostname(), os.getpid(), now, now, ttl, uuid.uuid4().hex,
+                   instance=instance)
 
     def renewed_now(self, released: bool = False) -> LeaseRecord:
         return replace(self, renewed=time.time(), nonce=uuid.uuid4().hex, released=released)
@@ -112,7 +131,8 @@ class LeaseRecord:
                    pid=_int(d.get("pid")), acquired=_num(d.get("acquired"), math.nan),
                    renewed=_num(d.get("renewed"), math.nan),
                    ttl=min(MAX_TTL, max(MIN_TTL, _num(d.get("ttl"), DEFAULT_TTL))),
-                   nonce=str(d.get("nonce", ""))[:64], released=d.get("released") is True)
+                   nonce=str(d.get("nonce", ""))[:64], released=d.get("released") is True,
+                   instance=_printable(str(d.get("instance", "")), 253))
 
 
 def _num(v: Any, default: float) -> float:
@@ -265,14 +285,26 @@ def _put(storage: Storage, key: str, rec: LeaseRecord, token: str | None) -> str
     return cur.token if cur is not None and cur.data == data else None
 
 
-def _acquire_object(storage: Storage, experiment: str, owner: str, ttl: float) -> ObjectLease:
+class _StillRenewed(Exception):  # noqa: N818 - control flow of _acquire_object
+    """Our owner's lease is held by another instance that still renews it (a handover in progress)."""
+
+
+def _alive_elsewhere(holder: LeaseRecord | None, age_s: float, owner: str, instance: str) -> bool:
+    """The same owner's lease, held by another pod that renewed it within its renewal interval."""
+    return (holder is not None and holder.owner == owner and not holder.released
+            and holder.instance != instance and age_s < holder.ttl / 3 + 2 * CLOCK_GRACE_S)
+
+
+def _try_acquire(storage: Storage, experiment: str, owner: str, ttl: float, instance: str) -> ObjectLease:
     key = lease_key(experiment)
     for _ in range(3):  # a lost race re-reads once or twice, never waits
         since = time.monotonic()
-        rec = LeaseRecord.new(owner, ttl)
+        rec = LeaseRecord.new(owner, ttl, instance)
         cur = storage.read_versioned(key)
         if cur is not None:
             holder = LeaseRecord.parse(cur.data)
+            if _alive_elsewhere(holder, cur.age_s, owner, instance):
+                raise _StillRenewed(holder.instance if holder else "?")
             left = _seconds_left(holder, cur.age_s, owner, ttl)
             if left > 0:
                 raise LeaseHeld(_holder_text(experiment, holder, f", lease expires in {left:.0f} s"))
@@ -284,6 +316,24 @@ def _acquire_object(storage: Storage, experiment: str, owner: str, ttl: float) -
             return ObjectLease(storage, experiment, rec, token, since)
     raise LeaseHeld(f"experiment '{experiment}': another process took the lease {key} at the same moment; "
                     "wait for it or stop it")
+
+
+def _acquire_object(storage: Storage, experiment: str, owner: str, ttl: float) -> ObjectLease:
+    """Take the lease; during a handover (see the module docstring) wait for the other pod first."""
+    instance, deadline, waiting = default_instance(), time.monotonic() + handover_wait(), False
+    while True:
+        try:
+            return _try_acquire(storage, experiment, owner, ttl, instance)
+        except _StillRenewed as e:
+            if time.monotonic() >= deadline:
+                raise LeaseHeld(f"experiment '{experiment}': pod {e} of this experiment still holds and "
+                                f"renews the lease after {handover_wait():.0f} s "
+                                "(RVC_LEASE_HANDOVER_WAIT); it is still running") from None
+            if not waiting:
+                log.info("lease: pod %s of this experiment is still stopping; waiting for it to save and "
+                         "release the lease", e)
+                waiting = True
+            time.sleep(HANDOVER_POLL_S)
 
 
 def _seconds_left(holder: LeaseRecord | None, age_s: float, owner: str, ttl: float) -> float:

@@ -29,6 +29,7 @@ one-click test is meant for external mode (`-k one_click`); it prints where the 
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.e2e.e2e_env import (
@@ -448,8 +450,17 @@ def test_sharded_data_steps_equal_unsharded(e2e_env: E2EEnv, one_click_run: OneC
     ours, theirs = _outputs(env, run.exp_prefix), _outputs(env, one_click_run.exp_prefix)
     print(f"\n[sharded] {len(ours)} output files of 2 shards; unsharded: {len(theirs)}")
     assert ours.keys() == theirs.keys() and len(ours) > 20
-    different = [k for k in ours if ours[k] != theirs[k]]
+    # audio and pitch: byte for byte; HuBERT features: the same up to float rounding, since the shards batch
+    # other pieces together than one process does (BLAS sums in another order for other matrix sizes)
+    different = [k for k in ours if ours[k] != theirs[k] and not k.startswith("3_feature")]
     assert not different, different[:5]
+    worst = 0.0
+    for k in (k for k in ours if k.startswith("3_feature")):
+        a, b = (np.load(io.BytesIO(x)) for x in (ours[k], theirs[k]))
+        assert a.shape == b.shape and a.dtype == b.dtype, k
+        worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()))
+    print(f"[sharded] features: largest difference {worst:.2e}")
+    assert worst < 1e-4
     for s in SHARD_STEPS:
         assert env.s3_keys(f"{run.exp_prefix}/.rvc/{s}.done.json")
         assert len([k for k in env.s3_keys(f"{run.exp_prefix}/.rvc/{s}.shard-")]) == 2

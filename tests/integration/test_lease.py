@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,43 @@ def test_s3_same_owner_takes_over_at_once(s3st: Storage) -> None:
         acquire(s3st, EXP, owner="ns/exp/uid-43")
     lease = acquire(s3st, EXP, owner="ns/exp/uid-42")
     lease.release()
+
+
+def test_s3_replacement_pod_waits_for_a_terminating_pod(s3st: Storage, monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """Issue 11: a Job's replacement pod (same owner, another RVC_LEASE_INSTANCE) waits while the old pod
+    still renews the lease (it is saving after SIGTERM) and goes on once it is released; a pod that keeps
+    renewing past RVC_LEASE_HANDOVER_WAIT is reported as still running (LeaseHeld, transient)."""
+    import threading
+
+    monkeypatch.setenv("RVC_LEASE_INSTANCE", "train-1-new")
+    old = acquire(s3st, EXP, owner="ns/exp/uid-42", ttl=60)
+    rec = LeaseRecord.parse(s3st.read_bytes(KEY))
+    assert rec is not None and rec.instance == "train-1-new"
+    old.record = replace(old.record, instance="train-1-old")  # as if the old pod had written it
+    old.renew()
+    monkeypatch.setenv("RVC_LEASE_HANDOVER_WAIT", "1")
+    t0 = time.monotonic()
+    with pytest.raises(LeaseHeld, match="train-1-old .*still running"):
+        acquire(s3st, EXP, owner="ns/exp/uid-42", ttl=60)
+    assert time.monotonic() - t0 >= 1.0
+    monkeypatch.setenv("RVC_LEASE_HANDOVER_WAIT", "60")
+    threading.Timer(3.0, old.release).start()
+    t0 = time.monotonic()
+    new = acquire(s3st, EXP, owner="ns/exp/uid-42", ttl=60)
+    waited = time.monotonic() - t0
+    try:
+        assert 2.5 <= waited < 20, waited
+        rec = LeaseRecord.parse(s3st.read_bytes(KEY))
+        assert rec is not None and rec.instance == "train-1-new" and not rec.released
+    finally:
+        new.release()
+    # the same pod (a restarted container) and records without an instance take over at once
+    monkeypatch.setenv("RVC_LEASE_INSTANCE", "train-1-old")
+    _put_record(s3st, LeaseRecord.new("ns/exp/uid-42", 60, "train-1-old").to_bytes())
+    t0 = time.monotonic()
+    acquire(s3st, EXP, owner="ns/exp/uid-42", ttl=60).release()
+    assert time.monotonic() - t0 < 2.0
 
 
 def test_s3_renewal_keeps_a_long_run_and_loss_stops_the_writer(s3st: Storage, s3: S3Endpoint) -> None:
