@@ -363,6 +363,14 @@ def _outputs(env: E2EEnv, exp_prefix: str) -> dict[str, bytes]:
     return {k.removeprefix(exp_prefix + "/"): env.s3_get(k) for k in sorted(keys)}
 
 
+def _seconds(step_status: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    start, end = (datetime.fromisoformat(step_status[k].replace("Z", "+00:00"))
+                  for k in ("startTime", "endTime"))
+    return (end - start).total_seconds()
+
+
 @dataclass
 class ShardedRun:
     name: str
@@ -447,6 +455,10 @@ def test_sharded_data_steps_equal_unsharded(e2e_env: E2EEnv, one_click_run: OneC
     for s in SHARD_STEPS:
         assert run.jobs_seen[s] == {f"{run.name}-{s}-s{i}-1" for i in range(2)}, run.jobs_seen
         assert steps[s]["phase"] == "Succeeded"
+    unsharded = one_click_run.require_success()["status"]["steps"]
+    walls = {s: (_seconds(unsharded[s]), _seconds(steps[s])) for s in SHARD_STEPS}
+    print("\n[sharded] wall s per step (unsharded -> 2 shards): "
+          + ", ".join(f"{s} {a:.0f} -> {b:.0f}" for s, (a, b) in walls.items()))
     ours, theirs = _outputs(env, run.exp_prefix), _outputs(env, one_click_run.exp_prefix)
     print(f"\n[sharded] {len(ours)} output files of 2 shards; unsharded: {len(theirs)}")
     assert ours.keys() == theirs.keys() and len(ours) > 20
