@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True)
     p = sub.add_parser("infer", help="convert a recording with a trained model")
     _add_infer_args(p)
+    p = sub.add_parser("convert", help="convert many recordings with a model loaded once")
+    _add_convert_args(p)
     p = sub.add_parser("demo", help="generate a small voice set and run one-click training on CPU")
     p.add_argument("--workdir", default=".", help="checkout folder; artifacts go to <workdir>/logs/")
     p.add_argument("--name", default="demo")
@@ -85,10 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             exp = load_manifest(args.spec)
             print(json.dumps({"name": exp.name, "spec": exp.spec.model_dump(by_alias=True)}, indent=2))
             return EXIT_OK
-        if args.cmd == "infer":
-            return _infer(args)
-        if args.cmd == "eval":
-            return _eval(args)
+        handler = {"infer": _infer, "convert": _convert, "eval": _eval}.get(args.cmd)
+        if handler is not None:
+            return handler(args)
         if args.cmd == "demo":
             from rvc_pipeline.demo.run import main_demo
 
@@ -140,6 +141,11 @@ def _add_infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="exported model .pth (RVC small-model format)")
     p.add_argument("--input", required=True, help="recording to convert (any format ffmpeg reads)")
     p.add_argument("--output", required=True, help="output WAV")
+    _add_conversion_args(p)
+
+
+def _add_conversion_args(p: argparse.ArgumentParser) -> None:
+    """The options `infer` and `convert` share (model aside)."""
     p.add_argument("--index", help="added_*.index file (optional)")
     p.add_argument("--embedder", default="hubert_base.pt", help="HuBERT checkpoint (path, s3:// or name)")
     p.add_argument("--pitch", type=float, default=0.0, help="transpose in semitones")
@@ -161,6 +167,19 @@ def _infer(args: argparse.Namespace) -> int:
     input, named; 3: missing weights)."""
     from rvc_pipeline.infer import convert_file
 
+    opts = _conversion_opts(args)
+    info = convert_file(args.model, args.input, args.output, index=args.index or None, embedder=args.embedder,
+                        demo_random_weights=bool(args.demo_random_weights), **opts)
+    print(f"converted {args.input} -> {info['output']}: {info['input_seconds']:.2f} s in, "
+          f"{info['output_seconds']:.2f} s out at {info['sr']} Hz, {info['seconds']:.1f} s "
+          f"({info['realtime_factor']}x real time)")
+    if info.get("random_embedder"):
+        print("WARNING: HuBERT was not found and RANDOM weights were used; the voice is NOT meaningful.")
+    return EXIT_OK
+
+
+def _conversion_opts(args: argparse.Namespace) -> dict[str, Any]:
+    """`infer.convert_file`'s keyword options from `_add_conversion_args`'s arguments."""
     opts: dict[str, Any] = {
         "pitch": float(args.pitch), "f0_method": args.f0_method, "index_rate": float(args.index_rate),
         "protect": float(args.protect), "filter_radius": int(args.filter_radius),
@@ -169,13 +188,44 @@ def _infer(args: argparse.Namespace) -> int:
     }
     if args.rmvpe:
         opts["f0_weights"] = dict.fromkeys(PITCH["rmvpe"].weights, args.rmvpe)
-    info = convert_file(args.model, args.input, args.output, index=args.index or None, embedder=args.embedder,
-                        demo_random_weights=bool(args.demo_random_weights), **opts)
-    print(f"converted {args.input} -> {info['output']}: {info['input_seconds']:.2f} s in, "
-          f"{info['output_seconds']:.2f} s out at {info['sr']} Hz, {info['seconds']:.1f} s "
-          f"({info['realtime_factor']}x real time)")
-    if info.get("random_embedder"):
-        print("WARNING: HuBERT was not found and RANDOM weights were used; the voice is NOT meaningful.")
+    return opts
+
+
+def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    from rvc_pipeline.convert import FORMATS
+
+    p.add_argument("--model", required=True, help="exported model .pth (RVC small-model format)")
+    p.add_argument("--input", required=True, nargs="+", help="folders (the audio files directly inside) "
+                   "and/or recordings to convert")
+    p.add_argument("--output", required=True, help="output folder (not inside an input folder)")
+    p.add_argument("--format", default="wav", choices=FORMATS, help="output format (default wav)")
+    p.add_argument("--transpose-csv", help="CSV of 'file,semitones' rows: per-file transpose (else --pitch)")
+    p.add_argument("--overwrite", action="store_true", help="convert again even where an output exists")
+    p.add_argument("--workers", type=int, default=0, help="CPU processes (0: the measured default; CUDA: 1)")
+    _add_conversion_args(p)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """`rvc-pipeline convert`: rvc_pipeline.convert.run_batch; exit 2 when any input failed."""
+    from pathlib import Path
+
+    from rvc_pipeline.convert import BatchOptions, Setup, run_batch
+    from rvc_pipeline.core.layout import CONVERT_REPORT_FILE
+
+    opts = _conversion_opts(args)
+    setup = Setup(model=args.model, index=args.index or None, embedder=args.embedder,
+                  demo_random_weights=bool(args.demo_random_weights), device=opts.pop("device"),
+                  f0_method=opts.pop("f0_method"), index_rate=opts.pop("index_rate"),
+                  f0_weights=tuple(sorted(opts.pop("f0_weights", {}).items())))
+    report = run_batch(BatchOptions(setup, tuple(args.input), Path(args.output), fmt=args.format,
+                                    transpose_csv=Path(args.transpose_csv) if args.transpose_csv else None,
+                                    overwrite=bool(args.overwrite), workers=max(0, int(args.workers)),
+                                    convert=opts))
+    print(report.summary())
+    if report.count("failed"):
+        where = Path(args.output) / CONVERT_REPORT_FILE
+        print(f"error: {report.count('failed')} input(s) failed; see {where}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return EXIT_OK
 
 

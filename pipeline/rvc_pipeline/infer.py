@@ -676,6 +676,71 @@ def pitch_weights(method: str, given: WeightFiles | None, spec: ExperimentSpec |
     return {**have, **tracker.resolve_weights(refs, spec)}
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """Everything a conversion needs, loaded once (`load_for_inference`) for any number of recordings
+    (`convert_loaded`): the generator with its meta, the embedder, the index, the pitch weights."""
+
+    model: Path
+    net_g: Any
+    meta: dict[str, Any]
+    embedder: Embedder
+    index: Any  # None: no retrieval
+    big_npy: np.ndarray | None
+    index_file: Path | None
+    device: str
+    half: bool
+    f0_weights: WeightFiles | None
+    random_embedder: bool
+
+
+def load_for_inference(model: str | Path, index: str | Path | None = None, embedder: Any = "hubert_base.pt",
+                       spec: ExperimentSpec | None = None, demo_random_weights: bool = False, *,
+                       device: str = "auto", half: bool | None = None, f0_method: str = "pm",
+                       f0_weights: WeightFiles | None = None, index_rate: float = 0.75) -> LoadedModel:
+    """Load the model (weight norm folded), the index (only when index_rate != 0), the pitch method's
+    weights (`pitch_weights`, for a model with pitch guidance) and the embedder (`resolve_embedder`)."""
+    device = pick_device(str(device or "auto"), what="infer")
+    half = device.startswith("cuda") if half is None else bool(half)
+    net_g, meta = load_model(model, device)
+    net_g.remove_weight_norm()
+    faiss_index = big_npy = None
+    used_index: Path | None = None
+    if index not in (None, "") and index_rate != 0:
+        assert index is not None
+        faiss_index, big_npy, used_index = load_index(index, meta["version"])
+    if meta["f0"]:
+        f0_weights = pitch_weights(f0_method, f0_weights, spec)
+    emb, random_weights = resolve_embedder(embedder, spec, device, half, demo_random_weights)
+    return LoadedModel(Path(model), net_g, meta, emb, faiss_index, big_npy, used_index, device, half,
+                       f0_weights, random_weights)
+
+
+def read_input(input_path: str | Path) -> np.ndarray:
+    """16 kHz mono float32 samples of a recording (any format ffmpeg reads); InferError names the file."""
+    from rvc_pipeline.audio import AudioError, load_audio
+
+    inp = Path(input_path)
+    if not inp.is_file():
+        raise InferError(f"{inp}: input recording not found")
+    try:
+        return read_16k(inp, decode=load_audio)
+    except AudioError as e:
+        raise InferError(str(e)) from e
+
+
+def convert_loaded(loaded: LoadedModel, audio16k: np.ndarray, **opts: Any
+                   ) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """`convert` with a loaded model: (int16 samples, rate, the timings `convert` reports). `opts` are
+    `convert`'s per-recording options (pitch, f0_method, index_rate, protect, ...)."""
+    details: dict[str, Any] = {}
+    if loaded.f0_weights is not None:
+        opts["f0_weights"] = loaded.f0_weights
+    out, out_sr = convert(audio16k, loaded.net_g, loaded.meta, loaded.embedder, loaded.index, loaded.big_npy,
+                          device=loaded.device, half=loaded.half, info=details, **opts)
+    return out, out_sr, details
+
+
 def convert_file(model: str | Path, input_path: str | Path, output: str | Path,
                  index: str | Path | None = None, embedder: Any = "hubert_base.pt",
                  spec: ExperimentSpec | None = None,
@@ -688,47 +753,34 @@ def convert_file(model: str | Path, input_path: str | Path, output: str | Path,
     filter_radius, rms_mix_rate, resample_sr, sid, device, half, window, seed, f0_weights, f0_options);
     weights the pitch method needs and `f0_weights` does not give are found with `pitch_weights`.
     Returns input/output seconds, the output rate, the wall time and the real-time factor.
+    `load_for_inference` + `read_input` + `convert_loaded` are its pieces, for many recordings.
     """
-    from rvc_pipeline.audio import load_audio
-
     t0 = time.perf_counter()
     device = pick_device(str(opts.pop("device", "auto") or "auto"), what="infer")
     half = opts.pop("half", None)
-    half = device.startswith("cuda") if half is None else bool(half)
+    f0_weights = opts.pop("f0_weights", None)
     check_options(**opts)
     inp = Path(input_path)
     if not inp.is_file():
         raise InferError(f"{inp}: input recording not found")
-    net_g, meta = load_model(model, device)
-    net_g.remove_weight_norm()
-    index_rate = float(opts.get("index_rate", 0.75))
-    faiss_index = big_npy = None
-    used_index: Path | None = None
-    if index not in (None, "") and index_rate != 0:
-        faiss_index, big_npy, used_index = load_index(index, meta["version"])
-    if meta["f0"]:
-        opts["f0_weights"] = pitch_weights(str(opts.get("f0_method", "pm")), opts.get("f0_weights"), spec)
-    emb, random_weights = resolve_embedder(embedder, spec, device, half, demo_random_weights)
-    from rvc_pipeline.audio import AudioError
-
-    try:
-        audio = read_16k(inp, decode=load_audio)
-    except AudioError as e:
-        raise InferError(str(e)) from e
+    loaded = load_for_inference(model, index, embedder, spec, demo_random_weights, device=device, half=half,
+                                f0_method=str(opts.get("f0_method", "pm")), f0_weights=f0_weights,
+                                index_rate=float(opts.get("index_rate", 0.75)))
+    audio = read_input(inp)
     t_load = time.perf_counter() - t0
-    details: dict[str, Any] = {}
-    out, out_sr = convert(audio, net_g, meta, emb, faiss_index, big_npy, device=device, half=half,
-                          info=details, **opts)
+    out, out_sr, details = convert_loaded(loaded, audio, **opts)
     write_wav_int16(output, out, out_sr)
     wall = time.perf_counter() - t0
     in_s = len(audio) / SR
+    meta = loaded.meta
     result = {
         "output": str(output), "model": str(model), "version": meta["version"], "f0": bool(meta["f0"]),
-        "model_sr": int(meta.get("tgt_sr", meta["sr"])), "index": str(used_index) if used_index else None,
+        "model_sr": int(meta.get("tgt_sr", meta["sr"])),
+        "index": str(loaded.index_file) if loaded.index_file else None,
         "input_seconds": round(in_s, 3), "output_seconds": round(len(out) / out_sr, 3), "sr": int(out_sr),
         "samples": int(len(out)), "seconds": round(wall, 3), "load_seconds": round(t_load, 3),
-        "realtime_factor": round(in_s / wall, 3) if wall > 0 else None, "device": device,
-        "random_embedder": random_weights, **details,
+        "realtime_factor": round(in_s / wall, 3) if wall > 0 else None, "device": loaded.device,
+        "random_embedder": loaded.random_embedder, **details,
     }
     log.info("infer: %s -> %s (%.2f s in, %.2f s out at %d Hz, %.1f s, %.2fx real time)", inp, output, in_s,
              len(out) / out_sr, out_sr, wall, result["realtime_factor"] or 0)

@@ -210,3 +210,6 @@ def preview_name(epoch: int, index: int) -> str:
 def evaluated_model(experiment: str, epoch: int) -> str:
     """The export of one evaluated epoch (spec.eval.saveEveryEvaluated)."""
     return f"{WEIGHTS_DIR}/{experiment}_e{epoch}.pth"
+
+
+CONVERT_REPORT_FILE = "convert_report.json"  # in the output folder of `rvc-pipeline convert`
