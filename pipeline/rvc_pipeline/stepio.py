@@ -71,8 +71,13 @@ def is_complete(storage: Storage, experiment: str, step: str) -> bool:
 def read_marker(storage: Storage, experiment: str, step: str) -> dict[str, Any] | None:
     """The stored summary of a completed step; None when missing or unreadable (not a JSON object).
     Storage that cannot be reached raises (a transient error is not "not completed")."""
+    return read_json_object(storage, marker_key(experiment, step))
+
+
+def read_json_object(storage: Storage, key: str) -> dict[str, Any] | None:
+    """A stored JSON object; None when missing or not a JSON object. Unreachable storage raises."""
     try:
-        data = json.loads(storage.read_bytes(marker_key(experiment, step)))
+        data = json.loads(storage.read_bytes(key))
     except StorageError as e:
         if not getattr(e, "permanent", True):
             raise

@@ -61,15 +61,7 @@ def _generation(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stored(ctx: StepContext, record_file: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads(ctx.storage.read_bytes(f"{ctx.exp_key}/{record_file}"))
-    except StorageError as e:
-        if not getattr(e, "permanent", True):
-            raise
-        return None
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
+    return stepio.read_json_object(ctx.storage, f"{ctx.exp_key}/{record_file}")
 
 
 def begin_generation(ctx: StepContext, params_file: str, params: dict[str, Any],
