@@ -20,21 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_preprocess import voice_set  # (bench/ is on sys.path: the scripts run as bench/<name>.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("preprocess", "f0", "features")
 OUTPUTS = ("0_gt_wavs", "1_16k_wavs", "2a_f0", "2b-f0nsf", "3_feature768")
-
-
-def voice_set(n_files: int, seconds: float) -> Path:
-    from rvc_pipeline.demo.voices import CACHE_ROOT, make_voice_set
-
-    d = CACHE_ROOT / "bench-voices" / f"v1-{n_files}x{seconds:g}s"
-    if len(list(d.glob("*.wav"))) != n_files:
-        shutil.rmtree(d, ignore_errors=True)
-        t = time.time()
-        make_voice_set(d, n_files=n_files, seconds_each=seconds, seed=42, sr=44100)
-        print(f"made {n_files} speech files in {time.time() - t:.1f} s -> {d}")
-    return d
 
 
 def manifest(root: Path, data: Path, name: str, f0: str) -> Path:

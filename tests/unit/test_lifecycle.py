@@ -3,18 +3,14 @@ Pure logic only (rvc_operator.status); the reconcile glue is in tests/integratio
 
 from __future__ import annotations
 
-import copy
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from rvc_operator.api import ExperimentStatus
-from rvc_operator.observe import JobSummary
 from rvc_operator.status import (
     Decision,
     Policy,
     artifacts_deleted,
-    decide,
     lifecycle_policy,
     plan_deletion,
     ttl_left,
@@ -23,7 +19,8 @@ from rvc_operator.status import (
 from rvc_operator.sweeper import due_for_sweep
 from rvc_pipeline.core.spec import STEP_ORDER, SpecError, parse_manifest, step_hashes
 
-T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+from tests.support.decide_cases import T0, job, run
+
 ANN = "rvc-operator.dev/delete-artifacts"
 
 
@@ -37,15 +34,6 @@ def manifest(lifecycle: dict[str, Any] | None = None, **meta: Any) -> dict[str, 
             "spec": spec}
 
 
-def job(step: str, attempt: int, state: str = "Running", **kw: Any) -> JobSummary:
-    return JobSummary(name=f"alice-{step}-{attempt}", step=step, attempt=attempt, state=state, **kw)
-
-
-def run(m: dict[str, Any], status: dict[str, Any] | None, jobs: list[JobSummary] = (),
-        markers: set[str] | None = None, now: datetime = T0, **kw: Any) -> Decision:
-    d = decide(m, copy.deepcopy(status), list(jobs), set() if markers is None else markers, now, **kw)
-    ExperimentStatus.model_validate(d.status)  # every status written fits the CRD's status schema
-    return d
 
 
 def succeeded(m: dict[str, Any], now: datetime = T0) -> Decision:

@@ -3,20 +3,18 @@ retried alone, adoption after a restart, N kept for the whole step run, and the 
 
 from __future__ import annotations
 
-import copy
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from rvc_operator import jobs, progress_reader
-from rvc_operator.api import ExperimentStatus
 from rvc_operator.config import OperatorConfig
 from rvc_operator.observe import JobSummary, summarize_job
-from rvc_operator.status import Decision, decide
+from rvc_operator.status import Decision
 from rvc_pipeline.core.spec import STEP_ORDER
 
-T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+from tests.support.decide_cases import T0, run
 
 
 def manifest(shards: int = 2, gen: int = 1, **spec_over: Any) -> dict[str, Any]:
@@ -34,12 +32,6 @@ def sjob(step: str, shard: int, attempt: int, state: str = "Running", n: int | N
     return JobSummary(name=f"alice-{step}-s{shard}-{attempt}", step=step, attempt=attempt, state=state,
                       shard=shard, shards=n, **kw)
 
-
-def run(m: dict[str, Any], status: dict[str, Any] | None, js: list[JobSummary] = (),
-        markers: set[str] | None = None, now: datetime = T0, **kw: Any) -> Decision:
-    d = decide(m, copy.deepcopy(status), list(js), set() if markers is None else markers, now, **kw)
-    ExperimentStatus.model_validate(d.status)  # every status written fits the CRD's status schema
-    return d
 
 
 def created(d: Decision) -> list[str]:

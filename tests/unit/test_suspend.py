@@ -4,8 +4,7 @@ tests/integration/test_operator_kopf.py (test_suspend_and_resume_through_reconci
 
 from __future__ import annotations
 
-import copy
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import kubernetes_validate
@@ -13,14 +12,14 @@ import pytest
 from kubernetes_validate.utils import all_versions
 from prometheus_client import CollectorRegistry
 from rvc_operator import jobs
-from rvc_operator.api import ExperimentStatus
 from rvc_operator.config import OperatorConfig
 from rvc_operator.metrics import OperatorMetrics
 from rvc_operator.observe import JobSummary
-from rvc_operator.status import Decision, Policy, admit, decide, suspended
+from rvc_operator.status import Decision, Policy, admit, suspended
 from rvc_pipeline.core.spec import STEP_ORDER, SpecError, parse_manifest, step_hashes
 
-T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+from tests.support.decide_cases import T0, job, run
+
 RESUME = "kubectl patch rvcx alice --type merge -p '{\"spec\":{\"suspend\":false}}'"
 KSTATUS = ("Ready", "Progressing", "Failed", "Reconciling", "Stalled")
 
@@ -36,15 +35,6 @@ def manifest(gen: int = 1, suspend: bool | None = None, **spec_over: Any) -> dic
             "spec": spec}
 
 
-def job(step: str, attempt: int, state: str = "Running", **kw: Any) -> JobSummary:
-    return JobSummary(name=f"alice-{step}-{attempt}", step=step, attempt=attempt, state=state, **kw)
-
-
-def run(m: dict[str, Any], status: dict[str, Any] | None, jobs_: list[JobSummary] = (),
-        markers: set[str] | None = None, now: datetime = T0, **kw: Any) -> Decision:
-    d = decide(m, copy.deepcopy(status), list(jobs_), set() if markers is None else markers, now, **kw)
-    ExperimentStatus.model_validate(d.status)  # every status written fits the CRD's status schema
-    return d
 
 
 def cond(d: Decision, ctype: str) -> dict[str, Any] | None:
