@@ -89,6 +89,8 @@ class StepsStatus(_StatusModel):
     features: StepStatus | None = Field(default=None, description="Step 2b: HuBERT features.")
     train: StepStatus | None = Field(default=None, description="Step 3: training.")
     index: StepStatus | None = Field(default=None, description="Step 4: faiss index.")
+    convert: StepStatus | None = Field(default=None, description="Optional: convert spec.convert.source with "
+                                       "the model (Skipped unless spec.steps lists it).")
 
 
 class Condition(_StatusModel):
@@ -157,6 +159,8 @@ class ArtifactsStatus(_StatusModel):
     model: str | None = Field(default=None, description="URI of the exported RVC model (.pth).")
     index: str | None = Field(default=None, description="URI of the added_*.index retrieval index.")
     logs: str | None = Field(default=None, description="URI of the experiment folder logs/<name>/.")
+    converted: str | None = Field(default=None, description="URI of the convert step's outputs "
+                                  "logs/<name>/converted/.")
 
 
 class ExperimentStatus(_StatusModel):

@@ -11,6 +11,7 @@ Per-step placement (device = spec.resources.device, else the operator's RVC_DEFA
 | features   | 1 GPU (HuBERT)                              | CPU pod    |
 | train      | spec.train.gpus GPUs (the pipeline starts DDP itself when > 1) | CPU pod |
 | index      | 1 GPU (faiss k-means/IVF training)          | CPU pod    |
+| convert    | 1 GPU (one process converts file after file) | CPU pod   |
 
 A GPU pod uses the CUDA image (RVC_PIPELINE_IMAGE), the GPU node selector and tolerations; a CPU pod
 uses the CPU image (RVC_PIPELINE_CPU_IMAGE) and the CPU node selector. spec.resources.image,
@@ -156,7 +157,7 @@ def step_uses_gpu(exp: Experiment, step: str) -> bool:
         return False
     if step == "f0":
         return spec.model.pitch_guidance and pitch_needs_gpu(spec.f0.method)
-    return step in ("features", "train", "index")
+    return step in ("features", "train", "index", "convert")
 
 
 def gpu_count(exp: Experiment, step: str) -> int:

@@ -57,8 +57,9 @@ DONE = ("Succeeded", "Skipped")
 FINISHED = ("Succeeded", "Failed")
 # Steps never skipped because of an old completion marker: their Job is how a changed input is noticed.
 # preprocess compares the dataset's manifest (names, sizes, digests) with the one it recorded and returns
-# in seconds when nothing changed; a changed dataset reruns it and invalidates the later markers.
-CHECKED_BY_JOB = ("preprocess",)
+# in seconds when nothing changed; a changed dataset reruns it and invalidates the later markers. convert
+# compares its source listing and model with its marker's: only files added since are converted.
+CHECKED_BY_JOB = ("preprocess", "convert")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,6 +260,10 @@ def _validate_for_cluster(exp: Experiment, policy: Policy) -> None:
     if not source.startswith("s3://"):
         raise SpecError(f"spec.dataset.source: {source!r} is not an s3:// URI; step pods "
                         "cannot read a local folder")
+    conv = exp.spec.convert.source if exp.spec.convert is not None else None
+    if conv is not None and not conv.startswith("s3://"):
+        raise SpecError(f"spec.convert.source: {conv!r} is not an s3:// URI; step pods cannot read a local "
+                        "folder")
 
 
 def _experiment(manifest: dict[str, Any], given: Experiment | SpecError | None, policy: Policy
@@ -1143,6 +1148,8 @@ def _finish_artifacts(st: ExperimentStatus, exp: Experiment, index_file: str | N
         art.model = _join(uri, f"{layout.exp_key(name)}/{layout.exported_model(name)}")
     if _produced(st, "index") and index_file:
         art.index = index_file if "://" in index_file else _join(uri, index_file)
+    if _produced(st, "convert"):
+        art.converted = _join(uri, f"{layout.exp_key(name)}/{layout.CONVERTED_DIR}/")
     st.artifacts = art
 
 

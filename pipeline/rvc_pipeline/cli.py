@@ -16,6 +16,7 @@ import logging
 import sys
 from typing import Any
 
+from rvc_pipeline.client.cli import add_commands, run_command
 from rvc_pipeline.core import termination
 from rvc_pipeline.core.catalog import PITCH, PITCH_METHODS
 from rvc_pipeline.core.errors import (
@@ -27,7 +28,7 @@ from rvc_pipeline.core.errors import (
     classify,
 )
 from rvc_pipeline.core.layout import SHARDED_STEPS
-from rvc_pipeline.core.spec import STEP_ORDER, SpecError, load_manifest
+from rvc_pipeline.core.spec import RVC_CONVERSION, STEP_ORDER, SpecError, load_manifest
 from rvc_pipeline.stepio import Shard
 from rvc_pipeline.steps.runner import run_shard, run_steps
 
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rvc-pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for s in STEP_ORDER:
+    for s in (s for s in STEP_ORDER if s != "convert"):  # convert: its own parser (step or local batch)
         p = sub.add_parser(s, help=f"run step '{s}' of the manifest")
         p.add_argument("--spec", required=True, help="RVCExperiment manifest (YAML)")
         p.add_argument("--force", action="store_true", help="rerun even if already complete")
@@ -66,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True)
     p = sub.add_parser("infer", help="convert a recording with a trained model")
     _add_infer_args(p)
-    p = sub.add_parser("convert", help="convert many recordings with a model loaded once")
+    p = sub.add_parser("convert", help="convert many recordings with a model loaded once (--model), or run "
+                       "the manifest's convert step (--spec)")
     _add_convert_args(p)
     p = sub.add_parser("demo", help="generate a small voice set and run one-click training on CPU")
     p.add_argument("--workdir", default=".", help="checkout folder; artifacts go to <workdir>/logs/")
@@ -74,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2)
     p = sub.add_parser("eval", help="score any RVC model on folders of recordings (speaker, DNSMOS, pitch)")
     _add_eval_args(p)
+    add_commands(sub)  # submit, watch, status, logs, download, cancel, list (rvc_pipeline.client)
     return ap
 
 
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
+        client_code = run_command(args)
+        if client_code is not None:
+            return client_code
         if args.cmd == "validate":
             exp = load_manifest(args.spec)
             print(json.dumps({"name": exp.name, "spec": exp.spec.model_dump(by_alias=True)}, indent=2))
@@ -151,10 +157,10 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pitch", type=float, default=0.0, help="transpose in semitones")
     p.add_argument("--f0-method", default="pm", choices=PITCH_METHODS)
     p.add_argument("--rmvpe", help="rmvpe.pt for --f0-method rmvpe")
-    p.add_argument("--index-rate", type=float, default=0.75)
-    p.add_argument("--protect", type=float, default=0.33)
-    p.add_argument("--filter-radius", type=int, default=3)
-    p.add_argument("--rms-mix-rate", type=float, default=0.25)
+    p.add_argument("--index-rate", type=float, default=RVC_CONVERSION.index_rate)
+    p.add_argument("--protect", type=float, default=RVC_CONVERSION.protect)
+    p.add_argument("--filter-radius", type=int, default=RVC_CONVERSION.filter_radius)
+    p.add_argument("--rms-mix-rate", type=float, default=RVC_CONVERSION.rms_mix_rate)
     p.add_argument("--resample-sr", type=int, default=0, help="output sample rate (0 = model's)")
     p.add_argument("--sid", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -194,10 +200,14 @@ def _conversion_opts(args: argparse.Namespace) -> dict[str, Any]:
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
     from rvc_pipeline.convert import FORMATS
 
-    p.add_argument("--model", required=True, help="exported model .pth (RVC small-model format)")
-    p.add_argument("--input", required=True, nargs="+", help="folders (the audio files directly inside) "
+    p.add_argument("--spec", help="RVCExperiment manifest: run its convert step (spec.convert) instead")
+    p.add_argument("--shard", metavar="I/N", help="with --spec: run shard I of N (zero-based) of the step")
+    p.add_argument("--force", action="store_true", help="with --spec: convert every file again")
+    p.add_argument("--json", action="store_true", help="with --spec: print the summary as JSON")
+    p.add_argument("--model", help="exported model .pth (RVC small-model format)")
+    p.add_argument("--input", nargs="+", help="folders (the audio files directly inside) "
                    "and/or recordings to convert")
-    p.add_argument("--output", required=True, help="output folder (not inside an input folder)")
+    p.add_argument("--output", help="output folder (not inside an input folder)")
     p.add_argument("--format", default="wav", choices=FORMATS, help="output format (default wav)")
     p.add_argument("--transpose-csv", help="CSV of 'file,semitones' rows: per-file transpose (else --pitch)")
     p.add_argument("--overwrite", action="store_true", help="convert again even where an output exists")
@@ -205,13 +215,41 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     _add_conversion_args(p)
 
 
+def _convert_step(args: argparse.Namespace) -> int | None:
+    """`rvc-pipeline convert --spec M [--shard I/N] [--force]`: the manifest's convert step (None: the
+    local batch converter was asked for); SpecError naming the options that do not go together."""
+    if args.spec is None:
+        if args.model is None or not args.input or args.output is None:
+            raise SpecError("convert: give --spec MANIFEST (the convert step) or --model M --input ... "
+                            "--output DIR (local files)")
+        if args.shard is not None or args.force or args.json:
+            raise SpecError("--shard, --force and --json go with --spec (the convert step); "
+                            "with --model use --overwrite")
+        return None
+    if args.model is not None:
+        raise SpecError("--spec and --model: give one (--spec runs the manifest's convert step with the "
+                        "experiment's model; --model converts local files)")
+    if args.input or args.output is not None:
+        raise SpecError("--input and --output go with --model; the convert step reads spec.convert.source "
+                        "and writes logs/<experiment>/converted/")
+    shard = _shard(args)
+    exp = load_manifest(args.spec)
+    if shard is not None:
+        return _print_summaries([run_shard(exp, "convert", shard)], args.json)
+    return _print_summaries(run_steps(exp, ["convert"], force=args.force), args.json)
+
+
 def _convert(args: argparse.Namespace) -> int:
-    """`rvc-pipeline convert`: rvc_pipeline.convert.run_batch; exit 2 when any input failed."""
+    """`rvc-pipeline convert`: the convert step with --spec, else rvc_pipeline.convert.run_batch (exit 2
+    when any input failed)."""
     from pathlib import Path
 
     from rvc_pipeline.convert import BatchOptions, Setup, run_batch
     from rvc_pipeline.core.layout import CONVERT_REPORT_FILE
 
+    step = _convert_step(args)
+    if step is not None:
+        return step
     opts = _conversion_opts(args)
     setup = Setup(model=args.model, index=args.index or None, embedder=args.embedder,
                   demo_random_weights=bool(args.demo_random_weights), device=opts.pop("device"),
@@ -234,7 +272,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, help="folder of the target speaker's recordings")
     p.add_argument("--source", required=True, help="folder of recordings to convert")
     p.add_argument("--index", help="added_*.index file (optional)")
-    p.add_argument("--index-rate", type=float, default=0.75)
+    p.add_argument("--index-rate", type=float, default=RVC_CONVERSION.index_rate)
     p.add_argument("--embedder", default="hubert_base.pt", help="HuBERT checkpoint (path, s3:// or name)")
     p.add_argument("--pitch", type=float, default=0.0, help="transpose in semitones")
     p.add_argument("--f0-method", default="pm", choices=PITCH_METHODS)

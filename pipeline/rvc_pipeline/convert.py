@@ -24,20 +24,21 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from rvc_pipeline.core.fileio import atomic_path, temp_glob, write_text_atomic
-from rvc_pipeline.core.layout import CONVERT_REPORT_FILE
+from rvc_pipeline.core.layout import CONVERT_FORMATS, CONVERT_REPORT_FILE, converted_name
+from rvc_pipeline.core.spec import RVC_CONVERSION
 from rvc_pipeline.evaluation.sources import AUDIO_SUFFIXES
 from rvc_pipeline.infer import InferError, LoadedModel, check_options
 
 log = logging.getLogger("rvc_pipeline")
 
-FORMATS = ("wav", "flac", "ogg", "mp3")
+FORMATS = CONVERT_FORMATS  # (core.layout: the spec's convert.format reads them too)
 _CODECS = {"flac": ["-f", "flac"], "ogg": ["-f", "ogg", "-c:a", "libvorbis", "-q:a", "6"],
            "mp3": ["-f", "mp3", "-c:a", "libmp3lame", "-b:a", "192k"]}
 MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)  # what MP3 can carry
@@ -55,7 +56,7 @@ class Setup:
     device: str = "auto"
     f0_method: str = "pm"
     f0_weights: tuple[tuple[str, str], ...] = ()
-    index_rate: float = 0.75
+    index_rate: float = RVC_CONVERSION.index_rate
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ def plan(files: list[Path], output: Path, fmt: str, pitch: float,
             raise InferError(f"inputs {seen[f.stem]} and {f} would both be written to {f.stem}.{fmt}; "
                              "rename one")
         seen[f.stem] = f
-        jobs.append(Job(f, output / f"{f.stem}.{fmt}", float(transposes.get(f, pitch))))
+        jobs.append(Job(f, output / converted_name(f.name, fmt), float(transposes.get(f, pitch))))
     return jobs
 
 
@@ -334,8 +335,10 @@ def _progress(it: Iterator[Any], total: int) -> Iterator[Any]:
                     disable=os.environ.get("RVC_NO_PROGRESS") == "1", mininterval=1.0)
 
 
-def _run_jobs(opts: BatchOptions, jobs: list[Job]) -> list[Outcome]:
-    """Convert `jobs` in this process or a pool, with a progress bar; outcomes in input order."""
+def run_jobs(opts: BatchOptions, jobs: list[Job],
+             on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Convert `jobs` in this process or a pool, with a progress bar; outcomes in input order.
+    `on_outcome` is called as each one finishes (the convert step's progress and graceful stop)."""
     from rvc_pipeline.core.fileio import pick_device
     from rvc_pipeline.steps.processes import cpu_count, parallel_map
 
@@ -351,6 +354,8 @@ def _run_jobs(opts: BatchOptions, jobs: list[Job]) -> list[Outcome]:
             if outcome.status == "failed":
                 log.warning("convert: %s failed: %s", job.source, outcome.error)
             done[job.source] = outcome
+            if on_outcome is not None:
+                on_outcome(outcome)
     finally:
         _LOADED.clear()
     return [done[j.source] for j in jobs]
@@ -379,7 +384,7 @@ def run_batch(opts: BatchOptions) -> BatchReport:
     t0 = time.perf_counter()
     jobs, skipped = prepare(opts)
     opts.output.mkdir(parents=True, exist_ok=True)
-    outcomes = _run_jobs(opts, jobs) if jobs else []
+    outcomes = run_jobs(opts, jobs) if jobs else []
     report = BatchReport(skipped + outcomes, time.perf_counter() - t0)
     write_text_atomic(opts.output / CONVERT_REPORT_FILE, json.dumps(report.to_json(), indent=1) + "\n")
     return report

@@ -44,6 +44,7 @@ from rvc_pipeline.core.catalog import PITCH, PITCH_METHODS, pitch_needs_gpu
 from rvc_pipeline.core.fileio import atomic_write, pick_device, read_16k
 from rvc_pipeline.core.layout import CONFIG_FILE, exported_model, version_of_dim
 from rvc_pipeline.core.layout import FEATURE_DIMS as PHONE_DIMS
+from rvc_pipeline.core.spec import RVC_CONVERSION
 
 if TYPE_CHECKING:
     import torch
@@ -182,7 +183,8 @@ WeightFiles = Mapping[str, str | Path]
 """A pitch method's weights: the name its CATALOG gives a file -> that file's local path."""
 
 
-def extract_f0(audio_pad: np.ndarray, p_len: int, method: str, filter_radius: int = 3, *,
+def extract_f0(audio_pad: np.ndarray, p_len: int, method: str,
+               filter_radius: int = RVC_CONVERSION.filter_radius, *,
                device: str = "cpu", weights: WeightFiles | None = None,
                options: Mapping[str, Any] | None = None) -> np.ndarray:
     """f0 in Hz of the padded 16 kHz audio, p_len frames, as RVC's `get_f0` computes it before transposing.
@@ -470,8 +472,10 @@ def _finish(audio: np.ndarray, audio_opt: np.ndarray, tgt_sr: int, rms_mix_rate:
 
 def convert(audio16k: np.ndarray, net_g: SynthesizerTrn, meta: Mapping[str, Any] | None, embedder: Embedder,
             index: Any = None, big_npy: np.ndarray | None = None, *, pitch: float = 0.0,
-            f0_method: str = "pm", index_rate: float = 0.75, protect: float = 0.33, filter_radius: int = 3,
-            rms_mix_rate: float = 0.25, resample_sr: int = 0, sid: int = 0, device: str = "cpu",
+            f0_method: str = "pm", index_rate: float = RVC_CONVERSION.index_rate,
+            protect: float = RVC_CONVERSION.protect, filter_radius: int = RVC_CONVERSION.filter_radius,
+            rms_mix_rate: float = RVC_CONVERSION.rms_mix_rate, resample_sr: int = 0, sid: int = 0,
+            device: str = "cpu",
             half: bool | None = None, window: Window | None = None, seed: int | None = None,
             f0_weights: WeightFiles | None = None, f0_options: Mapping[str, Any] | None = None,
             info: dict[str, Any] | None = None) -> tuple[np.ndarray, int]:
@@ -697,7 +701,8 @@ class LoadedModel:
 def load_for_inference(model: str | Path, index: str | Path | None = None, embedder: Any = "hubert_base.pt",
                        spec: ExperimentSpec | None = None, demo_random_weights: bool = False, *,
                        device: str = "auto", half: bool | None = None, f0_method: str = "pm",
-                       f0_weights: WeightFiles | None = None, index_rate: float = 0.75) -> LoadedModel:
+                       f0_weights: WeightFiles | None = None,
+                       index_rate: float = RVC_CONVERSION.index_rate) -> LoadedModel:
     """Load the model (weight norm folded), the index (only when index_rate != 0), the pitch method's
     weights (`pitch_weights`, for a model with pitch guidance) and the embedder (`resolve_embedder`)."""
     device = pick_device(str(device or "auto"), what="infer")
@@ -765,7 +770,7 @@ def convert_file(model: str | Path, input_path: str | Path, output: str | Path,
         raise InferError(f"{inp}: input recording not found")
     loaded = load_for_inference(model, index, embedder, spec, demo_random_weights, device=device, half=half,
                                 f0_method=str(opts.get("f0_method", "pm")), f0_weights=f0_weights,
-                                index_rate=float(opts.get("index_rate", 0.75)))
+                                index_rate=float(opts.get("index_rate", RVC_CONVERSION.index_rate)))
     audio = read_input(inp)
     t_load = time.perf_counter() - t0
     out, out_sr, details = convert_loaded(loaded, audio, **opts)

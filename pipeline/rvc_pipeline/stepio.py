@@ -24,6 +24,8 @@ from typing import Any
 
 from rvc_pipeline.core.errors import StepFailed, StorageError
 from rvc_pipeline.core.layout import (
+    CONVERT_FORMATS,
+    CONVERTED_DIR,
     F0_COARSE_DIR,
     F0_NSF_DIR,
     FEATURE_DIRS,
@@ -166,6 +168,8 @@ OWNED_OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "preprocess": {d: ("*.wav", "*.wav.partial") for d in (GT_WAVS_DIR, WAVS_16K_DIR)},
     "f0": {d: ("*.npy", "*.npy.partial") for d in (F0_COARSE_DIR, F0_NSF_DIR)},
     "features": {d: ("*.npy", "*.npy.partial") for d in FEATURE_DIRS},
+    # (no partial pattern: the step prunes outputs whose source is gone while other shards write there)
+    "convert": {CONVERTED_DIR: tuple(f"*.{f}" for f in CONVERT_FORMATS)},
 }
 
 # Per-file outputs that f0 and features resume from (they skip files whose outputs exist). (preprocess
@@ -283,6 +287,7 @@ PRODUCES: dict[str, Callable[[Any], tuple[str, ...]]] = {
     "features": lambda spec: (feature_dir(spec.model.version),),
     "train": lambda spec: (),
     "index": lambda spec: (),
+    "convert": lambda spec: (CONVERTED_DIR,),
 }
 
 # The steps whose results a step reads, as a function of the spec (train needs f0 only with pitch).
@@ -292,6 +297,7 @@ PREREQUISITES: dict[str, Callable[[Any], tuple[str, ...]]] = {
     "features": lambda spec: ("preprocess",),
     "train": lambda spec: ("f0", "features") if spec.model.pitch_guidance else ("features",),
     "index": lambda spec: ("features",),
+    "convert": lambda spec: ("train", "index") if "index" in spec.steps else ("train",),
 }
 
 
@@ -349,6 +355,12 @@ def _check_f0(exp: Experiment, storage: Storage) -> CheckedInputs:
     return _with_weights("f0", weights_key(spec.f0.method), lambda _: ref, "pitch weights")(exp, storage)
 
 
+def _check_convert(exp: Experiment, storage: Storage) -> CheckedInputs:
+    from rvc_pipeline.steps.convert import check_inputs
+
+    return check_inputs(exp, storage)
+
+
 def _check_dataset(exp: Experiment, storage: Storage) -> CheckedInputs:
     from rvc_pipeline.steps.preprocess import check_inputs
 
@@ -362,6 +374,7 @@ INPUT_CHECKS: dict[str, InputCheck] = {
                               "HuBERT embedder"),
     "train": lambda exp, st: check_prerequisites(exp, st, "train"),
     "index": lambda exp, st: check_prerequisites(exp, st, "index"),
+    "convert": _check_convert,
 }
 
 

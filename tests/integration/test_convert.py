@@ -6,23 +6,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from rvc_pipeline import cli
 from rvc_pipeline.audio import load_audio
 from rvc_pipeline.convert import BatchOptions, Setup, run_batch
 from rvc_pipeline.core.fileio import temp_path
 from rvc_pipeline.core.layout import CONVERT_REPORT_FILE
-from rvc_pipeline.nn import constructor_args, get_config
-from rvc_pipeline.nn.synthesizer import SynthesizerTrn
 
-from tests.support.fairseq_hubert import save_fairseq_checkpoint, small_model
+from tests.support.tiny_voice import save_tiny_hubert, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,16 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A narrow v2 40k pitch generator saved as RVC exports it, and a small 768-d HuBERT file."""
     d = tmp_path_factory.mktemp("models")
-    a = constructor_args(get_config("v2", "40k"), spk_embed_dim=4, segment_frames=32)
-    a[2], a[3], a[4], a[5], a[6], a[13], a[16] = 16, 16, 32, 2, 1, 32, 16
-    torch.manual_seed(0)
-    g = SynthesizerTrn(*a, version="v2", f0=True).eval()
-    ckpt: OrderedDict[str, Any] = OrderedDict(
-        weight=OrderedDict((k, v.half()) for k, v in g.state_dict().items() if "enc_q" not in k),
-        config=a, info="1epoch", sr="40k", f0=1, version="v2")
-    torch.save(ckpt, d / "voice.pth")
-    save_fairseq_checkpoint(small_model(embed_dim=768, final_dim=256, layers=1), d / "hubert.pt")
-    return {"model": d / "voice.pth", "hubert": d / "hubert.pt"}
+    return {"model": save_tiny_model(d / "voice.pth"), "hubert": save_tiny_hubert(d / "hubert.pt")}
 
 
 @pytest.fixture(scope="module")

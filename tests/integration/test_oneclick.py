@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from rvc_pipeline.core.spec import STEP_ORDER, parse_manifest
+from rvc_pipeline.core.spec import DEFAULT_STEPS, parse_manifest
 from rvc_pipeline.export import RVC_KEYS, load_small_model
 from rvc_pipeline.infer import convert_file
 from rvc_pipeline.steps.runner import run_steps
@@ -44,7 +44,7 @@ def test_one_click_on_s3_then_convert(s3: S3Endpoint, voice_dir: Path, tmp_path:
         },
     })
     summaries = run_steps(exp)
-    assert [s["step"] for s in summaries] == list(STEP_ORDER)
+    assert [s["step"] for s in summaries] == list(DEFAULT_STEPS)
     assert not any(s.get("skipped") for s in summaries)
 
     keys = [o["Key"] for p in c.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix="runs/")
@@ -58,7 +58,7 @@ def test_one_click_on_s3_then_convert(s3: S3Endpoint, voice_dir: Path, tmp_path:
     assert pieces > 0 and summaries[0]["files_used"] == len(wavs)  # the sub-folder was not read
     assert count("0_gt_wavs") == count("1_16k_wavs") == count("2a_f0") == count("2b-f0nsf") == pieces
     assert count("3_feature768") == pieces
-    assert {f"{base}.rvc/{s}.done.json" for s in STEP_ORDER} <= set(keys)
+    assert {f"{base}.rvc/{s}.done.json" for s in DEFAULT_STEPS} <= set(keys)
     assert any(k.startswith(base + "G_") for k in keys) and any(k.startswith(base + "D_") for k in keys)
     index_keys = [k for k in keys if k.startswith(base + "added_IVF") and k.endswith("_oneclick_v2.index")]
     assert len(index_keys) == 1

@@ -28,7 +28,7 @@ from rvc_operator.reconcile import cleanup, reconcile
 from rvc_operator.status import Event
 from rvc_operator.sweeper import Sweeper, due_for_sweep
 from rvc_pipeline.core.layout import marker_key
-from rvc_pipeline.core.spec import STEP_ORDER
+from rvc_pipeline.core.spec import DEFAULT_STEPS, STEP_ORDER
 from rvc_pipeline.core.storage import open_storage
 
 from tests.s3server import S3Endpoint
@@ -249,7 +249,7 @@ def test_one_click_training_through_all_steps(h: Harness) -> None:
     # nothing new while the Job runs
     h.reconcile()
     assert c.created == ["alice-preprocess-1"]
-    for step in STEP_ORDER:
+    for step in DEFAULT_STEPS:
         name = f"alice-{step}-1"
         assert name in c.created, (step, c.created)
         if step == "train":
@@ -268,7 +268,7 @@ def test_one_click_training_through_all_steps(h: Harness) -> None:
         h.reconcile()
     st = c.status("alice")
     assert st["phase"] == "Succeeded", st
-    assert all(st["steps"][s]["phase"] == "Succeeded" for s in STEP_ORDER)
+    assert all(st["steps"][s]["phase"] == "Succeeded" for s in DEFAULT_STEPS)
     assert st["progress"]["epochText"] == "4/4" and st["progress"]["percent"] == 100.0
     assert st["artifacts"] == {
         "logs": f"{h.s3.uri('rvc')}/logs/alice/",
@@ -277,7 +277,7 @@ def test_one_click_training_through_all_steps(h: Harness) -> None:
     }
     ready = next(x for x in st["conditions"] if x["type"] == "Ready")
     assert ready["status"] == "True"
-    assert c.created == [f"alice-{s}-1" for s in STEP_ORDER]
+    assert c.created == [f"alice-{s}-1" for s in DEFAULT_STEPS]
     assert h.metric("rvc_jobs_created_total", step="train") == 1
     assert h.metric("rvc_step_duration_seconds_count", step="index") == 1
     assert h.metric("rvc_experiments", phase="Succeeded") == 1
@@ -341,7 +341,7 @@ def test_markers_already_in_storage_skip_steps(h: Harness) -> None:
     h.cluster.finish_job("alice-preprocess-1", ok=True)
     h.reconcile()
     st = h.cluster.status("alice")
-    assert [st["steps"][s]["phase"] for s in STEP_ORDER] == [
+    assert [st["steps"][s]["phase"] for s in DEFAULT_STEPS] == [
         "Succeeded", "Skipped", "Skipped", "Running", "Pending"]
     assert h.cluster.created == ["alice-preprocess-1", "alice-train-1"]
 
@@ -402,7 +402,7 @@ def test_concurrency_limit_queues_the_younger_experiment(s3: S3Endpoint) -> None
     h.reconcile("bob")
     assert c.status("bob")["phase"] == "Queued"
     assert "1 running" in c.status("bob")["message"]
-    for s in STEP_ORDER:
+    for s in DEFAULT_STEPS:
         h.marker(s)
     c.finish_job("alice-preprocess-1")
     h.reconcile("alice")
@@ -414,7 +414,7 @@ def test_concurrency_limit_queues_the_younger_experiment(s3: S3Endpoint) -> None
 def test_spec_change_reruns_with_force_and_replaces_configmap(h: Harness) -> None:
     c = h.cluster
     c.add_experiment("alice", h.spec())
-    for s in STEP_ORDER:
+    for s in DEFAULT_STEPS:
         h.reconcile()
         h.marker(s)
         c.finish_job(f"alice-{s}-1")

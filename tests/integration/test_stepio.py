@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from rvc_pipeline import stepio
 from rvc_pipeline.core.layout import PROGRESS_FILE, marker_key
-from rvc_pipeline.core.spec import STEP_ORDER, Experiment, parse_manifest
+from rvc_pipeline.core.spec import DEFAULT_STEPS, STEP_ORDER, Experiment, parse_manifest
 from rvc_pipeline.core.storage import S3Storage, Storage
 from rvc_pipeline.progress import read_events
 from rvc_pipeline.stepio import invalidate_from, is_complete
@@ -228,7 +228,7 @@ def test_invalidate_from_removes_this_and_later_markers(s3: S3Endpoint) -> None:
         st.write_bytes(marker_key(EXP, step), b"{}")
         st.write_bytes(marker_key("bob", step), b"{}")
     invalidate_from(st, EXP, "features")
-    assert [is_complete(st, EXP, s) for s in STEP_ORDER] == [True, True, False, False, False]
+    assert [is_complete(st, EXP, s) for s in STEP_ORDER] == [True, True, False, False, False, False]
     assert all(is_complete(st, "bob", s) for s in STEP_ORDER)  # other experiments untouched
 
 
@@ -372,20 +372,20 @@ def test_spec_change_reruns_the_affected_step_and_later_ones(s3: S3Endpoint) -> 
         calls.append(f"{ctx.step}:{ctx.spec.f0.method}")
         return {}
 
-    for s in STEP_ORDER:
+    for s in DEFAULT_STEPS:
         run_step(_exp(s3), s, rec)
-    assert len(calls) == len(STEP_ORDER)
+    assert len(calls) == len(DEFAULT_STEPS)
     calls.clear()
-    for s in STEP_ORDER:  # same spec: everything is skipped
+    for s in DEFAULT_STEPS:  # same spec: everything is skipped
         assert run_step(_exp(s3), s, rec)["skipped"] is True
     assert calls == []
     _put(s3, f"logs/{EXP}/2a_f0/0_0.wav.npy", b"pm output")
-    for s in STEP_ORDER:  # f0 method changed: preprocess is kept, f0 and everything after it rerun
+    for s in DEFAULT_STEPS:  # f0 method changed: preprocess is kept, f0 and everything after it rerun
         run_step(_exp(s3, f0={"method": "harvest"}), s, rec)
     assert calls == ["f0:harvest", "features:harvest", "train:harvest", "index:harvest"]
     assert f"logs/{EXP}/2a_f0/0_0.wav.npy" not in _keys(s3)  # old pm output is not resumed from
     calls.clear()
-    for s in STEP_ORDER:  # a resources-only change reruns nothing
+    for s in DEFAULT_STEPS:  # a resources-only change reruns nothing
         run_step(_exp(s3, f0={"method": "harvest"}, resources={"device": "cpu", "parallelism": 2}), s, rec)
     assert calls == []
 

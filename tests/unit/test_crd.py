@@ -128,7 +128,10 @@ def test_enums_from_literals(schema: dict[str, Any]) -> None:
     assert _prop(spec, "f0.method")["enum"][:5] == ["pm", "harvest", "dio", "crepe", "rmvpe"]
     assert _prop(spec, "f0.method")["enum"] == list(PITCH_METHODS)
     assert _prop(spec, "resources.device")["enum"] == ["gpu", "cpu"]
-    assert spec["properties"]["steps"]["items"]["enum"] == ["preprocess", "f0", "features", "train", "index"]
+    assert spec["properties"]["steps"]["items"]["enum"] == ["preprocess", "f0", "features", "train", "index",
+                                                            "convert"]
+    assert _prop(spec, "convert.format")["enum"] == ["wav", "flac", "ogg", "mp3"]
+    assert _prop(spec, "convert.f0Method")["enum"] == list(PITCH_METHODS)
     assert _prop(schema, "status.phase")["enum"] == ["Pending", "Queued", "Running", "Succeeded", "Failed",
                                                      "Suspended"]
 
@@ -195,7 +198,7 @@ def test_defaults_validate_against_the_spec_model(schema: dict[str, Any]) -> Non
 def test_status_schema_matches_model(schema: dict[str, Any]) -> None:
     status = schema["properties"]["status"]
     steps = status["properties"]["steps"]["properties"]
-    assert list(steps) == ["preprocess", "f0", "features", "train", "index"]
+    assert list(steps) == ["preprocess", "f0", "features", "train", "index", "convert"]
     step = steps["train"]["properties"]
     assert {"phase", "job", "startTime", "endTime", "message", "attempts"} <= set(step)
     assert step["phase"]["enum"] == ["Pending", "Running", "Succeeded", "Failed", "Skipped"]
@@ -204,7 +207,7 @@ def test_status_schema_matches_model(schema: dict[str, Any]) -> None:
             "epochText"} <= set(prog)
     cond = status["properties"]["conditions"]["items"]
     assert cond["required"] == ["type", "status", "reason", "lastTransitionTime"]
-    assert set(status["properties"]["artifacts"]["properties"]) == {"model", "index", "logs"}
+    assert set(status["properties"]["artifacts"]["properties"]) == {"model", "index", "logs", "converted"}
 
 
 def test_unsupported_construct_is_refused() -> None:

@@ -99,6 +99,8 @@ CREATE_CASES = [
     ("preprocess.segmentSeconds", 0.6, "pieces of 0.76 to 6.75"),
     ("storage.uri", "/data/models", "s3://"),
     ("dataset.source", "voices/alice", "s3://"),
+    ("convert.source", "voices/bob", "s3://"),
+    ("steps", ["train", "convert"], "convert.source is required"),
 ]
 UPDATE_CASES = [
     ("storage.uri", "s3://models/other", "immutable"),
@@ -122,7 +124,7 @@ def test_bad_cross_field_spec_is_refused_like_the_pipeline_does(spec_rules, fiel
     bad = with_value(dumped(GOOD), field, value)
     got = failures(spec_rules, bad)
     assert len(got) == 1 and word in got[0], got
-    if value in ("/data/models", "voices/alice"):
+    if value in ("/data/models", "voices/alice", "voices/bob"):
         # a local folder is fine for the pipeline; the operator's policy refuses it on clusters
         from rvc_operator.status import Policy, _validate_for_cluster
         from rvc_pipeline.core.spec import parse_manifest
@@ -158,7 +160,7 @@ def test_every_rule_is_exercised_and_compiles(spec_rules) -> None:
         hit.update(failures(spec_rules, with_value(named, field, value), named))
     hit.update(failures(spec_rules, good, named))
     every = {f"{'.'.join(path)}: {rule['message']}" for path, rule, _ in spec_rules}
-    assert hit == every and len(every) == 9
+    assert hit == every and len(every) == 11
 
 
 def test_shipped_examples_pass_the_rules(spec_rules) -> None:

@@ -122,7 +122,8 @@ def test_job_basics_every_step(step: str) -> None:
 def test_gpu_requests_per_step_and_device() -> None:
     m = manifest(train={"gpus": 4})
     got = {s: gpus(jobs.build_job_spec(m, s, 1, CFG)) for s in STEP_ORDER}
-    assert got == {"preprocess": 0, "f0": 0, "features": 1, "train": 4, "index": 1}  # f0 pm: CPU
+    assert got == {"preprocess": 0, "f0": 0, "features": 1, "train": 4, "index": 1,  # f0 pm: CPU
+                   "convert": 1}
     for method, want in [("pm", 0), ("harvest", 0), ("dio", 0), ("crepe", 1), ("rmvpe", 1)]:
         assert gpus(jobs.build_job_spec(manifest(f0={"method": method}), "f0", 1, CFG)) == want, method
     no_pitch = manifest(f0={"method": "rmvpe"}, model={"pitchGuidance": False})
@@ -339,8 +340,11 @@ def _schema_errors(node: dict[str, Any], value: Any, path: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("path", "want_gpus"), [
-    ("examples/experiment.yaml", {"preprocess": 0, "f0": 1, "features": 1, "train": 1, "index": 1}),
+    ("examples/experiment.yaml", {"preprocess": 0, "f0": 1, "features": 1, "train": 1, "index": 1,
+                                  "convert": 1}),
     ("examples/experiment-cpu.yaml", dict.fromkeys(STEP_ORDER, 0)),
+    ("examples/convert.yaml", {"preprocess": 0, "f0": 1, "features": 1, "train": 1, "index": 1,
+                               "convert": 1}),
 ])
 def test_examples_are_valid_and_build_jobs(path: str, want_gpus: dict[str, int]) -> None:
     from pathlib import Path
@@ -415,3 +419,28 @@ def test_storage_allow_list_from_env() -> None:
                        ('{"a": ["s3://"]}', "bucket"), ("{bad", "JSON")]:
         with pytest.raises(ConfigError, match=f"RVC_STORAGE_ALLOWED_PREFIXES.*{why}"):
             read({"RVC_STORAGE_ALLOWED_PREFIXES": value})
+
+
+def test_convert_job_one_pod_or_shards_gpu_per_device() -> None:
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+
+    spec = {"steps": ["train", "convert"], "convert": {"source": "s3://voices/todo/", "format": "flac"}}
+    m = manifest(**spec, resources={"shards": 2})
+    one = jobs.build_job_spec(m, "convert", 1, CFG, inputs_hash="h")
+    assert container(one)["command"] == ["rvc-pipeline", "convert", "--spec", "/etc/rvc/experiment.yaml"]
+    assert one["metadata"]["name"] == "alice-convert-1" and gpus(one) == 1
+    assert container(one)["image"] == "reg/rvc-pipeline:1.0" and pod(one)["nodeSelector"] == {"pool": "gpu"}
+    sharded = jobs.build_job_spec(m, "convert", 3, CFG, inputs_hash="h", shard=(1, 2))
+    assert container(sharded)["command"][-2:] == ["--shard", "1/2"]
+    assert sharded["metadata"]["name"] == "alice-convert-s1-3"
+    assert sharded["metadata"]["labels"]["rvc-operator.dev/shard"] == "1"
+    cpu = jobs.build_job_spec(manifest(**spec, resources={"device": "cpu"}), "convert", 1, CFG)
+    assert gpus(cpu) == 0 and container(cpu)["image"] == "reg/rvc-pipeline-cpu:1.0"
+    for job in (one, sharded, cpu):
+        kubernetes_validate.validate(job, latest_version(), strict=True)
+    with pytest.raises(ValueError, match="shard: got 2/2"):
+        jobs.build_job_spec(m, "convert", 1, CFG, shard=(2, 2))
+    cm = jobs.build_spec_configmap(m, CFG)
+    inner = parse_manifest(yaml.safe_load(next(iter(cm["data"].values()))))
+    assert inner.spec.convert is not None and inner.spec.convert.format == "flac"

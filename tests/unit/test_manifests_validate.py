@@ -71,6 +71,8 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     "own-storage": {"storage": {"uri": "s3://m/r", "endpoint": "http://minio:9000",
                                 "credentialsSecret": "mine", "region": "eu-west-1"},
                     "metrics": {"pushgateway": "http://other:9091"}},
+    "convert": {"steps": ["train", "index", "convert"], "resources": {"shards": 3},
+                "convert": {"source": "s3://voices/todo/", "format": "mp3", "transpose": -3}},
 }
 
 

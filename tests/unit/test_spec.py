@@ -13,6 +13,7 @@ import pytest
 from rvc_pipeline.core.spec import (
     API_GROUP,
     API_VERSION,
+    DEFAULT_STEPS,
     KIND,
     STEP_ORDER,
     Experiment,
@@ -61,7 +62,8 @@ def test_defaults_follow_rvc() -> None:
     # index: k-means above 2e5 vectors, add batches of 8192
     assert (s.index.kmeans_threshold, s.index.add_batch_size) == (200_000, 8192)
     # one-click training: every step, in recipe order
-    assert s.steps == list(STEP_ORDER) == ["preprocess", "f0", "features", "train", "index"]
+    assert s.steps == list(DEFAULT_STEPS) == ["preprocess", "f0", "features", "train", "index"]
+    assert STEP_ORDER[-1] == "convert" and STEP_ORDER[:-1] == tuple(DEFAULT_STEPS) and s.convert is None
     assert s.default_pretrained("G") == "pretrained_v2/f0G40k.pth"
     assert s.default_pretrained("D") == "pretrained_v2/f0D40k.pth"
     assert s.gpu is True and s.demo_random_weights is False

@@ -85,7 +85,7 @@ def test_fresh_experiment_creates_first_job() -> None:
         ("preprocess", 1, False, "alice-preprocess-1")]
     assert d.status["phase"] == "Running" and d.status["currentStep"] == "preprocess"
     assert phases(d) == {"preprocess": "Running", "f0": "Pending", "features": "Pending", "train": "Pending",
-                         "index": "Pending"}
+                         "index": "Pending", "convert": "Skipped"}  # not in spec.steps
     pre = d.status["steps"]["preprocess"]
     assert pre["job"] == "alice-preprocess-1" and pre["attempts"] == 1
     assert pre["startTime"] == "2025-03-01T12:00:00Z"
@@ -311,7 +311,7 @@ def test_spec_change_reruns_from_first_changed_step_with_force() -> None:
     assert rerun_point(d_done.status["steps"], step_hashes(parse_manifest(m2))) == "f0"
     d = run(m2, d_done.status, jobs, markers=set(STEP_ORDER), now=T0 + timedelta(hours=1))
     assert phases(d) == {"preprocess": "Succeeded", "f0": "Running", "features": "Pending",
-                         "train": "Pending", "index": "Pending"}
+                         "train": "Pending", "index": "Pending", "convert": "Skipped"}
     assert [(c.step, c.attempt, c.force) for c in d.create] == [("f0", 2, True)]  # markers ignored: forced
     assert d.status["phase"] == "Running" and d.status["observedGeneration"] == 2
     assert "completionTime" not in d.status

@@ -13,6 +13,7 @@
     logs/<exp>/weights/<exp>.pth     the exported voice model
     logs/<exp>/trained_IVF... added_IVF... total_fea.npy                     the index step
     logs/<exp>/eval.jsonl report.html previews/    checkpoint evaluation (best = weights/<exp>.pth)
+    logs/<exp>/converted/<stem>.<format>          the convert step: spec.convert.source converted
 
 The folder and file names are RVC's own where RVC has one, so RVC and Applio read our experiments.
 Paths here are relative to the experiment folder unless the function says `key` (a storage key).
@@ -21,6 +22,7 @@ Paths here are relative to the experiment folder unless the function says `key` 
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 from typing import Literal
 
 Version = Literal["v1", "v2"]
@@ -103,8 +105,8 @@ def step_of_marker(name: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------ sharded data steps
-SHARDED_STEPS: tuple[str, ...] = ("preprocess", "f0", "features")
-"""The data steps that run as N shards (`rvc-pipeline <step> --shard I/N`, spec.resources.shards)."""
+SHARDED_STEPS: tuple[str, ...] = ("preprocess", "f0", "features", "convert")
+"""The per-file steps that run as N shards (`rvc-pipeline <step> --shard I/N`, spec.resources.shards)."""
 MAX_SHARDS = 64  # spec.resources.shards' upper bound
 SHARD_MARKER_RE = re.compile(r"^(?P<step>[a-z0-9]+)\.shard-(?P<index>\d+)-of-(?P<count>\d+)\.done\.json$")
 
@@ -213,3 +215,11 @@ def evaluated_model(experiment: str, epoch: int) -> str:
 
 
 CONVERT_REPORT_FILE = "convert_report.json"  # in the output folder of `rvc-pipeline convert`
+CONVERT_FORMATS: tuple[str, ...] = ("wav", "flac", "ogg", "mp3")
+"""Output formats of conversion (`rvc-pipeline convert --format`, spec.convert.format)."""
+CONVERTED_DIR = "converted"  # the convert step's outputs: converted/<source stem>.<format>
+
+
+def converted_name(source_name: str, fmt: str) -> str:
+    """The convert step's output for a source file name: `<stem>.<format>` (in CONVERTED_DIR)."""
+    return f"{PurePosixPath(source_name).stem}.{fmt}"

@@ -11,6 +11,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
@@ -30,7 +31,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from rvc_pipeline.core.catalog import METRIC_NAMES, PITCH_METHODS
-from rvc_pipeline.core.layout import feature_dim
+from rvc_pipeline.core.layout import CONVERT_FORMATS, feature_dim
 
 API_GROUP = "rvc-operator.dev"
 API_VERSION = "v1alpha1"
@@ -39,8 +40,10 @@ PLURAL = "rvcexperiments"
 SINGULAR = "rvcexperiment"
 SHORT_NAMES = ["rvcx", "rvcexp"]
 
-STEP_ORDER: tuple[str, ...] = ("preprocess", "f0", "features", "train", "index")
-"""The steps of the recipe in the order they run. One-click training runs all of them."""
+DEFAULT_STEPS: tuple[str, ...] = ("preprocess", "f0", "features", "train", "index")
+"""The training steps: spec.steps' default (one-click training)."""
+STEP_ORDER: tuple[str, ...] = (*DEFAULT_STEPS, "convert")
+"""Every step in the order they run; `convert` (spec.convert) runs only when spec.steps lists it."""
 
 SAMPLE_RATES: dict[str, int] = {"32k": 32000, "40k": 40000, "48k": 48000}
 # Piece lengths (s) the trainer can use: its sampler keeps items of 101..900 frames, counted as
@@ -50,6 +53,8 @@ PIECE_SECONDS: tuple[float, float] = (0.76, 6.75)
 MAX_MANIFEST_BYTES = 1 << 20  # the API server stores objects of about 1.5 MB at most
 F0Method = Literal[PITCH_METHODS]  # type: ignore[valid-type]  # one per file of components/pitch
 MetricName = Literal[METRIC_NAMES]  # type: ignore[valid-type]  # declared by components/metrics files
+StepName = Literal[STEP_ORDER]  # type: ignore[valid-type]
+ConvertFormat = Literal[CONVERT_FORMATS]  # type: ignore[valid-type]
 
 class SpecError(ValueError):
     """A manifest that does not describe a valid experiment. The message names the field."""
@@ -500,7 +505,7 @@ class ResourcesSpec(_Model):
     image: ImageRef | None = Field(default=None, description="Override the pipeline image of step pods.")
     shards: int = Field(
         default=1, ge=1, le=64,
-        description="Run preprocess, f0 and features as this many pods at once, each on a disjoint, "
+        description="Run preprocess, f0, features and convert as this many pods at once, each on a disjoint, "
         "deterministic part of the files (1: one pod per step). The outputs are the same for any value.",
     )
 
@@ -602,6 +607,54 @@ class LifecycleSpec(_Model):
     )
 
 
+@dataclass(frozen=True)
+class ConversionDefaults:
+    """RVC's defaults of a conversion (infer, convert, eval and spec.convert share them)."""
+
+    index_rate: float = 0.75
+    protect: float = 0.33
+    filter_radius: int = 3
+    rms_mix_rate: float = 0.25
+
+
+RVC_CONVERSION = ConversionDefaults()
+
+
+class ConvertSpec(_Model):
+    """The optional `convert` step: a folder of recordings converted with the experiment's model."""
+
+    source: Folder = Field(
+        description="Folder of recordings to convert: a local path or s3://bucket/prefix/. Only files "
+        "directly inside it are used (not sub-folders), as for the dataset; any format ffmpeg reads. "
+        "Must lie outside the experiment folder logs/<experiment>/.",
+        json_schema_extra=cel(_CEL_S3),
+    )
+    transpose: int = Field(default=0, ge=-24, le=24, description="Semitones to shift the pitch by.")
+    index_rate: float = Field(
+        default=RVC_CONVERSION.index_rate, ge=0.0, le=1.0,
+        description="Share of the retrieval index's features mixed in (0: index not used).",
+    )
+    protect: float = Field(
+        default=RVC_CONVERSION.protect, ge=0.0, le=0.5,
+        description="Keep unvoiced consonants and breaths from the source (0.5: off, as RVC).",
+    )
+    f0_method: F0Method | None = Field(
+        default=None,
+        description=f"Pitch extractor: {', '.join(PITCH_METHODS)} (default: f0.method, the training's).",
+    )
+    format: ConvertFormat = Field(
+        default="wav", description=f"Output format: {', '.join(CONVERT_FORMATS)} (others through ffmpeg).",
+    )
+    filter_radius: int = Field(
+        default=RVC_CONVERSION.filter_radius, ge=0, le=7,
+        description="Median filter radius of the pitch curve (3 or more: applied).",
+    )
+    rms_mix_rate: float = Field(
+        default=RVC_CONVERSION.rms_mix_rate, ge=0.0, le=1.0,
+        description="Loudness envelope: 0 keeps the source's, 1 the converted voice's (RVC's default 0.25).",
+    )
+
+
 class ExperimentSpec(_Model):
     """spec of an RVCExperiment."""
 
@@ -609,6 +662,8 @@ class ExperimentSpec(_Model):
     model_config = ConfigDict(json_schema_extra=cel(
         ("has(self.experimentName) == has(oldSelf.experimentName)",
          "experimentName cannot be added or removed after creation"),
+        ("!has(self.steps) || !self.steps.exists(s, s == 'convert') || has(self.convert)",
+         "convert.source is required when steps lists convert"),
     ))
 
     experiment_name: ExperimentName | None = Field(
@@ -625,9 +680,15 @@ class ExperimentSpec(_Model):
     train: TrainSpec = Field(default_factory=TrainSpec, description="Step 3 training options.")
     index: IndexSpec = Field(default_factory=IndexSpec, description="Step 4 faiss index options.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Checkpoint evaluation and selection.")
-    steps: list[Literal["preprocess", "f0", "features", "train", "index"]] = Field(
-        default_factory=lambda: list(STEP_ORDER),  # type: ignore[arg-type]  # (the same names)
-        description="Steps to run, in recipe order. Default: all (one-click training).",
+    steps: list[StepName] = Field(
+        default_factory=lambda: list(DEFAULT_STEPS),
+        description=f"Steps to run, in recipe order ({', '.join(STEP_ORDER)}). Default: the training steps "
+        "(one-click training); convert runs only when listed.",
+    )
+    convert: ConvertSpec | None = Field(
+        default=None,
+        description="The convert step's options: recordings converted with the finished model into "
+        "logs/<experiment>/converted/ (used when steps lists convert).",
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Where step pods run.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Progress reporting.")
@@ -651,6 +712,16 @@ class ExperimentSpec(_Model):
         description="DEMO ONLY: when HuBERT or pretrained weights cannot be found, use random "
         "initialisation. The pipeline runs end to end but the voice is not meaningful.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _convert_listed(cls, data: Any) -> Any:
+        # steps lists convert without spec.convert: validate an empty one, so the error names
+        # spec.convert.source
+        steps = data.get("steps") if isinstance(data, dict) else None
+        if isinstance(steps, list) and "convert" in steps and data.get("convert") is None:
+            return {**data, "convert": {}}
+        return data
 
     @field_validator("steps")
     @classmethod
@@ -798,6 +869,7 @@ STEP_INPUTS: dict[str, tuple[str, ...]] = {
     "features": ("features", "model.version", "demoRandomWeights"),
     "train": ("train", "model", "eval"),
     "index": ("index",),
+    "convert": ("convert",),
 }
 
 

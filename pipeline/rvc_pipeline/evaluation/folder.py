@@ -16,6 +16,7 @@ from typing import Any
 
 from rvc_pipeline.components.metrics.base import Clip, Metric
 from rvc_pipeline.core.errors import StepFailed
+from rvc_pipeline.core.spec import RVC_CONVERSION
 from rvc_pipeline.evaluation.evaluate import Output, Result, conversions, load_metrics, score
 from rvc_pipeline.evaluation.sources import AUDIO_SUFFIXES
 
@@ -28,7 +29,7 @@ class EvalOptions:
     index: Path | None = None
     transpose: float = 0.0
     f0_method: str = "pm"
-    index_rate: float = 0.75
+    index_rate: float = RVC_CONVERSION.index_rate
     metrics: tuple[str, ...] | None = None
     device: str = "auto"
     embedder: str = "hubert_base.pt"

@@ -70,7 +70,12 @@ STEPS: dict[str, str] = {
     "features": "rvc_pipeline.steps.features:run",
     "train": "rvc_pipeline.steps.train:run",
     "index": "rvc_pipeline.steps.index:run",
+    "convert": "rvc_pipeline.steps.convert:run",
 }
+
+RESUME_WHEN_STALE: tuple[str, ...] = ("convert",)
+"""Steps whose generation record (steps.shards) decides alone what to redo: a stale marker (a source
+file added) reruns them without forcing, so only the missing outputs are made."""
 
 
 def step_module(step: str) -> Any:
@@ -269,7 +274,7 @@ def run_step(
             return summary
         if why:  # recompute everything it makes (a shard: through begin_generation, never by force)
             log.info("%s: %s; running it again", step, why)
-            force = shard is None
+            force = shard is None and step not in RESUME_WHEN_STALE
     if primary and (shard is None or shard.clears):
         _invalidate(storage, name, step, force, shard)
     local = storage.local_path()
