@@ -1,200 +1,168 @@
-"""Benchmark: HuBERT-base v2 (768-d, layer 12) features in fp32 on CPU, in seconds of audio per wall second.
+"""Benchmark: HuBERT-base v2 features (768-d, layer 12, fp32, CPU): ours vs a plain per-file HF loop.
 
-Speed does not depend on the weights, so the full-size model has random weights. The audio is real speech
-(espeak-ng, several voices) resampled to 16 kHz by ffmpeg and cut into RVC-like 3.7 s pieces.
+"plain" is RVC's extract_feature_print.py loop with transformers.HubertModel standing in for fairseq: one
+clip at a time, `model(wav[None]).last_hidden_state` under no_grad, HF's defaults (sdpa attention, weight
+norm on the positional conv). "ours" is the features step's call: HFHubert.extract over equal-length
+batches of at most steps.features.CPU_BATCH_SECONDS (packed oneDNN linears, conv front end per clip).
+Both have the same random weights (speed does not depend on them; seed 0) and run on the same clips in
+the same process, interleaved (plain, ours, plain, ours ...); each figure is the median over --repeat.
+Two phases in the one run: first under glibc's default malloc settings (how RVC's script runs), then
+after steps.features.keep_freed_memory() (what the features step sets for its own process; it applies
+to the whole process, so the plain loop gets it too). The headline ratio is the step (phase 2 "ours")
+against RVC's stand-in (phase 1 "plain"); each phase's own ratio is printed too.
+The audio is real speech (espeak-ng voices, 16 kHz) cut into RVC's 3.7 s pieces every 3.4 s.
 
-Methods (the package runs transformers.HubertModel; "old-*" is the re-implementation it replaced, kept
-as the test reference in tests/support/fairseq_hubert.py, timed here on the same clips and load):
-  eager-1by1   HF's eager attention (explicit softmax(QK^T)V), one clip at a time (how RVC's
-               extract_feature_print.py runs);
-  sdpa-1by1    HF with scaled_dot_product_attention, one clip at a time;
-  sdpa-batch   HF, clips of equal length batched (at most --batch-seconds): the features step;
-  old-1by1     the pre-issue-9 model (fused q/k/v GEMM, sdpa), one clip at a time;
-  old-batch    the pre-issue-9 model, clips sorted by length, padded batches with exact masking;
-  bf16-batch   (informational, not exact) sdpa-batch under CPU bf16 autocast, with its max deviation.
-RVC's own figures on this machine kind: 5x real time on one thread, 9x on two.
+Printed per method: CPU seconds per audio second (user + sys, from getrusage), wall seconds per audio
+second (the real-time factor) and its inverse, sys seconds, minor page faults, and ours / plain.
 
-    .venv/bin/python bench/bench_features.py --seconds 90 --threads 1 2
-    .venv/bin/python bench/bench_features.py --seconds 30 --threads 1 --repeat 3   # old vs new
+    .venv/bin/python bench/bench_features.py --seconds 60 --threads 1 --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
+import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-from rvc_pipeline.components.embedders.base import batches_by_seconds
+from rvc_pipeline.components.embedders.hf_hubert import HFHubert, hf_config
 from rvc_pipeline.components.embedders.random import random_embedder
+from rvc_pipeline.steps.features import CPU_BATCH_SECONDS, keep_freed_memory
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.support.fairseq_hubert import HubertModel  # noqa: E402 - the old model, for comparison
-
+SR = 16000
 TEXT = (
     "Retrieval based voice conversion learns a voice from a few minutes of recordings. The recordings are "
     "cut into short pieces, the pitch of every piece is measured, and a self supervised speech model turns "
     "the sound into content features. A generator then learns to speak those features with the new voice. "
-    "Training runs for many epochs, and an index of the features helps the model keep the accent. "
 )
 VOICES = ["en", "en-us", "en+f3", "en+m3", "en-gb-x-rp", "en+f2"]
-RVC_FIGURES = {1: 5.0, 2: 9.0}
+Fn = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
 def make_speech(seconds: float, work: Path) -> list[np.ndarray]:
-    """Real speech pieces of 3.7 s (hop 3.4 s, as RVC's preprocess) totalling about `seconds`."""
+    """Real speech pieces of 3.7 s every 3.4 s (RVC's preprocess), at least 0.5 s, about `seconds` in all."""
     pieces: list[np.ndarray] = []
-    total = 0.0
-    i = 0
+    total, i = 0.0, 0
     while total < seconds:
         raw, wav = work / f"s{i}.raw.wav", work / f"s{i}.wav"
-        subprocess.run(
-            ["espeak-ng", "-v", VOICES[i % len(VOICES)], "-s", str(150 + 10 * (i % 4)), "-w", str(raw), TEXT],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            [
-                "ffmpeg",
-                "-loglevel",
-                "error",
-                "-y",
-                "-i",
-                str(raw),
-                "-ar",
-                "16000",
-                "-ac",
-                "1",
-                "-c:a",
-                "pcm_f32le",
-                str(wav),
-            ],
-            check=True,
-        )
+        subprocess.run(["espeak-ng", "-v", VOICES[i % len(VOICES)], "-s", str(150 + 10 * (i % 4)), "-w",
+                        str(raw), TEXT], check=True, capture_output=True)
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(raw), "-ar", str(SR), "-ac", "1",
+                        "-c:a", "pcm_f32le", str(wav)], check=True)
         audio, _ = sf.read(wav, dtype="float32")
-        for start in range(0, len(audio), int(3.4 * 16000)):
-            piece = audio[start : start + int(3.7 * 16000)]
-            if len(piece) >= 8000 and total < seconds:
+        for start in range(0, len(audio), int(3.4 * SR)):
+            piece = audio[start: start + int(3.7 * SR)]
+            if len(piece) >= SR // 2 and total < seconds:
                 pieces.append(piece)
-                total += len(piece) / 16000
+                total += len(piece) / SR
         i += 1
     return pieces
 
 
-def timed(fn, clips: list[np.ndarray]) -> tuple[float, float]:  # noqa: ANN001
-    """(wall seconds, process CPU seconds) of fn(clips), after a warm-up on one clip."""
-    fn(clips[:1])  # warm-up (allocator, kernels)
-    t0, c0 = time.perf_counter(), time.process_time()
+@dataclass
+class Sample:
+    """One timed run: process CPU (user + sys) and sys seconds, minor faults, wall seconds."""
+
+    cpu: float
+    sys: float
+    minflt: float
+    wall: float
+
+
+def timed(fn: Fn, clips: list[np.ndarray]) -> Sample:
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     fn(clips)
-    return time.perf_counter() - t0, time.process_time() - c0
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    return Sample(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, r1.ru_stime - r0.ru_stime,
+                  r1.ru_minflt - r0.ru_minflt, wall)
 
 
-Fn = Callable[[list[np.ndarray]], list[np.ndarray]]
+def plain_hf_loop(seed: int = 0) -> Fn:
+    """The per-file loop over a plain transformers.HubertModel (the weights of random_embedder(seed))."""
+    import transformers
 
-
-def old_methods(batch_seconds: float) -> dict[str, Fn]:
-    """The pre-issue-9 embedder: padded length-sorted batches with exact masks."""
     state = torch.random.get_rng_state()
-    model = HubertModel().eval()
+    torch.manual_seed(seed)
+    model = transformers.HubertModel(hf_config()).eval()
     torch.random.set_rng_state(state)
-    for layer in model.encoder.layers:
-        layer.self_attn.fuse()
 
-    def run(cs: list[np.ndarray]) -> list[np.ndarray]:
-        lens = [len(c) for c in cs]
-        buf = np.zeros((len(cs), max(lens)), np.float32)
-        for row, c in zip(buf, cs):
-            row[: len(c)] = c
-        with torch.inference_mode():
-            y = model(torch.from_numpy(buf), "v2", lens if min(lens) != max(lens) else None).numpy()
-        return [y[b, : model.cfg.frames(n)] for b, n in enumerate(lens)]
+    def run(clips: list[np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            return [model(torch.from_numpy(c)[None]).last_hidden_state[0].numpy() for c in clips]
 
-    def batched(cs: list[np.ndarray]) -> list[np.ndarray]:
-        order = sorted(range(len(cs)), key=lambda i: len(cs[i]))
-        out: list[np.ndarray] = []
-        for b in batches_by_seconds([len(cs[i]) for i in order], batch_seconds):
-            out += run([cs[order[j]] for j in b])
-        return out
-
-    return {"old-1by1": lambda cs: [run([c])[0] for c in cs], "old-batch": batched}
+    return run
 
 
-def methods(emb: object, batch_seconds: float) -> dict[str, Fn]:
-    def one_by_one(cs: list[np.ndarray]) -> list[np.ndarray]:
-        return [emb.extract(c, "v2")[0] for c in cs]  # type: ignore[attr-defined]
-
-    def batched(cs: list[np.ndarray]) -> list[np.ndarray]:
-        return emb.extract(cs, "v2", batch_seconds=batch_seconds)  # type: ignore[attr-defined]
-
-    def bf16(cs: list[np.ndarray]) -> list[np.ndarray]:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return batched(cs)
-
-    return {"eager-1by1": one_by_one, "sdpa-1by1": one_by_one, "sdpa-batch": batched, "bf16-batch": bf16,
-            **old_methods(batch_seconds)}
+def ours(emb: HFHubert) -> Fn:
+    return lambda clips: emb.extract(clips, "v2", batch_seconds=CPU_BATCH_SECONDS)
 
 
-def deviation(fns: dict[str, Fn], clips: list[np.ndarray]) -> str:
-    ref, out = fns["sdpa-1by1"](clips), fns["bf16-batch"](clips)
-    dev = max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-9)) for a, b in zip(out, ref))
-    return f"  (max deviation from fp32: {dev:.2e} of the peak)"
+def interleaved(fns: dict[str, Fn], clips: list[np.ndarray], repeat: int) -> dict[str, Sample]:
+    """Median Sample of each function, run in turn `repeat` times."""
+    runs: dict[str, list[Sample]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            runs[name].append(timed(fn, clips))
+    return {name: Sample(*(statistics.median(getattr(s, f.name) for s in ss) for f in fields(Sample)))
+            for name, ss in runs.items()}
 
 
-def report(method: str, threads: int, wall: float, cpu: float, audio_s: float, extra: str) -> None:
-    rt = audio_s / wall
-    rvc = RVC_FIGURES.get(threads)
-    vs = f", {rt / rvc:.2f}x RVC's {rvc:.0f}x" if rvc else ""
-    print(
-        f"{method:>11} threads={threads}: wall {wall:6.2f} s -> {rt:5.1f}x real time{vs}; "
-        f"cpu {cpu:6.2f} s -> {audio_s / cpu:5.1f} audio s per cpu s{extra}",
-        flush=True,
-    )
+def compare(clips: list[np.ndarray], threads: int = 1, repeat: int = 3) -> dict[str, Sample]:
+    """Median Samples of the plain loop and ours on `threads` threads: 'plain', 'ours' under glibc's
+    defaults, then 'plain+heap', 'ours+heap' after keep_freed_memory() (irreversible: call last);
+    'deviation' holds in its cpu field the largest |ours - plain| over the first clips' features."""
+    torch.set_num_threads(threads)
+    fns = {"plain": plain_hf_loop(0), "ours": ours(random_embedder("cpu", False, seed=0))}
+    dev = max(float(np.abs(a - b).max()) for a, b in zip(fns["ours"](clips[:4]), fns["plain"](clips[:4])))
+    first = interleaved(fns, clips, repeat)
+    if not keep_freed_memory():
+        print("(no glibc mallopt here: the second phase runs with the same malloc settings)")
+    second = interleaved(fns, clips, repeat)
+    return {**first, **{f"{k}+heap": v for k, v in second.items()}, "deviation": Sample(dev, 0.0, 0.0, 0.0)}
+
+
+def report(res: dict[str, Sample], audio_s: float, threads: int) -> None:
+    print(f"{'method':>10} {'thr':>3} {'cpu s/audio s':>13} {'RTF wall/audio':>14} {'x real time':>11} "
+          f"{'sys s':>6} {'minor faults':>12}")
+    for name in ("plain", "ours", "plain+heap", "ours+heap"):
+        s = res[name]
+        print(f"{name:>10} {threads:>3} {s.cpu / audio_s:13.3f} {s.wall / audio_s:14.3f} "
+              f"{audio_s / s.wall:11.1f} {s.sys:6.2f} {s.minflt:12.0f}")
+    p, o, ph, oh = res["plain"], res["ours"], res["plain+heap"], res["ours+heap"]
+    print(f"ours vs plain, {threads} thread(s), glibc defaults: {p.cpu / o.cpu:.2f}x less CPU "
+          f"({p.wall / o.wall:.2f}x wall); both with the step's malloc setting: {ph.cpu / oh.cpu:.2f}x "
+          f"({ph.wall / oh.wall:.2f}x wall)")
+    print(f"the features step (ours+heap) vs the plain loop as RVC runs it (plain): {p.cpu / oh.cpu:.2f}x "
+          f"less CPU ({p.wall / oh.wall:.2f}x wall); largest |ours - plain| {res['deviation'].cpu:.1e}",
+          flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=90.0, help="seconds of speech")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--batch-seconds", type=float, default=16.0)
-    ap.add_argument("--repeat", type=int, default=1, help="runs per method, interleaved; best is shown")
-    ap.add_argument("--methods", nargs="+", default=["old-1by1", "sdpa-1by1", "old-batch", "sdpa-batch"])
+    ap.add_argument("--seconds", type=float, default=60.0, help="seconds of speech")
+    ap.add_argument("--threads", type=int, nargs=1, default=[1])
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved runs per method; medians are shown")
     args = ap.parse_args()
     if not (shutil.which("espeak-ng") and shutil.which("ffmpeg")):
         raise SystemExit("needs espeak-ng and ffmpeg")
     with tempfile.TemporaryDirectory() as tmp:
         clips = make_speech(args.seconds, Path(tmp))
-    audio_s = sum(len(c) for c in clips) / 16000
-    print(
-        f"speech: {len(clips)} pieces, {audio_s:.1f} s; cpu: {torch.backends.cpu.get_cpu_capability()}, "
-        f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}"
-    )
-
-    emb = random_embedder("cpu", False, seed=0)
-    fns = methods(emb, args.batch_seconds)
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        best: dict[str, tuple[float, float]] = {}
-        for _ in range(args.repeat):  # interleaved, best of --repeat: a shared machine's noise only adds
-            for method in args.methods:
-                emb.model.set_attn_implementation("eager" if method == "eager-1by1" else "sdpa")
-                wall, cpu = timed(fns[method], clips)
-                old = best.get(method, (wall, cpu))
-                best[method] = (min(wall, old[0]), min(cpu, old[1]))
-        for method, (wall, cpu) in best.items():
-            extra = deviation(fns, clips) if method == "bf16-batch" else ""
-            report(method, threads, wall, cpu, audio_s, extra)
-    print(
-        f"load average after: {os.getloadavg()[0]:.2f}. On a shared machine wall figures drop (2 threads "
-        "worst: OpenMP spin-waits); audio s per cpu s at 1 thread approximates the uncontended speed."
-    )
+    audio_s = sum(len(c) for c in clips) / SR
+    print(f"speech: {len(clips)} pieces, {audio_s:.1f} s; {torch.backends.cpu.get_cpu_capability()}, "
+          f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}")
+    report(compare(clips, args.threads[0], args.repeat), audio_s, args.threads[0])
+    print(f"load average after: {os.getloadavg()[0]:.2f} (on a shared machine CPU s per audio s is the "
+          "steadier figure)")
 
 
 if __name__ == "__main__":

@@ -245,3 +245,13 @@ def test_s3_storage_and_resume_from_pushed_outputs(
     again = run_step(exp, "features", features.run)
     assert again["files_written"] == 1 and again["files_skipped"] == 3
     assert outputs() == {"0_0.npy", "0_1.npy", "0_2.npy", "1_0.npy"}
+
+
+def test_keep_freed_memory_sets_glibc_malloc() -> None:
+    """The features step's malloc setting is accepted by glibc's mallopt (which answers 0 to a bad value)."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert features.MMAP_THRESHOLD == 32 << 20
+    assert features.keep_freed_memory() is True

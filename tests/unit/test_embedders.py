@@ -125,3 +125,57 @@ def test_hf_front_end_on_a_padded_batch_is_not_exact(fairseq_file: Path) -> None
     alone = emb.extract(clip, "v2")[0]
     naive = emb.extract(padded, "v2")[0][: len(alone)]
     assert np.abs(naive - alone).max() > 1e-3
+
+
+def test_packed_linear_equals_linear_repacks_and_copies() -> None:
+    import copy
+    import pickle
+
+    from rvc_pipeline.components.embedders.hf_hubert import PackedLinear, _onednn_linear, pack_linears
+
+    if not _onednn_linear():
+        pytest.skip("this torch has no oneDNN packed linear")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 8, bias=False))
+    x = torch.randn(3, 5, 24)
+    ref = net(x).detach()
+    keys = list(net.state_dict())
+    assert pack_linears(net) == 2 and all(isinstance(m, PackedLinear) for m in (net[0], net[2]))
+    assert list(net.state_dict()) == keys
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-5)
+    assert net[0].packed is not None and net[0].packed.is_mkldnn  # the fast path really ran
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)  # changed in place: packed again, not stale
+        changed = net(x)
+    assert (changed - ref).abs().max() > 1e-2
+    torch.testing.assert_close(net(x), changed, atol=1e-5, rtol=1e-5)  # autograd: plain F.linear
+    net(x).sum().backward()
+    assert net[0].weight.grad is not None
+    for clone in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        assert clone[0].packed is None
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), changed, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_extract_equals_a_plain_hf_loop() -> None:
+    """Packed linears and the clip-by-clip front end give what HubertModel gives on each clip alone."""
+    import transformers
+    from rvc_pipeline.components.embedders.hf_hubert import HFHubert, PackedLinear, hf_config
+
+    cfg = hf_config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                    conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    torch.manual_seed(5)
+    plain = transformers.HubertModel(cfg).eval()
+    torch.manual_seed(5)
+    emb = HFHubert(transformers.HubertModel(cfg), None)
+    packed = sum(isinstance(m, PackedLinear) for m in emb.model.modules())
+    from rvc_pipeline.components.embedders.hf_hubert import _onednn_linear
+
+    assert packed == (2 * 6 + 1 if _onednn_linear() else 0)  # q k v out ffn1 ffn2 per layer + projection
+    clips = [speechlike(n, i) for i, n in enumerate([9000, 9000, 5000, 9000, 401])]
+    got = emb.extract(clips, "v2", batch_seconds=1.2)
+    with torch.no_grad():
+        for c, g in zip(clips, got):
+            ref = plain(torch.from_numpy(c)[None]).last_hidden_state[0].numpy()
+            np.testing.assert_allclose(g, ref, atol=1e-5)

@@ -8,6 +8,8 @@ fairseq_convert.py to the same `HubertWeights`.
 
 Clips are batched only with clips of the same length: HF's block-0 GroupNorm would take its statistics
 over padding, so a padded batch would not give each clip its own result (tests/unit/test_embedders.py).
+On CPU in fp32 every Linear runs oneDNN on a pre-packed weight (PackedLinear) and the conv front end runs
+clip by clip (HFHubert.forward); bench/bench_features.py measures both against a plain HF loop.
 """
 
 from __future__ import annotations
@@ -89,6 +91,54 @@ def _first_layers(encoder: Any, k: int) -> Iterator[None]:
         encoder.layers = full
 
 
+def _onednn_linear() -> bool:
+    """Whether this torch has oneDNN's packed-weight linear (a CPU fast path, private API: checked here)."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._linear_pointwise.default)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinear(nn.Linear):
+    """nn.Linear that, in CPU fp32 inference, runs oneDNN on a pre-packed copy of its weight: 1.2-1.6x MKL's
+    sgemm on the AMD EPYC this was measured on (bench/bench_features.py). Same parameters and state-dict
+    keys; repacks when the weight changed in place; plain F.linear under autograd or off CPU fp32."""
+
+    packed: torch.Tensor | None = None
+    packed_version: int = -1
+
+    @classmethod
+    def of(cls, lin: nn.Linear) -> PackedLinear:
+        new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        new.weight, new.bias = lin.weight, lin.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if torch.is_grad_enabled() or w.device.type != "cpu" or not w.dtype == x.dtype == torch.float32:
+            return super().forward(x)
+        if self.packed is None or self.packed_version != w._version:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            self.packed_version = w._version
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave out the packed weight (an opaque oneDNN tensor): packed again on use."""
+        return {**self.__dict__, "packed": None, "packed_version": -1}
+
+
+def pack_linears(module: nn.Module) -> int:
+    """Replace every plain nn.Linear under `module` by a PackedLinear sharing its parameters; the count."""
+    n = 0
+    for name, child in module.named_children():
+        if type(child) is nn.Linear:
+            setattr(module, name, PackedLinear.of(child))
+            n += 1
+        else:
+            n += pack_linears(child)
+    return n
+
+
 class HFHubert(Embedder):
     """A transformers.HubertModel (+ optional final_proj) on a device, fp16 on CUDA when `half`."""
 
@@ -111,6 +161,8 @@ class HFHubert(Embedder):
             parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
         self.model = model.eval().to(self.device, self.dtype)
         self.final_proj = final_proj.eval().to(self.device, self.dtype) if final_proj is not None else None
+        if self.device.type == "cpu" and self.dtype == torch.float32 and _onednn_linear():
+            pack_linears(self.model)
 
     @property
     def receptive_field(self) -> int:
@@ -137,9 +189,18 @@ class HFHubert(Embedder):
         return int(self.final_proj.out_features) if self.final_proj is not None else 0
 
     def forward(self, wav: torch.Tensor, version: Version) -> torch.Tensor:
-        """wav [B, N] of equal-length clips (model dtype, on the device) -> [B, T, dim]."""
-        with _first_layers(self.model.encoder, self.output_layer(version)):
-            h = self.model(wav).last_hidden_state
+        """wav [B, N] of equal-length clips (model dtype, on the device) -> [B, T, dim]; HubertModel's own
+        steps in inference (no masking), with the conv front end clip by clip on CPU: a 3.7 s clip's
+        largest buffers (512 x 11.8k floats, 24 MB) stay under glibc's 32 MB mmap ceiling and can be reused,
+        where a batch's are mmapped and page-faulted afresh every batch (1.7x the faults and 2-3x the
+        kernel time of a per-clip loop, with no gain in user time: bench/bench_features.py)."""
+        m = self.model
+        if wav.device.type == "cpu":
+            feats = torch.cat([m.feature_extractor(w[None]) for w in wav])
+        else:
+            feats = m.feature_extractor(wav)
+        with _first_layers(m.encoder, self.output_layer(version)):
+            h = m.encoder(m.feature_projection(feats.transpose(1, 2))).last_hidden_state
         return self.final_proj(h) if version == "v1" and self.final_proj is not None else h
 
     def extract(self, clips: np.ndarray | Sequence[np.ndarray], version: Version = "v2",
