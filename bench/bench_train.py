@@ -1,26 +1,46 @@
-"""Seconds per training step of the RVC v2 40k pitch model (batch 4, 4 s clips, the real segment size).
+"""Seconds per training step (and samples per second) of the RVC v2 40k pitch model, 4 s clips.
 
-CPU with 1 and 2 threads (fp32), and on CUDA when available: fp32 vs bf16 (and fp16) and the peak
-memory per batch size 1/4/8 (torch.cuda.max_memory_allocated). RVC's own train.py took about 13 s per
-step at batch 4 on two CPU threads on this machine kind (RVC's own script, measured).
+CPU, fp32, at each thread count of --threads: our `gan_step`, and with `--rvc-dir DIR` RVC's own step
+beside it on the same random batch, interleaved (ours, RVC, ours, RVC, ...), with both medians and the
+ratio RVC s/step / ours s/step (> 1: ours is faster). RVC's step is the one of its train.py in fp32:
+SynthesizerTrnMs768NSFsid + MultiPeriodDiscriminatorV2, its mel_processing and losses, AdamW, the
+GradScaler/autocast calls disabled, `clip_grad_value_(params, None)` for the gradient norms. Both
+models start from the same weights (RVC's, loaded into ours) and the same seed, so the first (warm-up)
+step's losses must agree: the bench prints their largest relative difference.
 
-    .venv/bin/python bench/bench_train.py [--steps 3] [--batch 4] [--threads 1,2] [--cuda-only]
+DIR holds RVC's `infer/lib/infer_pack/*.py` and `infer/lib/train/{losses,mel_processing}.py` from
+RVC-Project/Retrieval-based-Voice-Conversion-WebUI (a folder outside this repository; never vendored).
+On CUDA (when available): fp32 vs bf16 (and fp16), peak memory per batch size 1/4/8.
+
+    .venv/bin/python bench/bench_train.py [--steps 3] [--batch 4] [--threads 1,2] [--rvc-dir DIR]
+        [--profile N] [--cuda-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
+import statistics
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
-from rvc_pipeline.nn import build_discriminator, build_generator, get_config
-from rvc_pipeline.steps.train.trainer import GanStep, gan_step
+from rvc_pipeline.nn import build_discriminator, build_generator, constructor_args, get_config
+from rvc_pipeline.steps.train.trainer import GanStep, gan_step, optimizer_flags
+from torch.profiler import record_function
 
-RVC_CPU_2T_SECONDS = 13.0
+KW_ADAMW = dict(lr=1e-4, betas=(0.8, 0.99), eps=1e-9)
+SEED = 1234
+PHASES = ("g_forward", "d_step", "g_step")
 
 
-def make_batch(cfg, batch: int, seconds: float, device: torch.device, seed: int = 0) -> tuple:
+def make_batch(cfg: Any, batch: int, seconds: float, device: torch.device, seed: int = 0) -> tuple:
     g = torch.Generator().manual_seed(seed)
     frames = int(seconds * cfg.sampling_rate) // cfg.hop_length
     phone = torch.randn(batch, frames, 768, generator=g)
@@ -34,32 +54,230 @@ def make_batch(cfg, batch: int, seconds: float, device: torch.device, seed: int 
     return tuple(x.to(device) for x in out)
 
 
-def setup(device: torch.device, precision: str) -> GanStep:
+def setup(device: torch.device, precision: str, weights: tuple[dict, dict] | None = None) -> GanStep:
+    """Our step; `weights` = (G, D) state dicts to start from (RVC's: same weights in both benches)."""
     cfg = get_config("v2", "40k")
     torch.manual_seed(0)
     net_g = build_generator(cfg, "v2", True).to(device).train()
     net_d = build_discriminator("v2").to(device).train()
-    kw = dict(lr=1e-4, betas=(0.8, 0.99), eps=1e-9)
+    if weights is not None:
+        net_g.load_state_dict(weights[0])
+        net_d.load_state_dict(weights[1])
+    kw = {**KW_ADAMW, **optimizer_flags(device)}  # as the Trainer builds them
     og, od = torch.optim.AdamW(net_g.parameters(), **kw), torch.optim.AdamW(net_d.parameters(), **kw)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return GanStep(net_g, net_d, og, od, scaler, cfg, True, dtype, 1)
 
 
+# ------------------------------------------------------------------------------------- RVC's own step
+@dataclasses.dataclass
+class RvcStep:
+    """RVC's classes, losses and mel functions (imported from --rvc-dir) and its optimisers."""
+
+    net_g: torch.nn.Module
+    net_d: torch.nn.Module
+    optim_g: torch.optim.Optimizer
+    optim_d: torch.optim.Optimizer
+    cfg: Any
+    mods: dict[str, Any]
+
+
+def rvc_setup(rvc_dir: Path, cfg: Any) -> RvcStep:
+    """Import RVC's modules from `rvc_dir` and build its v2 40k f0 G and D as its train.py does."""
+    if not (rvc_dir / "infer" / "lib" / "infer_pack" / "models.py").is_file():
+        raise SystemExit(f"--rvc-dir {rvc_dir}: no infer/lib/infer_pack/models.py there (RVC's checkout)")
+    sys.path.insert(0, str(rvc_dir))
+    from infer.lib.infer_pack import commons, models
+    from infer.lib.train import losses, mel_processing
+
+    torch.manual_seed(0)
+    net_g = models.SynthesizerTrnMs768NSFsid(*constructor_args(cfg), is_half=False).train()
+    net_d = models.MultiPeriodDiscriminatorV2(cfg.model.use_spectral_norm).train()
+    og = torch.optim.AdamW(net_g.parameters(), **KW_ADAMW)
+    od = torch.optim.AdamW(net_d.parameters(), **KW_ADAMW)
+    mods = {"commons": commons, "losses": losses, "mel": mel_processing}
+    return RvcStep(net_g, net_d, og, od, cfg, mods)
+
+
+def _rvc_forward(st: RvcStep, batch: tuple) -> tuple:
+    """train.py's forward part: G, the mels, the sliced real wave."""
+    c, mel, cfg = st.mods["commons"], st.mods["mel"], st.cfg
+    d = cfg.data
+    phone, phone_lengths, pitch, pitchf, spec, spec_lengths, wave, _wave_lengths, sid = batch
+    (y_hat, ids_slice, _x_mask, z_mask, (_z, z_p, m_p, logs_p, _m_q, logs_q)) = st.net_g(
+        phone, phone_lengths, pitch, pitchf, spec, spec_lengths, sid)
+    y = mel.spec_to_mel_torch(spec, d.filter_length, d.n_mel_channels, d.sampling_rate, d.mel_fmin,
+                              d.mel_fmax)
+    y_mel = c.slice_segments(y, ids_slice, cfg.train.segment_size // d.hop_length)
+    with torch.autocast("cpu", enabled=False):
+        y_hat_mel = mel.mel_spectrogram_torch(y_hat.float().squeeze(1), d.filter_length, d.n_mel_channels,
+                                              d.sampling_rate, d.hop_length, d.win_length, d.mel_fmin,
+                                              d.mel_fmax)
+    wave = c.slice_segments(wave, ids_slice * d.hop_length, cfg.train.segment_size)
+    return y_hat, y_mel, y_hat_mel, wave, (z_p, m_p, logs_p, logs_q, z_mask)
+
+
+def rvc_step(st: RvcStep, batch: tuple, scaler: Any) -> list[float]:
+    """One iteration exactly as RVC's train.py (fp16_run False); returns [loss_g, loss_d, mel, kl, fm]."""
+    c, lo = st.mods["commons"], st.mods["losses"]
+    with record_function("g_forward"):  # (the labels only name the phases in --profile's table)
+        y_hat, y_mel, y_hat_mel, wave, kl_args = _rvc_forward(st, batch)
+    with record_function("d_step"):
+        y_d_hat_r, y_d_hat_g, _, _ = st.net_d(wave, y_hat.detach())
+        loss_disc, _, _ = lo.discriminator_loss(y_d_hat_r, y_d_hat_g)
+        st.optim_d.zero_grad()
+        scaler.scale(loss_disc).backward()
+        scaler.unscale_(st.optim_d)
+        c.clip_grad_value_(st.net_d.parameters(), None)
+        scaler.step(st.optim_d)
+    with record_function("g_step"):
+        loss_g, *parts = _rvc_g_update(st, scaler, y_hat, y_mel, y_hat_mel, wave, kl_args)
+    return [loss_g, float(loss_disc.detach()), *parts]
+
+
+def _rvc_g_update(st: RvcStep, scaler: Any, y_hat: torch.Tensor, y_mel: torch.Tensor,
+                  y_hat_mel: torch.Tensor, wave: torch.Tensor, kl_args: tuple) -> list[float]:
+    """train.py's generator half: [loss_g, mel, kl, fm]."""
+    c, lo, F = st.mods["commons"], st.mods["losses"], torch.nn.functional
+    z_p, m_p, logs_p, logs_q, z_mask = kl_args
+    y_d_hat_r, y_d_hat_g, fmap_r, fmap_g = st.net_d(wave, y_hat)
+    loss_mel = F.l1_loss(y_mel, y_hat_mel) * st.cfg.train.c_mel
+    loss_kl = lo.kl_loss(z_p, logs_q, m_p, logs_p, z_mask) * st.cfg.train.c_kl
+    loss_fm = lo.feature_loss(fmap_r, fmap_g)
+    loss_gen, _ = lo.generator_loss(y_d_hat_g)
+    loss_gen_all = loss_gen + loss_fm + loss_mel + loss_kl
+    st.optim_g.zero_grad()
+    scaler.scale(loss_gen_all).backward()
+    scaler.unscale_(st.optim_g)
+    c.clip_grad_value_(st.net_g.parameters(), None)
+    scaler.step(st.optim_g)
+    scaler.update()
+    return [float(x.detach()) for x in (loss_gen_all, loss_mel, loss_kl, loss_fm)]
+
+
+# ------------------------------------------------------------------------------------- timing
 def time_steps(st: GanStep, batch: tuple, steps: int, device: torch.device) -> tuple[float, list[float]]:
+    """Median seconds of `steps` gan_steps after one warm-up, and the last step's values (gpu_check too)."""
     gan_step(st, batch, 1)  # warm-up (allocations, kernels)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    times = []
-    losses: list[float] = []
+    times: list[float] = []
+    values: list[float] = []
     for i in range(steps):
         t0 = time.perf_counter()
-        _, _, vals = gan_step(st, batch, i + 2)
+        values = gan_step(st, batch, i + 2)[2]
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        losses = vals
-    return sorted(times)[len(times) // 2], losses
+    return statistics.median(times), values
+
+
+def _ours_fn(st: GanStep) -> Callable[[tuple, int], list[float]]:
+    def run(batch: tuple, i: int) -> list[float]:
+        torch.manual_seed(SEED + i)
+        lg, _gng, ld, _gnd, lm, lk, lf = gan_step(st, batch, i)[2]
+        return [lg, ld, lm, lk, lf]
+    return run
+
+
+def _rvc_fn(st: RvcStep) -> Callable[[tuple, int], list[float]]:
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def run(batch: tuple, i: int) -> list[float]:
+        torch.manual_seed(SEED + i)
+        return rvc_step(st, batch, scaler)
+    return run
+
+
+def interleaved(fns: dict[str, Callable[[tuple, int], list[float]]], batch: tuple, steps: int
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """One warm-up step each (its losses returned), then `steps` timed rounds A B A B ..."""
+    first = {name: fn(batch, 0) for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(steps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(batch, i + 1)
+            times[name].append(time.perf_counter() - t0)
+    return times, first
+
+
+def _max_rel_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+
+
+def cpu_bench(threads: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Our step (and RVC's with --rvc-dir) at `threads`, interleaved on one batch."""
+    torch.set_num_threads(threads)
+    cpu = torch.device("cpu")
+    cfg = get_config("v2", "40k")
+    fns: dict[str, Callable[[tuple, int], list[float]]] = {}
+    weights = None
+    if args.rvc_dir is not None:
+        rvc = rvc_setup(Path(args.rvc_dir), cfg)
+        weights = (rvc.net_g.state_dict(), rvc.net_d.state_dict())
+        fns["rvc"] = _rvc_fn(rvc)
+    fns = {"ours": _ours_fn(setup(cpu, "fp32", weights)), **fns}
+    batch = make_batch(cfg, args.batch, args.seconds, cpu)
+    load_before = os.getloadavg()[0]
+    times, first = interleaved(fns, batch, args.steps)
+    out: dict[str, Any] = {"device": "cpu", "threads": threads, "precision": "fp32", "batch": args.batch,
+                           "steps": args.steps, "load_avg_1min": [load_before, os.getloadavg()[0]]}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[f"{name}_s_per_step"] = round(med, 3)
+        out[f"{name}_samples_per_s"] = round(args.batch / med, 3)
+        out[f"{name}_steps_s"] = [round(t, 2) for t in ts]
+    if "rvc" in times:  # medians; on a shared machine also the ratio of the best steps and per round
+        out["speedup_vs_rvc"] = round(out["rvc_s_per_step"] / out["ours_s_per_step"], 3)
+        out["speedup_best_steps"] = round(min(times["rvc"]) / min(times["ours"]), 3)
+        out["speedup_median_of_rounds"] = round(statistics.median(
+            r / o for r, o in zip(times["rvc"], times["ours"])), 3)
+        out["first_step_losses_max_rel_diff"] = float(f"{_max_rel_diff(first['ours'], first['rvc']):.2e}")
+    return out
+
+
+def profile_ours(threads: int, args: argparse.Namespace) -> None:
+    """torch.profiler over `args.profile` steps of ours (and RVC's) after one warm-up: top ops by self CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    cpu, cfg = torch.device("cpu"), get_config("v2", "40k")
+    fns = {"ours": _ours_fn(setup(cpu, "fp32"))}
+    if args.rvc_dir is not None:
+        fns["rvc"] = _rvc_fn(rvc_setup(Path(args.rvc_dir), cfg))
+    batch = make_batch(cfg, args.batch, args.seconds, cpu)
+    for name, fn in fns.items():
+        fn(batch, 0)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(args.profile):
+                fn(batch, i + 1)
+        print(f"== {name}: {args.profile} step(s), {threads} threads, batch {args.batch}", flush=True)
+        events = prof.key_averages()
+        print(events.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        phases = {e.key: round(100 * e.cpu_time_total / total, 1) for e in events if e.key in PHASES}
+        print(f"phases, % of the step's CPU time: {phases}", flush=True)
+
+
+def cuda_bench(args: argparse.Namespace) -> None:
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    precisions = ["fp32", "bf16"] if torch.cuda.is_bf16_supported() else ["fp32"]
+    precisions.append("fp16")
+    for prec in precisions:
+        for bs in (1, 4, 8):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            st = setup(dev, prec)
+            sec, _ = time_steps(st, make_batch(st.cfg, bs, args.seconds, dev), max(args.steps, 5), dev)
+            print(json.dumps({"device": torch.cuda.get_device_name(), "precision": prec, "batch": bs,
+                              "s_per_step": round(sec, 4), "samples_per_s": round(bs / sec, 2),
+                              "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}),
+                  flush=True)
+            del st
 
 
 def main() -> None:
@@ -68,38 +286,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=4.0, help="clip length of each batch item")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rvc-dir", default=None, help="RVC checkout (infer/lib/...) for the baseline")
+    ap.add_argument("--profile", type=int, default=0, help="profile N steps instead of timing")
     ap.add_argument("--cuda-only", action="store_true")
     args = ap.parse_args()
-    results = []
+    threads = [int(x) for x in args.threads.split(",") if x]
+    if args.profile:
+        for th in threads:
+            profile_ours(th, args)
+        return
     if not args.cuda_only:
-        cpu = torch.device("cpu")
-        for th in [int(x) for x in args.threads.split(",") if x]:
-            torch.set_num_threads(th)
-            st = setup(cpu, "fp32")
-            sec, _ = time_steps(st, make_batch(st.cfg, args.batch, args.seconds, cpu), args.steps, cpu)
-            results.append({"device": "cpu", "threads": th, "precision": "fp32", "batch": args.batch,
-                            "s_per_step": round(sec, 3),
-                            "speedup_vs_rvc_2threads": round(RVC_CPU_2T_SECONDS / sec, 2)})
-            print(json.dumps(results[-1]), flush=True)
-            del st
+        for th in threads:
+            print(json.dumps(cpu_bench(th, args)), flush=True)
+        if args.rvc_dir is None:
+            print("baseline: add --rvc-dir DIR (RVC's infer/lib/infer_pack and infer/lib/train, outside this "
+                  "repository) to time RVC's own step beside ours, interleaved", flush=True)
     if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        precisions = ["fp32", "bf16"] if torch.cuda.is_bf16_supported() else ["fp32"]
-        precisions.append("fp16")
-        for prec in precisions:
-            for bs in (1, 4, 8):
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                st = setup(dev, prec)
-                sec, _ = time_steps(st, make_batch(st.cfg, bs, args.seconds, dev), max(args.steps, 5), dev)
-                results.append({"device": torch.cuda.get_device_name(), "precision": prec, "batch": bs,
-                                "s_per_step": round(sec, 4),
-                                "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
-                print(json.dumps(results[-1]), flush=True)
-                del st
-    print(f"reference: RVC train.py, v2 40k f0, batch 4, 2 CPU threads: ~{RVC_CPU_2T_SECONDS} s/step")
+        with contextlib.suppress(KeyboardInterrupt):
+            cuda_bench(args)
 
 
 if __name__ == "__main__":

@@ -102,18 +102,30 @@ def _sources(env: E2EEnv, tmp: Path, name: str) -> Path:
     return src
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_submit(env: E2EEnv, run: ClientRun, values: Path) -> None:
     """submit (watching), then SIGINT once the experiment runs: exit 130, the experiment untouched."""
     args = [sys.executable, "-m", "rvc_pipeline.cli", "submit", str(run.folder), "--name", run.name,
             "--storage", env.uri("models"), "-f", str(values), "--endpoint", env.s3_host, "-n", env.namespace]
+    # a user's terminal delivers Ctrl-C; a test run started in the background (nohup, CI runners) may
+    # hand its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler: restore it
     with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=client_env(env)) as proc:
+                          env=client_env(env), preexec_fn=_default_sigint) as proc:
         try:
             obj = env.wait_phase(run.name, ("Running",), 300)
             run.phase_at_interrupt = obj["status"]["phase"]
             time.sleep(3)  # a few watch frames
             proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=30)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                why = f"submit still ran 30 s after SIGINT:\n{out[-2000:]}\n{err[-2000:]}"
+                raise AssertionError(why) from None
         finally:
             if proc.poll() is None:
                 proc.kill()

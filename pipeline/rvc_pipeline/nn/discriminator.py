@@ -2,8 +2,10 @@
 
 `forward(y, y_hat)` returns `(real_logits, fake_logits, real_fmaps, fake_fmaps)`: one entry per
 sub-discriminator (7 for v1, 9 for v2); each fmaps entry is a list (7 maps for DiscriminatorS, 6 for
-DiscriminatorP). Real and fake audio go through each sub-discriminator as one batch (same numbers as
-two calls, half the kernel launches).
+DiscriminatorP). When both or neither of y and y_hat need a gradient (the D step: y_hat detached), real
+and fake audio go through each sub-discriminator as one batch (same numbers as two calls, half the
+kernel launches); otherwise (the G step) as two calls, as RVC does, so that the real half records no
+autograd graph when D's parameters are frozen (see trainer.gan_step).
 """
 
 from __future__ import annotations
@@ -85,19 +87,18 @@ class MultiPeriodDiscriminator(nn.Module):
                            list[list[torch.Tensor]]]:
         if y.shape != y_hat.shape:
             raise ValueError(f"discriminator: real {tuple(y.shape)} and fake {tuple(y_hat.shape)} differ")
+        if y.requires_grad != y_hat.requires_grad:
+            real, fake = self.run(y), self.run(y_hat.to(y.dtype))
+            return real[0], fake[0], real[1], fake[1]
         b = y.size(0)
-        both = torch.cat([y, y_hat.to(y.dtype)], dim=0)
-        y_d_rs: list[torch.Tensor] = []
-        y_d_gs: list[torch.Tensor] = []
-        fmap_rs: list[list[torch.Tensor]] = []
-        fmap_gs: list[list[torch.Tensor]] = []
-        for d in self.discriminators:
-            logits, fmap = d(both)
-            y_d_rs.append(logits[:b])
-            y_d_gs.append(logits[b:])
-            fmap_rs.append([f[:b] for f in fmap])
-            fmap_gs.append([f[b:] for f in fmap])
-        return y_d_rs, y_d_gs, fmap_rs, fmap_gs
+        logits, fmaps = self.run(torch.cat([y, y_hat.to(y.dtype)], dim=0))
+        return ([x[:b] for x in logits], [x[b:] for x in logits], [[f[:b] for f in fm] for fm in fmaps],
+                [[f[b:] for f in fm] for fm in fmaps])
+
+    def run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """x [B, 1, T] through every sub-discriminator: (logits, fmaps), one entry per discriminator."""
+        outs = [d(x) for d in self.discriminators]
+        return [o[0] for o in outs], [o[1] for o in outs]
 
     def remove_weight_norm(self) -> None:
         remove_all_weight_norm(self)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from torch.profiler import record_function
 
 from rvc_pipeline.core import layout, termination
 from rvc_pipeline.core.errors import StepFailed
@@ -204,6 +205,31 @@ def _generate(st: GanStep, batch: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
     return y_hat, y_mel, y_hat_mel, wave_seg, (z_p, m_p, logs_p, logs_q, z_mask)
 
 
+def optimizer_flags(device: torch.device) -> dict[str, bool]:
+    """AdamW's multi-tensor update: fused on CUDA, foreach on CPU (the same update, one pass over the
+    parameters instead of a Python loop of ~10 ops per tensor)."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
+def _d_for_generator(net_d: torch.nn.Module, wave_seg: torch.Tensor, y_hat: torch.Tensor) -> Any:
+    """D(real, fake) for G's losses with D's parameters frozen during the forward pass.
+
+    G's gradients are unchanged; backward no longer computes D's weight gradients (RVC computes and
+    then discards them: optim_d.zero_grad() comes before D's next backward) nor the gradient of the
+    real half, which now records no graph. Under DDP the bare module runs, so nothing is all-reduced."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    d = net_d.module if isinstance(net_d, DistributedDataParallel) else net_d
+    params = [p for p in d.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        return d(wave_seg, y_hat)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def gan_step(
     st: GanStep, batch: tuple[torch.Tensor, ...], global_step: int,
 ) -> tuple[bool, bool, list[float]]:
@@ -212,31 +238,41 @@ def gan_step(
     Returns (D updated, G updated, [loss_g, grad_norm_g, loss_d, grad_norm_d, loss_mel, loss_kl, loss_fm]).
     An update is skipped when its loss or gradient norm is not finite."""
     device = batch[0].device
-    with st._amp(device):
-        y_hat, y_mel, y_hat_mel, wave_seg, (z_p, m_p, logs_p, logs_q, z_mask) = _generate(st, batch)
-        d_real, d_fake, _, _ = st.net_d(wave_seg, y_hat.detach())
-    loss_d, _, _ = discriminator_loss(d_real, d_fake)
-    loss_d = st._hook(global_step, "d", loss_d)
-    gn_d = _backward(st.scaler, st.optim_d, loss_d, st.net_d).to(device)
-    ok_d = _all_finite(torch.stack([loss_d.detach(), gn_d]), st.world)
-    if ok_d:
-        st.scaler.step(st.optim_d)
+    with st._amp(device), record_function("g_forward"):
+        gen = _generate(st, batch)
+    with record_function("d_step"):
+        with st._amp(device):
+            d_real, d_fake, _, _ = st.net_d(gen[3], gen[0].detach())
+        loss_d, _, _ = discriminator_loss(d_real, d_fake)
+        loss_d = st._hook(global_step, "d", loss_d)
+        gn_d = _backward(st.scaler, st.optim_d, loss_d, st.net_d).to(device)
+        ok_d = _all_finite(torch.stack([loss_d.detach(), gn_d]), st.world)
+        if ok_d:
+            st.scaler.step(st.optim_d)
+    with record_function("g_step"):
+        ok_g, vals = _g_update(st, global_step, gen)
+    vals = torch.cat([vals[:2], torch.stack([loss_d.detach().float(), gn_d.float()]), vals[2:]])
+    return ok_d, ok_g, vals.cpu().tolist()
 
-    with st._amp(device):
-        _, d_fake_g, fmap_r, fmap_g = st.net_d(wave_seg, y_hat)
+
+def _g_update(st: GanStep, global_step: int, gen: tuple[Any, ...]) -> tuple[bool, torch.Tensor]:
+    """G's losses (`gen` from _generate), backward and update: (updated, [loss_g, grad_norm_g, loss_mel,
+    loss_kl, loss_fm])."""
+    y_hat, y_mel, y_hat_mel, wave_seg, (z_p, m_p, logs_p, logs_q, z_mask) = gen
+    with st._amp(y_hat.device):
+        _, d_fake_g, fmap_r, fmap_g = _d_for_generator(st.net_d, wave_seg, y_hat)
     l_mel = mel_loss(y_mel, y_hat_mel, st.cfg.train.c_mel)
     l_kl = kl_loss(z_p, logs_q, m_p, logs_p, z_mask) * st.cfg.train.c_kl
     l_fm = feature_loss(fmap_r, fmap_g)
     l_gen, _ = generator_loss(d_fake_g)
     loss_g = st._hook(global_step, "g", l_gen + l_fm + l_mel + l_kl)
-    gn_g = _backward(st.scaler, st.optim_g, loss_g, st.net_g).to(device)
-    vals = torch.stack([loss_g.detach(), gn_g, loss_d.detach(), gn_d, l_mel.detach(), l_kl.detach(),
-                        l_fm.detach()]).float()
+    gn_g = _backward(st.scaler, st.optim_g, loss_g, st.net_g).to(y_hat.device)
+    vals = torch.stack([loss_g.detach(), gn_g, l_mel.detach(), l_kl.detach(), l_fm.detach()]).float()
     ok_g = _all_finite(vals[:2], st.world)
     if ok_g:
         st.scaler.step(st.optim_g)
     st.scaler.update()
-    return ok_d, ok_g, vals.cpu().tolist()
+    return ok_g, vals
 
 
 # ------------------------------------------------------------------------------------- the trainer
@@ -319,11 +355,14 @@ class Trainer:
                                     self.hooks.discriminator_factory)
         b1, b2 = cfg.train.betas
         betas = (float(b1), float(b2))
-        optim_g = torch.optim.AdamW(net_g.parameters(), lr=t.learning_rate, betas=betas, eps=cfg.train.eps)
-        optim_d = torch.optim.AdamW(net_d.parameters(), lr=t.learning_rate, betas=betas, eps=cfg.train.eps)
+        flags, lr, eps = optimizer_flags(self.device), t.learning_rate, cfg.train.eps
+        optim_g = torch.optim.AdamW(net_g.parameters(), lr=lr, betas=betas, eps=eps, **flags)
+        optim_d = torch.optim.AdamW(net_d.parameters(), lr=lr, betas=betas, eps=eps, **flags)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.nets = Nets(net_g, net_d, optim_g, optim_d, scaler)
         self.start: Start = apply_plan(self.job, self.nets, self.steps_per_epoch)
+        for group in (g for o in (optim_g, optim_d) for g in o.param_groups):
+            group.update(flags)  # a loaded optimizer state brings its own flags
         self.global_step = self.start.global_step
         for k in HISTORY_KEYS:
             self.hist[k] = list(self.start.history.get(k, []))
