@@ -14,6 +14,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 from rvc_operator.api import EvaluationStatus, ExperimentStatus, StepStatus, load_status
+from rvc_operator.status import parse_time
 
 from rvc_pipeline.core.errors import EXIT_OK, EXIT_TRANSIENT, PERMANENT_EXIT_CODES
 from rvc_pipeline.core.layout import PREVIEWS_DIR, REPORT_FILE
@@ -53,16 +54,6 @@ class Snapshot:
 
 
 # ------------------------------------------------------------------------------ small formatters
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-
-
 def duration(seconds: float | None) -> str:
     """4s, 3m05s, 2h07m, 3d04h; '-' when unknown."""
     if seconds is None or seconds != seconds:
