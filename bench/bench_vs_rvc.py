@@ -9,8 +9,9 @@ run on that set at 16 kHz (ffmpeg) cut into RVC's pieces of
 1 process each), features by bench_features.compare (the features step vs the plain per-file
 transformers.HubertModel loop, RVC's stand-in; medians of --repeat, 1 thread); the index by
 bench_index.compare on --vectors HuBERT-like 768-d vectors (the step's recipe vs RVC's, all cores).
-Features run last: they set the features step's malloc setting for the rest of the process.
-The training step is not here: see `bench/bench_train.py --rvc-dir`.
+Features run last but one: they set the features step's malloc setting for the rest of the process.
+The training step runs last with `--rvc-dir DIR` (RVC's own code, a folder outside this repository; see
+bench_train.py): bench_train.cpu_bench, ours vs RVC's train.py step interleaved on one batch, 2 threads.
 
     .venv/bin/python bench/bench_vs_rvc.py                  # about 3-5 minutes on 2 idle cores
     .venv/bin/python bench/bench_vs_rvc.py --seconds 360 --vectors 200000
@@ -32,6 +33,7 @@ import bench_f0  # (bench/ is on sys.path: the scripts run as bench/<name>.py)
 import bench_features
 import bench_index
 import bench_preprocess
+import bench_train
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package: RVC's preprocess port
@@ -89,11 +91,22 @@ def row_index(vectors: int) -> tuple[str, float, float]:
     return f"index {vectors} x 768 (wall s)", us["total_s"], rv["total_s"]
 
 
+def row_train(rvc_dir: str, steps: int) -> tuple[str, float, float]:
+    args = argparse.Namespace(rvc_dir=rvc_dir, batch=4, seconds=4.0, steps=steps)
+    res = bench_train.cpu_bench(2, args)
+    print(f"train step: first-step losses max rel diff {res['first_step_losses_max_rel_diff']}, "
+          f"ours {res['ours_steps_s']}, RVC {res['rvc_steps_s']}")
+    return "train step v2 40k, batch 4, 2 threads (s/step)", res["ours_s_per_step"], res["rvc_s_per_step"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=60.0, help="seconds of speech (files of 30 s)")
     ap.add_argument("--vectors", type=int, default=50_000, help="index vectors (RVC's 20k floor: above it)")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved preprocess and feature runs (medians)")
+    ap.add_argument("--rvc-dir", help="RVC's code (infer/lib/...), outside this repository: adds the "
+                    "training step (bench_train.py)")
+    ap.add_argument("--train-steps", type=int, default=3, help="interleaved training steps (medians)")
     args = ap.parse_args()
     os.environ["RVC_NO_PROGRESS"] = "1"
     logging.basicConfig(level=logging.WARNING)
@@ -111,13 +124,17 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     rows.append(row_index(args.vectors))
     rows.append(row_features(pieces, args.repeat))
+    if args.rvc_dir:
+        rows.append(row_train(args.rvc_dir, args.train_steps))
     print(f"\n{files} files, {audio:.1f} s of speech in {len(pieces)} pieces; {len(os.sched_getaffinity(0))} "
           f"cores; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(f"| {'step':<58} | {'ours':>8} | {'RVC':>8} | {'ratio':>6} |")
     print(f"|{'-' * 60}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
     for step, ours, rvc in rows:
         print(f"| {step:<58} | {ours:8.2f} | {rvc:8.2f} | {rvc / ours:5.2f}x |")
-    print(f"| {'training step: see bench/bench_train.py --rvc-dir':<58} | {'-':>8} | {'-':>8} | {'-':>6} |")
+    if not args.rvc_dir:
+        what = "train step: add --rvc-dir (bench/bench_train.py)"
+        print(f"| {what:<58} | {'-':>8} | {'-':>8} | {'-':>6} |")
 
 
 if __name__ == "__main__":
