@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from rvc_pipeline.core.fileio import atomic_path, temp_glob, write_text_atomic
+from rvc_pipeline.core.folders import AUDIO_SUFFIXES, inside, looks_like_audio, scan
 from rvc_pipeline.core.layout import CONVERT_FORMATS, CONVERT_REPORT_FILE, converted_name
 from rvc_pipeline.core.spec import RVC_CONVERSION
-from rvc_pipeline.evaluation.sources import AUDIO_SUFFIXES
 from rvc_pipeline.infer import InferError, LoadedModel, check_options
 
 log = logging.getLogger("rvc_pipeline")
@@ -122,34 +122,15 @@ class BatchReport:
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def _folder_entry(folder_real: Path, entry: Path) -> str | None:
-    """Why a folder entry is not converted (None: it is a regular file to convert)."""
-    if entry.is_symlink() and not _inside(entry.resolve(), folder_real):
-        return "a link to outside the input folder"
-    if not entry.is_file():  # pipes, devices, folders, dangling links
-        return "not a regular file"
-    return None
-
-
 def scan_folder(folder: Path) -> tuple[list[Path], list[Outcome]]:
-    """The audio files directly inside `folder` (sorted), and the entries skipped with a warning."""
-    real = folder.resolve()
-    files: list[Path] = []
+    """The audio files directly inside `folder` (sorted), and the audio-named entries skipped with a warning
+    (core.folders' rule; other names, such as a notes.txt or a sub-folder, are passed over quietly)."""
+    files, skipped = scan(folder)
     ignored: list[Outcome] = []
-    for name in sorted(os.listdir(folder)):
-        entry = folder / name
-        if not name.lower().endswith(AUDIO_SUFFIXES) or name.startswith("."):
-            continue
-        why = _folder_entry(real, entry)
-        if why is None:
-            files.append(entry)
-        else:
-            log.warning("convert: skipping %s: %s", entry, why)
-            ignored.append(Outcome(str(entry), None, "ignored", why))
+    for s in skipped:
+        if looks_like_audio(s.path.name):
+            log.warning("convert: skipping %s: %s", s.path, s.why)
+            ignored.append(Outcome(str(s.path), None, "ignored", s.why))
     return files, ignored
 
 
@@ -179,7 +160,7 @@ def check_output(output: Path, folders: list[Path], jobs: list[Job]) -> None:
     replace an input."""
     out = output.expanduser().resolve()
     for d in folders:
-        if _inside(out, d.resolve()):
+        if inside(out, d.resolve()):
             raise InferError(f"--output {output} is inside the input folder {d}; choose a folder outside it")
     sources = {j.source.resolve(): j.source for j in jobs}
     for j in jobs:

@@ -1,27 +1,20 @@
 """Upload a folder of recordings to the dataset prefix: the files directly inside it, never sub-folders.
 
 The rule is the dataset step's (preprocess reads the files directly inside dataset.source) narrowed to the
-audio suffixes the project reads (AUDIO_SUFFIXES); hidden files, links pointing outside the folder, pipes
-and devices are skipped with a reason. An object with the same size and ETag (core.storage.same_content)
-is not sent again.
+audio suffixes the project reads: core.folders, shared with local conversion. Hidden files, links pointing
+outside the folder, pipes and devices are skipped with a reason. An object with the same size and ETag
+(core.storage.same_content) is not sent again.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rvc_pipeline.core.errors import StepFailed
+from rvc_pipeline.core.folders import AUDIO_SUFFIXES, Skipped, scan
 from rvc_pipeline.core.storage import ObjectInfo, Storage, same_content
-from rvc_pipeline.evaluation.sources import AUDIO_SUFFIXES  # numpy-free; convert.py's scan imports numpy
-
-
-@dataclass(frozen=True)
-class Skipped:
-    path: Path
-    why: str
 
 
 @dataclass
@@ -47,39 +40,12 @@ class Report:
     bytes_sent: int = 0
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def _why_not(entry: Path, real_folder: Path) -> str | None:
-    """Why an entry of the folder is not uploaded (None: upload it)."""
-    if entry.name.startswith("."):
-        return "a hidden file"
-    if entry.is_symlink() and not _inside(entry.resolve(), real_folder):
-        return "a link to outside the folder"
-    if entry.is_dir():
-        return "a sub-folder (only files directly inside the folder are used)"
-    if not entry.is_file():
-        return "not a regular file (a pipe, device or dangling link)"
-    if not entry.name.lower().endswith(AUDIO_SUFFIXES):
-        return f"not an audio file ({', '.join(AUDIO_SUFFIXES)})"
-    return None
-
-
 def plan(folder: Path) -> Plan:
     """The files of `folder` to upload; StepFailed (exit 2) when it is not a folder or holds no audio."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise StepFailed(f"{folder}: " + ("not a folder" if folder.exists() else "no such folder"))
-    real = folder.resolve()
-    out = Plan()
-    for name in sorted(os.listdir(folder)):
-        entry = folder / name
-        why = _why_not(entry, real)
-        if why is None:
-            out.files.append(entry)
-        else:
-            out.skipped.append(Skipped(entry, why))
+    out = Plan(*scan(folder))
     if not out.files:
         raise StepFailed(f"{folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) directly inside it")
     return out

@@ -21,8 +21,11 @@ operator's GPU decision all read PITCH / EMBEDDERS below (then regenerate the CR
 from __future__ import annotations
 
 import ast
+import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 _COMPONENTS = Path(__file__).resolve().parent.parent / "components"
 _PACKAGE = "rvc_pipeline.components"
@@ -98,6 +101,45 @@ METRICS: dict[str, Component] = discover("metrics")
 METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
 # content embedders: components/embedders/<module>.py declare CATALOG the same way (filled by that package)
 EMBEDDERS: dict[str, Component] = discover("embedders")
+
+
+T = TypeVar("T", bound=type)
+
+
+class Registry(Generic[T]):
+    """The classes of one kind of component by name. A file declares its names in CATALOG (`declared`)
+    and marks each class with `@registry.register(name)`; `cls(name)` imports that file on first use.
+    `what` names the kind in errors ("pitch method"); `on_register` fills class attributes."""
+
+    def __init__(self, what: str, declared: Mapping[str, Component],
+                 on_register: Callable[[T, str], None] | None = None) -> None:
+        self.what, self.declared, self.on_register = what, declared, on_register
+        self.classes: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Class decorator: the class is `name`, which its file's CATALOG must declare (LookupError)."""
+
+        def deco(cls: T) -> T:
+            if name not in self.declared:
+                raise LookupError(f"{self.what} {name!r}: not declared in its file's CATALOG")
+            setattr(cls, "name", name)  # noqa: B010 (T is any class)
+            if self.on_register is not None:
+                self.on_register(cls, name)
+            self.classes[name] = cls
+            return cls
+
+        return deco
+
+    def cls(self, name: str, label: str | None = None) -> T:
+        """The class of `name`; ValueError naming the choices for an unknown one (as `label`: name)."""
+        if name not in self.declared:
+            raise ValueError(f"{label or self.what} {name!r}: expected one of {', '.join(self.declared)}")
+        if name not in self.classes:
+            importlib.import_module(self.declared[name].module)
+        return self.classes[name]
+
+    def __contains__(self, name: Any) -> bool:
+        return name in self.classes
 
 
 def pitch_needs_gpu(method: str) -> bool:

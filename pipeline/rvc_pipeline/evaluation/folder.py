@@ -16,9 +16,9 @@ from typing import Any
 
 from rvc_pipeline.components.metrics.base import Clip, Metric
 from rvc_pipeline.core.errors import StepFailed
+from rvc_pipeline.core.folders import AUDIO_SUFFIXES
 from rvc_pipeline.core.spec import RVC_CONVERSION
 from rvc_pipeline.evaluation.evaluate import Output, Result, conversions, load_metrics, score
-from rvc_pipeline.evaluation.sources import AUDIO_SUFFIXES
 
 
 @dataclass(frozen=True)

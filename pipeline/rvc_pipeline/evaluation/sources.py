@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus")
+from rvc_pipeline.core.folders import AUDIO_SUFFIXES
 
 
 def reference_files(uri: str, limit: int, endpoint: str | None = None, region: str | None = None

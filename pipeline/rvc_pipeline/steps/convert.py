@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from rvc_pipeline import stepio
 from rvc_pipeline.core import layout
-from rvc_pipeline.core.errors import StepFailed, WeightsNotFound
+from rvc_pipeline.core.errors import StepFailed
 from rvc_pipeline.core.spec import ConvertSpec, Experiment, SpecError
 from rvc_pipeline.core.storage import Storage, scratch_dir
 from rvc_pipeline.steps.preprocess import Dataset, refuse_overlap, scan_dataset
@@ -111,17 +111,12 @@ def check_inputs(exp: Experiment, storage: Storage) -> stepio.CheckedInputs:
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def _embedder(exp: Experiment) -> str:
+def _embedder(ctx: StepContext) -> str:
     """The HuBERT file (path), or its reference when it is missing and the demo's random one is allowed."""
-    from rvc_pipeline.weights import resolve_weight
+    from rvc_pipeline.steps.features import resolve_spec_embedder
 
-    spec = exp.spec
-    try:
-        return str(resolve_weight(spec.features.embedder, spec, what="HuBERT embedder"))
-    except WeightsNotFound:
-        if spec.demo_random_weights:
-            return spec.features.embedder
-        raise
+    path = resolve_spec_embedder(ctx)
+    return str(path) if path is not None else ctx.spec.features.embedder
 
 
 def _setup(ctx: StepContext, inputs: ConvertInputs) -> Setup:
@@ -134,7 +129,7 @@ def _setup(ctx: StepContext, inputs: ConvertInputs) -> Setup:
     f0_weights = pitch_weights(method, None, spec) if spec.model.pitch_guidance else {}
     index = ctx.workdir / inputs.index_key if inputs.index_key else None
     return Setup(model=str(ctx.workdir / inputs.model_key), index=str(index) if index else None,
-                 embedder=_embedder(ctx.experiment), demo_random_weights=spec.demo_random_weights,
+                 embedder=_embedder(ctx), demo_random_weights=spec.demo_random_weights,
                  device=pick_device("gpu" if spec.gpu else "cpu", what="convert"), f0_method=method,
                  f0_weights=tuple(sorted(f0_weights.items())), index_rate=conv.index_rate)
 

@@ -50,6 +50,7 @@ from rvc_pipeline.audio import (
     write_wav_f32,
 )
 from rvc_pipeline.core import layout
+from rvc_pipeline.core.folders import inside
 from rvc_pipeline.core.storage import open_storage, scratch_dir
 from rvc_pipeline.provenance import sha256_file
 from rvc_pipeline.slicer import Slicer, frame_rms, silent_runs
@@ -534,10 +535,6 @@ def dataset_changes(old: dict[str, Any] | None, new: Dataset) -> dict[str, list[
             "changed": sorted(n for n in set(now) & set(before) if now[n] != before[n])}
 
 
-def _inside(a: Path, b: Path) -> bool:
-    return a == b or b in a.parents
-
-
 def _s3_overlap(source: str, storage_uri: str, exp_prefix: str) -> bool:
     def parts(uri: str) -> tuple[str, str]:
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
@@ -564,10 +561,10 @@ def refuse_overlap(ds: Dataset, storage_uri: str, experiment: str) -> None:
         return
     exp_real = (Path(storage_uri.removeprefix("file://")).expanduser() / exp_prefix).resolve()
     root_real = ds.root.resolve()
-    if _inside(root_real, exp_real) or _inside(exp_real, root_real):
+    if inside(root_real, exp_real) or inside(exp_real, root_real):
         raise StepFailed(why)
     for f in ds.files:
-        if _inside((ds.root / f.name).resolve(), exp_real):
+        if inside((ds.root / f.name).resolve(), exp_real):
             raise StepFailed(f"dataset {ds.source}: {f.name} is a link into the experiment folder "
                              f"{exp_prefix}/ of storage {storage_uri}; keep the recordings outside it")
 

@@ -16,18 +16,17 @@ good score.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from rvc_pipeline.core.catalog import METRICS as CATALOG_METRICS
-from rvc_pipeline.core.catalog import Component
+from rvc_pipeline.core.catalog import Component, Registry
 
 SR_MIN = 8000
 SR_MAX = 192000
@@ -167,32 +166,18 @@ def need_pairs(pairs: Sequence[Pair], metric: str) -> None:
         raise MetricInputError(f"{metric}: no clips to score")
 
 
-REGISTRY: dict[str, type[Metric]] = {}
-_M = TypeVar("_M", bound=type[Metric])
+def _defaults(cls: type[Metric], name: str) -> None:
+    cls.primary = cls.primary or name
+    cls.keys = cls.keys or (name,)
 
 
-def register(name: str) -> Callable[[_M], _M]:
-    """Class decorator: make the class the metric `name` (which its file's CATALOG declares)."""
-
-    def deco(cls: _M) -> _M:
-        if name not in METRICS:
-            raise LookupError(f"metric {name!r}: not declared in its file's CATALOG")
-        cls.name = name
-        cls.primary = cls.primary or name
-        cls.keys = cls.keys or (name,)
-        REGISTRY[name] = cls
-        return cls
-
-    return deco
+REGISTRY: Registry[type[Metric]] = Registry("metric", METRICS, on_register=_defaults)
+register = REGISTRY.register
 
 
 def get(name: str, **opts: Any) -> Metric:
     """The metric `name` made with `opts`; ValueError naming the choices for an unknown one."""
-    if name not in METRICS:
-        raise ValueError(f"metric {name!r}: expected one of {', '.join(METRICS)}")
-    if name not in REGISTRY:
-        importlib.import_module(METRICS[name].module)
-    cls = REGISTRY[name]
+    cls = REGISTRY.cls(name)
     try:
         inspect.signature(cls).bind(**opts)
     except TypeError as e:

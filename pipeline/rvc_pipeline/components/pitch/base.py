@@ -9,14 +9,13 @@ declares them in its `CATALOG` literal (read by rvc_pipeline.core.catalog withou
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from rvc_pipeline.core.catalog import PITCH
+from rvc_pipeline.core.catalog import PITCH, Registry
 
 SR = 16000
 HOP = 160
@@ -76,30 +75,13 @@ class PitchMethod(ABC):
         return self.extract([x], [p_len], **opts)[0]
 
 
-REGISTRY: dict[str, type[PitchMethod]] = {}
-_M = TypeVar("_M", bound=type[PitchMethod])
-
-
-def register(name: str) -> Callable[[_M], _M]:
-    """Class decorator: make the class the pitch method `name` (which the file's CATALOG declares)."""
-
-    def deco(cls: _M) -> _M:
-        if name not in PITCH:
-            raise LookupError(f"pitch method {name!r}: not declared in its file's CATALOG")
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-
-    return deco
+REGISTRY: Registry[type[PitchMethod]] = Registry("pitch method", PITCH)
+register = REGISTRY.register
 
 
 def get(name: str) -> PitchMethod:
     """The pitch method `name`; ValueError naming the choices for an unknown one."""
-    if name not in PITCH:
-        raise ValueError(f"f0 method {name!r}: expected one of {', '.join(PITCH)}")
-    if name not in REGISTRY:
-        importlib.import_module(PITCH[name].module)
-    return REGISTRY[name]()
+    return REGISTRY.cls(name, label="f0 method")()
 
 
 def needed_weights(spec: Any) -> dict[str, str]:
