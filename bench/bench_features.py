@@ -9,7 +9,9 @@ the same process, interleaved (plain, ours, plain, ours ...); each figure is the
 Two phases in the one run: first under glibc's default malloc settings (how RVC's script runs), then
 after steps.features.keep_freed_memory() (what the features step sets for its own process; it applies
 to the whole process, so the plain loop gets it too). The headline ratio is the step (phase 2 "ours")
-against RVC's stand-in (phase 1 "plain"); each phase's own ratio is printed too.
+against RVC's stand-in (phase 1 "plain"); each phase's own ratio is printed too. On a CPU with native
+bf16, phase 2 also runs the step as spec.features.cpuBf16 makes it ("bf16"), with its smallest per-frame
+cosine similarity to the fp32 features.
 The audio is real speech (espeak-ng voices, 16 kHz) cut into RVC's 3.7 s pieces every 3.4 s.
 
 Printed per method: CPU seconds per audio second (user + sys, from getrusage), wall seconds per audio
@@ -37,7 +39,9 @@ import soundfile as sf
 import torch
 from rvc_pipeline.components.embedders.hf_hubert import HFHubert, hf_config
 from rvc_pipeline.components.embedders.random import random_embedder
-from rvc_pipeline.steps.features import CPU_BATCH_SECONDS, keep_freed_memory
+from rvc_pipeline.core.fileio import cpu_bf16_supported
+from rvc_pipeline.core.heap import keep_freed_memory
+from rvc_pipeline.steps.features import CPU_BATCH_SECONDS
 
 SR = 16000
 TEXT = (
@@ -127,14 +131,27 @@ def compare(clips: list[np.ndarray], threads: int = 1, repeat: int = 3) -> dict[
     first = interleaved(fns, clips, repeat)
     if not keep_freed_memory():
         print("(no glibc mallopt here: the second phase runs with the same malloc settings)")
+    if cpu_bf16_supported():  # spec.features.cpuBf16: the same step in bf16
+        fns["bf16"] = ours(random_embedder("cpu", True, seed=0))
     second = interleaved(fns, clips, repeat)
-    return {**first, **{f"{k}+heap": v for k, v in second.items()}, "deviation": Sample(dev, 0.0, 0.0, 0.0)}
+    out = {**first, **{f"{k}+heap": v for k, v in second.items()}, "deviation": Sample(dev, 0.0, 0.0, 0.0)}
+    if "bf16" in fns:
+        out["bf16 cosine"] = Sample(min_cosine(fns["bf16"](clips), fns["plain"](clips)), 0.0, 0.0, 0.0)
+    return out
+
+
+def min_cosine(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """The smallest cosine similarity between corresponding frames of two feature lists."""
+    return min(float(((x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))).min())
+               for x, y in zip(a, b))
 
 
 def report(res: dict[str, Sample], audio_s: float, threads: int) -> None:
     print(f"{'method':>10} {'thr':>3} {'cpu s/audio s':>13} {'RTF wall/audio':>14} {'x real time':>11} "
           f"{'sys s':>6} {'minor faults':>12}")
-    for name in ("plain", "ours", "plain+heap", "ours+heap"):
+    for name in ("plain", "ours", "plain+heap", "ours+heap", "bf16+heap"):
+        if name not in res:
+            continue
         s = res[name]
         print(f"{name:>10} {threads:>3} {s.cpu / audio_s:13.3f} {s.wall / audio_s:14.3f} "
               f"{audio_s / s.wall:11.1f} {s.sys:6.2f} {s.minflt:12.0f}")
@@ -145,6 +162,14 @@ def report(res: dict[str, Sample], audio_s: float, threads: int) -> None:
     print(f"the features step (ours+heap) vs the plain loop as RVC runs it (plain): {p.cpu / oh.cpu:.2f}x "
           f"less CPU ({p.wall / oh.wall:.2f}x wall); largest |ours - plain| {res['deviation'].cpu:.1e}",
           flush=True)
+    if "bf16+heap" in res:
+        b = res["bf16+heap"]
+        print(f"spec.features.cpuBf16 (bf16+heap) vs the plain loop (plain): {p.cpu / b.cpu:.2f}x less CPU "
+              f"({p.wall / b.wall:.2f}x wall); smallest per-frame cosine to fp32 "
+              f"{res['bf16 cosine'].cpu:.5f}", flush=True)
+    else:
+        print("spec.features.cpuBf16: this CPU has no native bf16 (AVX512-BF16/AMX): not measured",
+              flush=True)
 
 
 def main() -> None:

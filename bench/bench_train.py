@@ -6,7 +6,11 @@ ratio RVC s/step / ours s/step (> 1: ours is faster). RVC's step is the one of i
 SynthesizerTrnMs768NSFsid + MultiPeriodDiscriminatorV2, its mel_processing and losses, AdamW, the
 GradScaler/autocast calls disabled, `clip_grad_value_(params, None)` for the gradient norms. Both
 models start from the same weights (RVC's, loaded into ours) and the same seed, so the first (warm-up)
-step's losses must agree: the bench prints their largest relative difference.
+step's losses must agree: the bench prints their largest relative difference. Each side runs in its own
+process, set up as it ships: RVC's as its train.py leaves it (glibc's default malloc), ours as the Trainer
+sets up its process (core.heap.keep_freed_memory); the parent only hands out step numbers. On a CPU
+with native bf16 (AVX512-BF16 or AMX) a third side runs ours as `train.precision: bf16` makes it (bf16
+autocast), with its first-step losses compared to ours in fp32.
 
 DIR holds RVC's `infer/lib/infer_pack/*.py` and `infer/lib/train/{losses,mel_processing}.py` from
 RVC-Project/Retrieval-based-Voice-Conversion-WebUI (a folder outside this repository; never vendored).
@@ -31,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rvc_pipeline.core.fileio import cpu_bf16_supported
+from rvc_pipeline.core.heap import keep_freed_memory
 from rvc_pipeline.nn import build_discriminator, build_generator, constructor_args, get_config
 from rvc_pipeline.steps.train.trainer import GanStep, gan_step, optimizer_flags
 from torch.profiler import record_function
@@ -207,27 +213,74 @@ def _max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 
 
-def cpu_bench(threads: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Our step (and RVC's with --rvc-dir) at `threads`, interleaved on one batch."""
+def _side_main(conn: Any, name: str, threads: int, args: argparse.Namespace, weights_file: str) -> None:
+    """One side of the CPU bench in its own process: RVC's step in a process as RVC's train.py leaves it,
+    ours in one set up as the Trainer sets up its process (core.heap.keep_freed_memory: glibc keeps freed
+    activations for the next step). RVC's side writes its initial weights to `weights_file`; ours starts
+    from them. Then: receive a step number, run it, send its losses; None ends."""
     torch.set_num_threads(threads)
-    cpu = torch.device("cpu")
-    cfg = get_config("v2", "40k")
-    fns: dict[str, Callable[[tuple, int], list[float]]] = {}
-    weights = None
-    if args.rvc_dir is not None:
+    cpu, cfg = torch.device("cpu"), get_config("v2", "40k")
+    if name == "rvc":
         rvc = rvc_setup(Path(args.rvc_dir), cfg)
-        weights = (rvc.net_g.state_dict(), rvc.net_d.state_dict())
-        fns["rvc"] = _rvc_fn(rvc)
-    fns = {"ours": _ours_fn(setup(cpu, "fp32", weights)), **fns}
+        torch.save((rvc.net_g.state_dict(), rvc.net_d.state_dict()), weights_file)
+        fn = _rvc_fn(rvc)
+    else:  # "ours", or "ours-bf16": train.precision bf16 on a CPU with native bf16
+        keep_freed_memory()
+        weights = torch.load(weights_file) if os.path.exists(weights_file) else None
+        fn = _ours_fn(setup(cpu, "bf16" if name == "ours-bf16" else "fp32", weights))
     batch = make_batch(cfg, args.batch, args.seconds, cpu)
-    load_before = os.getloadavg()[0]
-    times, first = interleaved(fns, batch, args.steps)
+    conn.send("ready")
+    while (i := conn.recv()) is not None:
+        conn.send(fn(batch, i))
+
+
+def _start_side(ctx: Any, name: str, threads: int, args: argparse.Namespace, weights_file: str
+                ) -> tuple[Any, Callable[[tuple, int], list[float]]]:
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_side_main, args=(child, name, threads, args, weights_file), daemon=True)
+    proc.start()
+    if parent.recv() != "ready":
+        raise SystemExit(f"bench_train: the {name} side did not start")
+
+    def remote(_batch: tuple, i: int) -> list[float]:
+        parent.send(i)
+        return parent.recv()
+    return (parent, proc), remote
+
+
+def cpu_bench(threads: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Our step (and RVC's with --rvc-dir) at `threads`, interleaved on one batch, each in its own process."""
+    import multiprocessing
+    import tempfile
+
+    ctx = multiprocessing.get_context("spawn")
+    sides: list[Any] = []
+    fns: dict[str, Callable[[tuple, int], list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights_file = os.path.join(tmp, "rvc_init.pt")
+        names = ("rvc",) if args.rvc_dir is not None else ()
+        names += ("ours",) + (("ours-bf16",) if cpu_bf16_supported() else ())
+        for name in names:
+            side, fns[name] = _start_side(ctx, name, threads, args, weights_file)
+            sides.append(side)
+        fns = {"ours": fns["ours"], **{k: v for k, v in fns.items() if k != "ours"}}
+        load_before = os.getloadavg()[0]
+        times, first = interleaved(fns, (), args.steps)
+        for conn, proc in sides:
+            conn.send(None)
+            proc.join(60)
     out: dict[str, Any] = {"device": "cpu", "threads": threads, "precision": "fp32", "batch": args.batch,
                            "steps": args.steps, "load_avg_1min": [load_before, os.getloadavg()[0]]}
+    return out | _figures(times, first, args.batch)
+
+
+def _figures(times: dict[str, list[float]], first: dict[str, list[float]], batch: int) -> dict[str, Any]:
+    """Medians, samples per second and the ratios (> 1: ours is faster)."""
+    out: dict[str, Any] = {}
     for name, ts in times.items():
         med = statistics.median(ts)
         out[f"{name}_s_per_step"] = round(med, 3)
-        out[f"{name}_samples_per_s"] = round(args.batch / med, 3)
+        out[f"{name}_samples_per_s"] = round(batch / med, 3)
         out[f"{name}_steps_s"] = [round(t, 2) for t in ts]
     if "rvc" in times:  # medians; on a shared machine also the ratio of the best steps and per round
         out["speedup_vs_rvc"] = round(out["rvc_s_per_step"] / out["ours_s_per_step"], 3)
@@ -235,6 +288,13 @@ def cpu_bench(threads: int, args: argparse.Namespace) -> dict[str, Any]:
         out["speedup_median_of_rounds"] = round(statistics.median(
             r / o for r, o in zip(times["rvc"], times["ours"])), 3)
         out["first_step_losses_max_rel_diff"] = float(f"{_max_rel_diff(first['ours'], first['rvc']):.2e}")
+    if "ours-bf16" in times:  # [loss_g, loss_d, loss_mel, loss_kl, loss_fm] of the first step vs fp32
+        out["bf16_speedup_vs_ours_fp32"] = round(out["ours_s_per_step"] / out["ours-bf16_s_per_step"], 3)
+        if "rvc" in times:
+            out["bf16_speedup_vs_rvc"] = round(out["rvc_s_per_step"] / out["ours-bf16_s_per_step"], 3)
+        pairs = zip(first["ours-bf16"], first["ours"])
+        out["bf16_first_step_losses_rel_diff"] = [float(f"{abs(a - b) / max(abs(b), 1e-12):.2e}")
+                                                  for a, b in pairs]
     return out
 
 

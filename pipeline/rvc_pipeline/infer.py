@@ -537,11 +537,13 @@ def _minimal_spec() -> ExperimentSpec:
 def resolve_embedder(embedder: Any, spec: ExperimentSpec | None, device: str, half: bool,
                      demo_random_weights: bool) -> tuple[Embedder, bool]:
     """An Embedder from an Embedder, a path (file or HF folder) or a weight name (resolve_weight).
-    Returns (embedder, random_weights)."""
+    Returns (embedder, random_weights). `half` applies on CUDA only: RVC's inference runs HuBERT in fp32
+    on a CPU (the features step's spec.features.cpuBf16 is for training data)."""
     from rvc_pipeline.components.embedders.base import Embedder, load_embedder
     from rvc_pipeline.core.errors import WeightsNotFound
     from rvc_pipeline.weights import DEMO_WARNING, resolve_weight
 
+    gpu_half = half and device.startswith("cuda")
     if isinstance(embedder, Embedder):
         return embedder, False
     ref = str(embedder or "hubert_base.pt")
@@ -552,9 +554,9 @@ def resolve_embedder(embedder: Any, spec: ExperimentSpec | None, device: str, ha
         if not demo_random_weights:
             raise
         log.warning(DEMO_WARNING.format(what=f"HuBERT embedder {ref!r}"))
-        return load_embedder(None, device, half), True  # the same weights as the features step
+        return load_embedder(None, device, gpu_half), True  # the same weights as the features step
     try:
-        return load_embedder(path, device, half), False
+        return load_embedder(path, device, gpu_half), False
     except (ValueError, RuntimeError, OSError) as e:
         raise InferError(f"{path}: cannot load as a HuBERT embedder ({e})") from e
 

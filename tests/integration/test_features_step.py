@@ -248,10 +248,45 @@ def test_s3_storage_and_resume_from_pushed_outputs(
 
 
 def test_keep_freed_memory_sets_glibc_malloc() -> None:
-    """The features step's malloc setting is accepted by glibc's mallopt (which answers 0 to a bad value)."""
+    """The malloc setting of the features and training steps is accepted by glibc's mallopt (which answers
+    0 to a bad value)."""
     import platform
+
+    from rvc_pipeline.core import heap
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
-    assert features.MMAP_THRESHOLD == 32 << 20
-    assert features.keep_freed_memory() is True
+    assert heap.MMAP_THRESHOLD == 32 << 20
+    assert heap.keep_freed_memory() is True
+
+
+def test_cpu_bf16_features_stay_close_to_fp32(tmp_path: Path, ckpt: Path, speech: dict[str, Path]) -> None:
+    """spec.features.cpuBf16 on a CPU with native bf16: HuBERT runs in bf16 and the saved features stay within
+    cosine 0.999 of fp32 per frame; without native bf16 it falls back to fp32 (the same features)."""
+    from rvc_pipeline.core.fileio import cpu_bf16_supported
+
+    exp = experiment(tmp_path, features={"embedder": str(ckpt), "cpuBf16": True})
+    in_dir = put_wavs(exp, tmp_path, speech)
+    summary = run_step(exp, "features", features.run)
+    native = cpu_bf16_supported()
+    assert summary["dtype"] == ("bfloat16" if native else "float32")
+    ref = load_embedder(ckpt, "cpu", False)
+    for name in speech:
+        mono = sf.read(in_dir / name, dtype="float32", always_2d=True)[0].mean(axis=1)
+        got, want = np.load(in_dir.parent / "3_feature768" / name.replace("wav", "npy")), ref.extract(mono)[0]
+        assert got.dtype == np.float32 and got.shape == want.shape and np.isfinite(got).all()
+        cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+        assert cos.min() > 0.999, (name, float(cos.min()))
+        if not native:
+            np.testing.assert_allclose(got, want, atol=1e-4)
+    params = json.loads((in_dir.parent / features.PARAMS_FILE).read_text())
+    assert params["cpu_bf16"] is True  # other provenance than fp32 outputs: switching back recomputes them
+
+
+def test_half_on_cpu_without_native_bf16_is_fp32(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU without AVX512-BF16/AMX (simulated: this machine's answer replaced) keeps fp32, where bf16 would
+    be emulated and slower."""
+    from rvc_pipeline.core import fileio
+
+    monkeypatch.setattr(fileio, "cpu_bf16_supported", lambda: False)
+    assert load_embedder(ckpt, "cpu", True).dtype == torch.float32

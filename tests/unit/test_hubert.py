@@ -73,11 +73,20 @@ def test_fairseq_checkpoint_loads_through_stub_unpickler(tmp_path: Path) -> None
         assert a.shape == b.shape == (49, 16 if version == "v1" else 64)
         assert torch.allclose(a, b, atol=1e-6), (version, (a - b).abs().max())
     # the embedder front door detects the format
-    emb = load_embedder(path, "cpu", half=True)  # half is ignored on CPU
+    emb = load_embedder(path, "cpu")
     assert emb.dtype == torch.float32
     out = emb.extract(wav, "v2")
     assert out[0].dtype == np.float32
     np.testing.assert_allclose(out[0], run_alone(m, wav, "v2").numpy(), atol=1e-5)
+    # half on a CPU: bf16 where the CPU has it natively (features.cpuBf16), else fp32; fp32 out either way
+    from rvc_pipeline.core.fileio import cpu_bf16_supported
+
+    half = load_embedder(path, "cpu", half=True)
+    assert half.dtype == (torch.bfloat16 if cpu_bf16_supported() else torch.float32)
+    got, want = half.extract(wav, "v2")[0], out[0]
+    assert got.dtype == np.float32
+    cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+    assert cos.min() > 0.99
 
 
 def test_fp16_checkpoint_is_cast_to_fp32_and_normalize_is_honoured(tmp_path: Path) -> None:

@@ -171,6 +171,14 @@ def pick_device(want: str | None = "auto", *, what: str = "pipeline") -> str:
     return w
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU runs bf16 matrix products and convolutions natively (AVX512-BF16 or AMX: oneDNN's
+    test); elsewhere bf16 is emulated and slower than fp32. Imports torch."""
+    import torch
+
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def visible_gpus() -> int:
     """How many CUDA devices this process sees (0 without CUDA); what `pick_device` decides on."""
     import torch

@@ -12,7 +12,6 @@ without an output.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import soundfile as sf
 from rvc_pipeline.core import layout
 from rvc_pipeline.core.errors import StepFailed, WeightsNotFound
 from rvc_pipeline.core.fileio import SR_16K, pick_device, read_16k, save_npy_atomic
+from rvc_pipeline.core.heap import keep_freed_memory
 from rvc_pipeline.provenance import RANDOM, weight_identity
 from rvc_pipeline.steps.runner import FileProgress, PerFile, StepContext, per_file_step
 from rvc_pipeline.weights import DEMO_WARNING, resolve_weight
@@ -38,21 +38,6 @@ PARAMS_FILE = layout.params_file("features")  # what made the outputs (see prove
 PARAMS_VERSION = 1
 CPU_BATCH_SECONDS = 16.0
 """Batch cap on CPU: per-clip CPU time is flat from 1 to 16 clips of 3.7 s, fewer/larger ops help threads."""
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 32 << 20  # the most older glibc accept; a 3.7 s clip's buffers are 24 MB
-TRIM_THRESHOLD = 1 << 30
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed blocks up to 32 MB in the heap, and the heap's top, for reuse (this process
-    only; False without glibc's mallopt). Its defaults hand a clip's 24 MB activations back to the kernel
-    and page-fault them in again for the next: about 265k minor faults and 0.7 s of kernel time per 40 s
-    of audio on one thread; with this, none (bench/bench_features.py)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def output_name(wav_name: str) -> str:
@@ -76,7 +61,7 @@ def load_spec_embedder(ctx: StepContext, device: str, path: Path | None) -> tupl
     from rvc_pipeline.components.embedders.base import load_embedder
 
     spec = ctx.spec
-    half = bool(spec.features.half_precision)
+    half = bool(spec.features.cpu_bf16 if device == "cpu" else spec.features.half_precision)
     if path is None:
         msg = DEMO_WARNING.format(what="HuBERT embedder")
         log.warning("!" * 100)
@@ -93,8 +78,11 @@ def load_spec_embedder(ctx: StepContext, device: str, path: Path | None) -> tupl
 def _params(ctx: StepContext, emb_path: Path | None) -> dict[str, Any]:
     """What makes the outputs (their provenance): a difference from the recorded one recomputes all."""
     spec = ctx.spec
-    return {"version": PARAMS_VERSION, "embedder": weight_identity(emb_path),
-            "model_version": spec.model.version, "dim": spec.model.feature_dim}
+    out = {"version": PARAMS_VERSION, "embedder": weight_identity(emb_path),
+           "model_version": spec.model.version, "dim": spec.model.feature_dim}
+    if spec.features.cpu_bf16:  # only when set: the provenance of existing fp32 outputs stays as it was
+        out["cpu_bf16"] = True
+    return out
 
 
 def _clip_lengths(wavs: list[Path]) -> dict[Path, int]:

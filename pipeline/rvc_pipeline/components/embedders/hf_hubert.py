@@ -37,6 +37,7 @@ from rvc_pipeline.components.embedders.base import (
     equal_length_batches,
     register,
 )
+from rvc_pipeline.core import fileio
 
 # speed: audio seconds per CPU second, 1 thread, HuBERT-base v2 in equal-length batches (bench_features.py)
 CATALOG = {"hf_hubert": {"needs_gpu": True, "weights": [], "speed": 5.0}}
@@ -139,13 +140,23 @@ def pack_linears(module: nn.Module) -> int:
     return n
 
 
+def reduced_dtype(device: torch.device) -> torch.dtype:
+    """The half precision used on `device`: fp16 on CUDA, bf16 on a CPU that has it natively, else fp32."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and fileio.cpu_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 class HFHubert(Embedder):
-    """A transformers.HubertModel (+ optional final_proj) on a device, fp16 on CUDA when `half`."""
+    """A transformers.HubertModel (+ optional final_proj) on a device. `half`: fp16 on CUDA, bf16 on a CPU
+    with native bf16 (core.fileio.cpu_bf16_supported), else fp32."""
 
     def __init__(self, model: Any, final_proj: nn.Linear | None, *, normalize: bool = False,
                  device: str = "cpu", half: bool = False, source: str = ""):
         self.device = torch.device(device)
-        self.dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32
+        self.dtype = reduced_dtype(self.device) if half else torch.float32
         self.source, self.normalize = source, normalize
         cfg = model.config
         self.kernels = list(zip(cfg.conv_kernel, cfg.conv_stride))
