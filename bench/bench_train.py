@@ -17,7 +17,7 @@ RVC-Project/Retrieval-based-Voice-Conversion-WebUI (a folder outside this reposi
 On CUDA (when available): fp32 vs bf16 (and fp16), peak memory per batch size 1/4/8.
 
     .venv/bin/python bench/bench_train.py [--steps 3] [--batch 4] [--threads 1,2] [--rvc-dir DIR]
-        [--profile N] [--cuda-only]
+        [--profile N] [--layers] [--cuda-only]
 """
 
 from __future__ import annotations
@@ -321,6 +321,64 @@ def profile_ours(threads: int, args: argparse.Namespace) -> None:
         print(f"phases, % of the step's CPU time: {phases}", flush=True)
 
 
+def _best_of(fn: Callable[[], None], n: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _layer_times(b: int, cin: int, cout: int, stride: int, h: int, p: int) -> tuple[float, float]:
+    """Best forward + backward seconds of one (5, 1) layer on [b, cin, h, p]: as Conv2d, as Conv1d."""
+    import torch.nn.functional as F  # noqa: N812
+
+    x = torch.randn(b, cin, h, p, requires_grad=True)
+    w = (0.02 * torch.randn(cout, cin, 5, 1)).requires_grad_(True)
+    x1 = x.detach().permute(0, 3, 1, 2).reshape(b * p, cin, h).contiguous().requires_grad_(True)
+
+    def two_d() -> None:
+        y = F.conv2d(x, w, None, (stride, 1), (2, 0))
+        y.backward(torch.ones_like(y))
+
+    def one_d() -> None:
+        y = F.conv1d(x1, w.squeeze(-1), None, stride, 2)
+        y.backward(torch.ones_like(y))
+
+    return _best_of(two_d), _best_of(one_d)
+
+
+def layer_bench(threads: int, args: argparse.Namespace) -> None:
+    """Each (5, 1) layer of the period discriminators at every v2 period, forward + backward (weights and
+    input), batch 2 x --batch (D's step: real and fake together) of RVC's 40k training segment (12800
+    samples): seconds, GFLOP/s as Conv2d (RVC's form) and seconds as Conv1d over [B*p, C, T/p] (the same
+    products)."""
+    import math
+
+    from rvc_pipeline.nn.discriminator import PERIODS
+
+    torch.set_num_threads(threads)
+    b, t = 2 * args.batch, get_config("v2", "40k").segment_size
+    total = {"conv2d": 0.0, "conv1d": 0.0}
+    shapes = ((1, 32, 3), (32, 128, 3), (128, 512, 3), (512, 1024, 3), (1024, 1024, 1))
+    for layer, (cin, cout, stride) in enumerate(shapes, 1):
+        row = []
+        for p in PERIODS["v2"]:
+            h = math.ceil(t / p)
+            for _ in range(layer - 1):
+                h = (h - 1) // 3 + 1
+            s2, s1 = _layer_times(b, cin, cout, stride, h, p)
+            total["conv2d"] += s2
+            total["conv1d"] += s1
+            gflop = 3 * 2 * b * p * ((h - 1) // stride + 1) * cin * cout * 5 / 1e9
+            row.append(f"p{p} {s2 * 1e3:.0f} ms {gflop / s2:.0f} GFLOP/s (1-D {s1 * 1e3:.0f} ms)")
+        print(f"layer {layer} {cin}->{cout}: " + " | ".join(row), flush=True)
+    print(json.dumps({"threads": threads, "all_layers_s": {k: round(v, 3) for k, v in total.items()}}),
+          flush=True)
+
+
 def cuda_bench(args: argparse.Namespace) -> None:
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -349,8 +407,13 @@ def main() -> None:
     ap.add_argument("--rvc-dir", default=None, help="RVC checkout (infer/lib/...) for the baseline")
     ap.add_argument("--profile", type=int, default=0, help="profile N steps instead of timing")
     ap.add_argument("--cuda-only", action="store_true")
+    ap.add_argument("--layers", action="store_true", help="time each period-discriminator layer instead")
     args = ap.parse_args()
     threads = [int(x) for x in args.threads.split(",") if x]
+    if args.layers:
+        for th in threads:
+            layer_bench(th, args)
+        return
     if args.profile:
         for th in threads:
             profile_ours(th, args)
