@@ -12,6 +12,8 @@ bench_index.compare on --vectors HuBERT-like 768-d vectors (the step's recipe vs
 Features run last but one: they set the features step's malloc setting for the rest of the process.
 The training step runs last with `--rvc-dir DIR` (RVC's own code, a folder outside this repository; see
 bench_train.py): bench_train.cpu_bench, ours vs RVC's train.py step interleaved on one batch, 2 threads.
+On a CPU with native bf16 the table also has the opt-in bf16 rows (features.cpuBf16, train.precision
+bf16) against the same RVC figures.
 
     .venv/bin/python bench/bench_vs_rvc.py                  # about 3-5 minutes on 2 idle cores
     .venv/bin/python bench/bench_vs_rvc.py --seconds 360 --vectors 200000
@@ -78,10 +80,14 @@ def rows_f0(pieces: list[np.ndarray], work: Path) -> list[tuple[str, float, floa
     return rows
 
 
-def row_features(pieces: list[np.ndarray], repeat: int) -> tuple[str, float, float]:
+def rows_features(pieces: list[np.ndarray], repeat: int) -> list[tuple[str, float, float]]:
     res = bench_features.compare(pieces, threads=1, repeat=repeat)
     bench_features.report(res, sum(len(p) for p in pieces) / SR, 1)
-    return "features v2, 1 thread (CPU s)", res["ours+heap"].cpu, res["plain"].cpu
+    rows = [("features v2, 1 thread (CPU s)", res["ours+heap"].cpu, res["plain"].cpu)]
+    if "bf16+heap" in res:
+        rows.append(("features v2, 1 thread, features.cpuBf16 (CPU s)", res["bf16+heap"].cpu,
+                     res["plain"].cpu))
+    return rows
 
 
 def row_index(vectors: int) -> tuple[str, float, float]:
@@ -91,12 +97,17 @@ def row_index(vectors: int) -> tuple[str, float, float]:
     return f"index {vectors} x 768 (wall s)", us["total_s"], rv["total_s"]
 
 
-def row_train(rvc_dir: str, steps: int) -> tuple[str, float, float]:
+def rows_train(rvc_dir: str, steps: int) -> list[tuple[str, float, float]]:
     args = argparse.Namespace(rvc_dir=rvc_dir, batch=4, seconds=4.0, steps=steps)
     res = bench_train.cpu_bench(2, args)
     print(f"train step: first-step losses max rel diff {res['first_step_losses_max_rel_diff']}, "
           f"ours {res['ours_steps_s']}, RVC {res['rvc_steps_s']}")
-    return "train step v2 40k, batch 4, 2 threads (s/step)", res["ours_s_per_step"], res["rvc_s_per_step"]
+    rows = [("train step v2 40k, batch 4, 2 threads (s/step)", res["ours_s_per_step"], res["rvc_s_per_step"])]
+    if "ours-bf16_s_per_step" in res:
+        print(f"train step bf16: first-step losses rel diff to fp32 {res['bf16_first_step_losses_rel_diff']}")
+        rows.append(("train step, train.precision bf16 (s/step)", res["ours-bf16_s_per_step"],
+                     res["rvc_s_per_step"]))
+    return rows
 
 
 def main() -> None:
@@ -123,9 +134,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows.append(row_index(args.vectors))
-    rows.append(row_features(pieces, args.repeat))
+    rows += rows_features(pieces, args.repeat)
     if args.rvc_dir:
-        rows.append(row_train(args.rvc_dir, args.train_steps))
+        rows += rows_train(args.rvc_dir, args.train_steps)
     print(f"\n{files} files, {audio:.1f} s of speech in {len(pieces)} pieces; {len(os.sched_getaffinity(0))} "
           f"cores; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(f"| {'step':<58} | {'ours':>8} | {'RVC':>8} | {'ratio':>6} |")
