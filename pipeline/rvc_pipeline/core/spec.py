@@ -421,7 +421,7 @@ class FeaturesSpec(_Model):
     cpu_bf16: bool = Field(
         default=False,
         description="On a CPU with native bf16 (AVX512-BF16 or AMX), run HuBERT in bf16: about 1.7x faster, "
-                    "features within cosine 0.9999 of RVC's fp32 ones (bench/README.md). Other CPUs: fp32.")
+                    "features within cosine 0.9997 of RVC's fp32 ones (bench/README.md). Other CPUs: fp32.")
 
 
 class TrainSpec(_Model):
