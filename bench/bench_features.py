@@ -7,7 +7,7 @@ batches of at most steps.features.CPU_BATCH_SECONDS (packed oneDNN linears, conv
 Both have the same random weights (speed does not depend on them; seed 0) and run on the same clips in
 the same process, interleaved (plain, ours, plain, ours ...); each figure is the median over --repeat.
 Two phases in the one run: first under glibc's default malloc settings (how RVC's script runs), then
-after steps.features.keep_freed_memory() (what the features step sets for its own process; it applies
+after core.heap.keep_freed_memory() (what the features step sets for its own process; it applies
 to the whole process, so the plain loop gets it too). The headline ratio is the step (phase 2 "ours")
 against RVC's stand-in (phase 1 "plain"); each phase's own ratio is printed too. On a CPU with native
 bf16, phase 2 also runs the step as spec.features.cpuBf16 makes it ("bf16"), with its smallest per-frame

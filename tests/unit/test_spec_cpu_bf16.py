@@ -9,16 +9,11 @@ import pytest
 from rvc_operator import crd
 from rvc_pipeline.core.spec import SpecError, parse_manifest, step_hashes
 
-from tests.unit.test_spec_rvc_compatible import HASHES_BEFORE
+from tests.unit.test_spec_rvc_compatible import HASHES_BEFORE, manifest_with
 
 
 def _manifest(**feat: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {"dataset": {"source": "/data"}, "storage": {"uri": "/store"},
-                            "model": {"sampleRate": "40k"}}
-    if feat:
-        spec["features"] = feat
-    return {"apiVersion": "rvc-operator.dev/v1alpha1", "kind": "RVCExperiment", "metadata": {"name": "pp"},
-            "spec": spec}
+    return manifest_with("features", **feat)
 
 
 def test_default_is_off_and_hashes_are_unchanged() -> None:

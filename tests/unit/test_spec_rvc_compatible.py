@@ -14,13 +14,18 @@ HASHES_BEFORE = {"preprocess": "3cfab1719f6c23d5", "f0": "0f8b6e32e5364771", "fe
                  "train": "3cbb88eb727e34d7", "index": "2f5565d1d3b39981"}
 
 
-def _manifest(**pre: Any) -> dict[str, Any]:
+def manifest_with(section: str, **fields: Any) -> dict[str, Any]:
+    """The manifest HASHES_BEFORE was computed for, with `fields` set in spec.<section> (none: as it was)."""
     spec: dict[str, Any] = {"dataset": {"source": "/data"}, "storage": {"uri": "/store"},
                             "model": {"sampleRate": "40k"}}
-    if pre:
-        spec["preprocess"] = pre
+    if fields:
+        spec[section] = fields
     return {"apiVersion": "rvc-operator.dev/v1alpha1", "kind": "RVCExperiment", "metadata": {"name": "pp"},
             "spec": spec}
+
+
+def _manifest(**pre: Any) -> dict[str, Any]:
+    return manifest_with("preprocess", **pre)
 
 
 def test_default_is_off_and_hashes_are_unchanged() -> None:
